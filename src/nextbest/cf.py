@@ -1,0 +1,125 @@
+"""Collaborative-filtering models from `implicit`, rebuilt from plain arrays.
+
+`CFModel` wraps a fitted implicit model with the vocabulary of implicit (`recommend`, `N`,
+`filter_already_liked_items`) and adds `pair_scores` (the model's score of given customer/product
+pairs) and `arrays()` / `from_arrays()` for saving without pickle. Fitting lives in `training.py`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+from implicit.cpu.als import AlternatingLeastSquares
+from implicit.cpu.bpr import BayesianPersonalizedRanking
+from implicit.nearest_neighbours import ItemItemRecommender
+
+__all__ = ["CF_KINDS", "FACTOR_KINDS", "ITEM_ITEM_KINDS", "CFModel"]
+
+FACTOR_KINDS = ("als", "bpr")
+ITEM_ITEM_KINDS = ("cosine", "bm25")
+CF_KINDS = FACTOR_KINDS + ITEM_ITEM_KINDS
+
+
+@dataclass
+class CFModel:
+    """A fitted CF model of one kind (`als`, `bpr`, `cosine`, `bm25`)."""
+
+    kind: str
+    model: object
+    """The implicit recommender (factors or item similarity set)."""
+
+    @property
+    def n_items(self) -> int:
+        if self.kind in FACTOR_KINDS:
+            return self.model.item_factors.shape[0]
+        return self.model.similarity.shape[0]
+
+    def recommend(
+        self,
+        users: np.ndarray,
+        user_items: sp.csr_matrix,
+        *,
+        N: int,
+        filter_already_liked_items: bool,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-N `(ids, scores)` of shape (len(users), N); missing slots are id -1, score -inf.
+
+        `user_items` holds the rows of `users` (one row per requested user, in order).
+        """
+        n = min(N, self.n_items)
+        ids, scores = self.model.recommend(
+            users,
+            user_items,
+            N=n,
+            filter_already_liked_items=filter_already_liked_items,
+        )
+        ids = np.asarray(ids).reshape(len(users), -1)
+        scores = np.asarray(scores, dtype=np.float64).reshape(len(users), -1)
+        bad = (ids < 0) | ~np.isfinite(scores)
+        if self.kind in ITEM_ITEM_KINDS:
+            bad |= scores <= 0  # padding of item-item models when fewer neighbours exist
+        ids = np.where(bad, -1, ids)
+        scores = np.where(bad, -np.inf, scores)
+        return ids, scores
+
+    def pair_scores(
+        self, users: np.ndarray, items: np.ndarray, user_items: sp.csr_matrix
+    ) -> np.ndarray:
+        """Score of each (users[j], items[j]); `user_items` is the full user×item matrix."""
+        if len(users) == 0:
+            return np.zeros(0)
+        if self.kind in FACTOR_KINDS:
+            uf = np.asarray(self.model.user_factors)
+            itf = np.asarray(self.model.item_factors)
+            return np.einsum("ij,ij->i", uf[users], itf[items]).astype(np.float64)
+        # item-item: score(u, i) = Σ_j user_items[u, j] · similarity[j, i], per user chunk.
+        sim = self.model.similarity.tocsc()
+        out = np.zeros(len(users))
+        order = np.argsort(users, kind="stable")
+        su, si = users[order], items[order]
+        uniq, start = np.unique(su, return_index=True)
+        bounds = np.append(start, len(su))
+        for c in range(0, len(uniq), 256):
+            chunk = uniq[c : c + 256]
+            prod = (user_items[chunk] @ sim).tocsr()
+            lo, hi = bounds[c], bounds[min(c + 256, len(uniq))]
+            rowpos = np.searchsorted(chunk, su[lo:hi])
+            out[order[lo:hi]] = np.asarray(prod[rowpos, si[lo:hi]]).ravel()
+        return out
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Plain arrays that `from_arrays` turns back into the same model."""
+        if self.kind in FACTOR_KINDS:
+            return {
+                "user_factors": np.asarray(self.model.user_factors),
+                "item_factors": np.asarray(self.model.item_factors),
+            }
+        sim = self.model.similarity.tocsr()
+        return {
+            "sim_data": sim.data,
+            "sim_indices": sim.indices,
+            "sim_indptr": sim.indptr,
+            "sim_shape": np.asarray(sim.shape, dtype=np.int64),
+        }
+
+    @classmethod
+    def from_arrays(cls, kind: str, arrays: dict[str, np.ndarray]) -> CFModel:
+        """Rebuild a model saved by `arrays()`."""
+        if kind == "als":
+            model = AlternatingLeastSquares()
+        elif kind == "bpr":
+            model = BayesianPersonalizedRanking()
+        elif kind in ITEM_ITEM_KINDS:
+            model = ItemItemRecommender()
+            shape = tuple(int(x) for x in arrays["sim_shape"])
+            model.similarity = sp.csr_matrix(
+                (arrays["sim_data"], arrays["sim_indices"], arrays["sim_indptr"]), shape=shape
+            )
+            return cls(kind=kind, model=model)
+        else:
+            raise ValueError(f"unknown CF kind {kind!r}")
+        model.user_factors = np.ascontiguousarray(arrays["user_factors"], dtype=np.float32)
+        model.item_factors = np.ascontiguousarray(arrays["item_factors"], dtype=np.float32)
+        return cls(kind=kind, model=model)

@@ -1,0 +1,253 @@
+"""One typed, validated, frozen settings root, read from a TOML file with environment overrides.
+
+    settings = load_settings("nextbest.toml")          # or load_settings(None) for the defaults
+    settings.train.als_factors                          # 64
+
+An environment variable `NEXTBEST_<SECTION>__<KEY>` overrides a file value, e.g.
+`NEXTBEST_POLICY__DEFAULT_CONSENT=allow`. Lists are given as comma-separated strings there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from nextbest.errors import ConfigError
+
+__all__ = [
+    "DataSettings",
+    "TrainSettings",
+    "PolicySettings",
+    "ServeSettings",
+    "Settings",
+    "load_settings",
+    "CONSENT_DEFAULTS",
+]
+
+CONSENT_DEFAULTS = ("allow", "deny")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataSettings:
+    """How input files are read."""
+
+    max_reject_share: float = 0.05
+    """Fail a run when more than this share of an input file's rows is rejected."""
+    event_weights: dict[str, float] = field(
+        default_factory=lambda: {
+            "purchase": 1.0,
+            "cart": 0.3,
+            "email_click": 0.2,
+            "view": 0.1,
+        }
+    )
+    """Interaction weight per event type. Returns are not weighted: they cancel purchases."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainSettings:
+    """Training, candidate models, validation and blending."""
+
+    cf_model: str = "als"
+    """The collaborative-filtering model blended into the served ranking: als, bpr, cosine, bm25."""
+    candidates: tuple[str, ...] = ("als", "bpr", "cosine", "bm25")
+    """CF models fitted and evaluated beside each other (cf_model is always among them)."""
+    half_life_days: float = 120.0
+    """Recency half-life of interaction weights in the CF matrix."""
+    validation_days: int = 30
+    """Length of the validation window cut from the end of the training data."""
+    tune: bool = True
+    """Choose ALS hyperparameters and blend weights on the validation window."""
+    k: int = 10
+    """Cut-off of the validation metrics (and the default of `evaluate --k`)."""
+    seed: int = 42
+    als_factors: int = 64
+    als_regularization: float = 0.05
+    als_iterations: int = 15
+    als_alpha: float = 10.0
+    """Confidence scaling: the ALS input is 1 + alpha * log1p(weight) for observed pairs."""
+    als_grid: tuple[str, ...] = ("64:0.05:10", "128:0.05:10", "64:0.5:2", "128:1.0:40")
+    """ALS candidates tried when tuning, each `factors:regularization:alpha`."""
+    bpr_factors: int = 64
+    bpr_learning_rate: float = 0.05
+    bpr_regularization: float = 0.01
+    bpr_iterations: int = 100
+    item_neighbours: int = 100
+    """K of the item-item models (cosine, bm25)."""
+    repeat_half_life_days: float = 90.0
+    """Recency half-life of the repeat-purchase model's frequency."""
+    candidate_pool: int = 100
+    """CF candidates per customer offered to the blend besides the customer's own products."""
+    blend_weights: dict[str, float] = field(default_factory=dict)
+    """Blend weights used when `tune` is off (feature name → weight); empty = built-in defaults."""
+    num_threads: int = 0
+    """Threads of implicit's fit (0 = all cores). BLAS is held to one thread during fits."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class PolicySettings:
+    """Consent and sensitivity."""
+
+    default_consent: str = "deny"
+    """What a missing consent record means: `deny` (privacy by default) or `allow`."""
+    sensitive_categories: tuple[str, ...] = ()
+    """Catalog categories treated as sensitive (exact, case-insensitive match)."""
+    sensitive_departments: tuple[str, ...] = ()
+    """Catalog departments treated as sensitive (exact, case-insensitive match)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServeSettings:
+    """The gRPC server."""
+
+    host: str = "127.0.0.1"
+    port: int = 50051
+    models_dir: str = "models"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    """The settings root."""
+
+    data: DataSettings = field(default_factory=DataSettings)
+    train: TrainSettings = field(default_factory=TrainSettings)
+    policy: PolicySettings = field(default_factory=PolicySettings)
+    serve: ServeSettings = field(default_factory=ServeSettings)
+
+    def with_overrides(self, section: str, **values: object) -> Settings:
+        """A copy with some values of one section replaced (validated like file values)."""
+        current = getattr(self, section)
+        merged = {f.name: getattr(current, f.name) for f in dataclasses.fields(current)}
+        merged.update(values)
+        return dataclasses.replace(self, **{section: _build(type(current), section, merged)})
+
+
+_SECTIONS = {f.name: f for f in dataclasses.fields(Settings)}
+
+
+def _coerce(value: object, hint: object, where: str) -> object:
+    origin = typing.get_origin(hint)
+    if hint is bool:
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
+            return value.lower() in ("true", "1")
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        elif isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    elif origin is tuple:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
+            return tuple(value)
+    elif origin is dict:
+        if isinstance(value, dict) and all(
+            isinstance(v, int | float) and not isinstance(v, bool) for v in value.values()
+        ):
+            return {str(k): float(v) for k, v in value.items()}
+    raise ConfigError(f"config: {where} has an invalid value {value!r} (expected {hint})")
+
+
+def _build(cls: type, section: str, values: dict[str, object]) -> object:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in values:
+        if key not in known:
+            raise ConfigError(f"config: unknown key {section}.{key}")
+    coerced = {k: _coerce(v, hints[k], f"{section}.{k}") for k, v in values.items()}
+    settings = cls(**coerced)
+    _validate(section, settings)
+    return settings
+
+
+def _validate(section: str, s: object) -> None:
+    def need(ok: bool, key: str, what: str) -> None:
+        if not ok:
+            raise ConfigError(f"config: {section}.{key} {what}")
+
+    if isinstance(s, DataSettings):
+        need(0.0 <= s.max_reject_share <= 1.0, "max_reject_share", "must be within [0, 1]")
+        need(all(w >= 0 for w in s.event_weights.values()), "event_weights", "must be >= 0")
+    elif isinstance(s, TrainSettings):
+        models = ("als", "bpr", "cosine", "bm25")
+        need(s.cf_model in models, "cf_model", f"must be one of {', '.join(models)}")
+        need(all(m in models for m in s.candidates), "candidates", f"must be among {models}")
+        need(s.half_life_days > 0, "half_life_days", "must be > 0")
+        need(s.repeat_half_life_days > 0, "repeat_half_life_days", "must be > 0")
+        need(s.validation_days >= 1, "validation_days", "must be >= 1")
+        need(1 <= s.k <= 100, "k", "must be within [1, 100]")
+        need(s.als_factors >= 1 and s.bpr_factors >= 1, "als_factors", "must be >= 1")
+        need(s.als_iterations >= 1 and s.bpr_iterations >= 1, "als_iterations", "must be >= 1")
+        need(s.item_neighbours >= 1, "item_neighbours", "must be >= 1")
+        need(s.candidate_pool >= 1, "candidate_pool", "must be >= 1")
+        for spec in s.als_grid:
+            parse_als_spec(spec)
+    elif isinstance(s, PolicySettings):
+        need(s.default_consent in CONSENT_DEFAULTS, "default_consent", "must be allow or deny")
+    elif isinstance(s, ServeSettings):
+        need(0 <= s.port <= 65535, "port", "must be within [0, 65535]")
+
+
+def parse_als_spec(spec: str) -> tuple[int, float, float]:
+    """`"64:0.05:10"` → (factors, regularization, alpha); ConfigError when malformed."""
+    try:
+        factors, reg, alpha = spec.split(":")
+        parsed = int(factors), float(reg), float(alpha)
+    except ValueError:
+        raise ConfigError(
+            f"config: train.als_grid entry {spec!r} is not factors:regularization:alpha"
+        ) from None
+    if parsed[0] < 1 or parsed[1] < 0 or parsed[2] <= 0:
+        raise ConfigError(f"config: train.als_grid entry {spec!r} has a value out of range")
+    return parsed
+
+
+def load_settings(path: str | Path | None, environ: typing.Mapping[str, str] | None = None) -> Settings:
+    """Read `path` (or only defaults when None), apply `NEXTBEST_*` overrides, validate."""
+    raw: dict[str, dict[str, object]] = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as fh:
+                raw = tomllib.load(fh)
+        except FileNotFoundError:
+            raise ConfigError(f"config: file {path} not found") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config: {path} is not valid TOML: {exc}") from None
+    for key in raw:
+        if key not in _SECTIONS:
+            raise ConfigError(f"config: unknown section [{key}] in {path}")
+        if not isinstance(raw[key], dict):
+            raise ConfigError(f"config: [{key}] in {path} must be a table")
+    env = os.environ if environ is None else environ
+    for name, value in env.items():
+        if not name.startswith("NEXTBEST_") or "__" not in name:
+            continue
+        section, _, key = name[len("NEXTBEST_") :].lower().partition("__")
+        if section not in _SECTIONS:
+            raise ConfigError(f"config: {name} names an unknown section {section!r}")
+        raw.setdefault(section, {})[key] = value
+    sections = {}
+    for name, f in _SECTIONS.items():
+        cls = typing.get_type_hints(Settings)[name]
+        sections[name] = _build(cls, name, dict(raw.get(name, {})))
+    return Settings(**sections)

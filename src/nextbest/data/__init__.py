@@ -1,0 +1,1 @@
+"""Input files: readers with the bad-input rules, dataset adapters, and the interaction matrix."""

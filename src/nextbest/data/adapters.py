@@ -1,0 +1,258 @@
+"""Adapters from the real public data sets in ../shared/data to SPEC §2 events and catalog files.
+
+Each adapter reads with pyarrow (vectorised, no per-row Python), writes `events.parquet` and
+`catalog.parquet` into the output directory, and returns a `PrepareReport` of rows read, kept and
+rejected by reason.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from nextbest.data.readers import CATALOG_SCHEMA, EVENT_SCHEMA
+from nextbest.errors import DataError
+
+__all__ = ["PrepareReport", "DATASETS", "prepare"]
+
+
+@dataclass
+class PrepareReport:
+    """Counts of one adapter run."""
+
+    dataset: str
+    rows_read: int = 0
+    rows_kept: int = 0
+    rejected: dict[str, int] = field(default_factory=dict)
+    products: int = 0
+    customers: int = 0
+    returns: int = 0
+
+    def summary(self) -> str:
+        reasons = ", ".join(f"{k} {v:,}" for k, v in self.rejected.items()) or "none"
+        return (
+            f"{self.dataset}: read {self.rows_read:,} rows, kept {self.rows_kept:,} "
+            f"({self.returns:,} returns), rejected {sum(self.rejected.values()):,} ({reasons}); "
+            f"{self.customers:,} customers, {self.products:,} products in the catalog"
+        )
+
+
+def _reject(report: PrepareReport, rejected: np.ndarray, mask: np.ndarray, reason: str) -> None:
+    """Mark rows of `mask` not yet rejected as rejected for `reason` (first reason wins)."""
+    new = mask & ~rejected
+    if new.any():
+        report.rejected[reason] = report.rejected.get(reason, 0) + int(new.sum())
+    rejected |= new
+
+
+def _need(table: pa.Table, path: Path, columns: list[str]) -> None:
+    for name in columns:
+        if name not in table.column_names:
+            raise DataError(f"{path}: missing required column '{name}'")
+
+
+def _source_file(source: Path, name: str) -> Path:
+    path = source / name
+    if not path.is_file():
+        raise DataError(f"{path}: file not found (is --source the data set's folder?)")
+    return path
+
+
+def _write(out: Path, events: pa.Table, catalog: pa.Table) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    pq.write_table(events.cast(EVENT_SCHEMA), out / "events.parquet")
+    pq.write_table(catalog.cast(CATALOG_SCHEMA), out / "catalog.parquet")
+
+
+def _mode_per_key(keys: pa.Array, values: pa.Array) -> pa.Table:
+    """For each key, its most frequent non-null value (ties: the smallest value)."""
+    t = pa.table({"k": keys, "v": values}).filter(pc.is_valid(values))
+    counts = t.group_by(["k", "v"]).aggregate([("v", "count")])
+    counts = counts.sort_by([("k", "ascending"), ("v_count", "descending"), ("v", "ascending")])
+    first = counts.group_by("k", use_threads=False).aggregate([("v", "first")])
+    return first.rename_columns(["k", "v"])
+
+
+def prepare_online_retail(source: Path, out: Path) -> PrepareReport:
+    """UCI Online Retail: invoices → purchases, `C` invoices → returns; stock codes → catalog.
+
+    Rejected: rows without a customer (missing_customer_id), postage, fees and other non-product
+    codes (non_product_code), zero quantities, stock adjustments (a negative quantity on a
+    non-cancellation invoice: adjustment) and non-positive prices (non_positive_price). The category
+    is the description's last word (e.g. HOLDER, MUG), derived here because the source has none.
+    """
+    path = _source_file(source, "online_retail.csv.gz")
+    table = pacsv.read_csv(
+        path,
+        convert_options=pacsv.ConvertOptions(
+            column_types={
+                "InvoiceNo": pa.string(),
+                "StockCode": pa.string(),
+                "Description": pa.string(),
+                "Quantity": pa.int64(),
+                "InvoiceDate": pa.timestamp("us"),
+                "UnitPrice": pa.float64(),
+                "CustomerID": pa.string(),
+            },
+            strings_can_be_null=True,
+        ),
+    )
+    _need(table, path, ["InvoiceNo", "StockCode", "Quantity", "InvoiceDate", "UnitPrice", "CustomerID"])
+    report = PrepareReport(dataset="online-retail", rows_read=table.num_rows)
+    n = table.num_rows
+    code = pc.utf8_upper(pc.utf8_trim_whitespace(table["StockCode"]))
+    qty = table["Quantity"].to_numpy(zero_copy_only=False)
+    price = table["UnitPrice"].to_numpy(zero_copy_only=False)
+    is_return = pc.starts_with(table["InvoiceNo"], "C").to_numpy(zero_copy_only=False)
+    rejected = np.zeros(n, dtype=bool)
+    _reject(report, rejected, pc.is_null(table["CustomerID"]).to_numpy(zero_copy_only=False),
+            "missing_customer_id")
+    product_code = pc.match_substring_regex(code, r"^\d{5}").to_numpy(zero_copy_only=False)
+    _reject(report, rejected, ~product_code, "non_product_code")
+    _reject(report, rejected, qty == 0, "zero_quantity")
+    _reject(report, rejected, (qty < 0) & ~is_return, "adjustment")
+    _reject(report, rejected, price <= 0, "non_positive_price")
+    keep = pa.array(~rejected)
+    kept = table.filter(keep)
+    code = code.filter(keep)
+    qty_k = np.abs(qty[~rejected]).astype(np.float64)
+    price_k = price[~rejected]
+    ret_k = is_return[~rejected]
+    events = pa.table(
+        {
+            "customer_id": kept["CustomerID"],
+            "product_id": code,
+            "timestamp": kept["InvoiceDate"],
+            "event_type": pa.array(np.where(ret_k, "return", "purchase")),
+            "quantity": qty_k,
+            "value": np.round(qty_k * price_k, 2),
+            "channel": pa.nulls(kept.num_rows, pa.string()),
+        }
+    )
+    desc = pc.utf8_trim_whitespace(kept["Description"])
+    titles = _mode_per_key(code, desc)
+    prices = pa.table({"k": code, "p": price_k}).group_by("k").aggregate([("p", "approximate_median")])
+    catalog = titles.join(prices, "k", join_type="full outer").sort_by("k")
+    title = catalog["v"]
+    last_word = pc.utf8_upper(
+        pc.struct_field(pc.extract_regex(title, r"(?P<w>[A-Za-z]+)\W*$"), [0])
+    )
+    catalog = pa.table(
+        {
+            "product_id": catalog["k"],
+            "title": title,
+            "category": last_word,
+            "department": pa.nulls(catalog.num_rows, pa.string()),
+            "product_type": pa.nulls(catalog.num_rows, pa.string()),
+            "price": catalog["p_approximate_median"],
+            "available": pa.array(np.ones(catalog.num_rows, dtype=bool)),
+            "sensitivity": pa.array(np.zeros(catalog.num_rows)),
+            "repurchase_days": pa.nulls(catalog.num_rows, pa.float64()),
+        }
+    )
+    _write(out, events, catalog)
+    report.rows_kept = events.num_rows
+    report.returns = int(ret_k.sum())
+    report.products = catalog.num_rows
+    report.customers = pc.count_distinct(events["customer_id"]).as_py()
+    return report
+
+
+def prepare_complete_journey(source: Path, out: Path) -> PrepareReport:
+    """dunnhumby Complete Journey: transactions → purchases; products → catalog with department,
+    category (product_category) and type. The data set has no returns.
+
+    Rejected: zero quantities (zero_quantity), mostly coupon and fuel adjustments, and rows whose
+    product is missing from products.parquet (unknown_product). The catalog keeps every listed
+    product; its price is the median unit price paid.
+    """
+    tpath = _source_file(source, "transactions.parquet")
+    ppath = _source_file(source, "products.parquet")
+    tx = pq.read_table(
+        tpath, columns=["household_id", "product_id", "quantity", "sales_value",
+                        "transaction_timestamp"]
+    )
+    products = pq.read_table(
+        ppath, columns=["product_id", "department", "brand", "product_category", "product_type",
+                        "package_size"]
+    )
+    report = PrepareReport(dataset="complete-journey", rows_read=tx.num_rows)
+    n = tx.num_rows
+    qty = tx["quantity"].to_numpy(zero_copy_only=False)
+    known = pc.is_in(tx["product_id"], products["product_id"]).to_numpy(zero_copy_only=False)
+    rejected = np.zeros(n, dtype=bool)
+    _reject(report, rejected, qty <= 0, "zero_quantity")
+    _reject(report, rejected, ~known, "unknown_product")
+    kept = tx.filter(pa.array(~rejected))
+    pid = pc.cast(kept["product_id"], pa.string())
+    q = kept["quantity"].to_numpy().astype(np.float64)
+    value = kept["sales_value"].to_numpy().astype(np.float64)
+    events = pa.table(
+        {
+            "customer_id": pc.cast(kept["household_id"], pa.string()),
+            "product_id": pid,
+            "timestamp": pc.cast(kept["transaction_timestamp"], pa.timestamp("us")),
+            "event_type": pa.array(np.full(kept.num_rows, "purchase")),
+            "quantity": q,
+            "value": value,
+            "channel": pa.array(np.full(kept.num_rows, "store")),
+        }
+    )
+    unit = pa.table({"k": pid, "p": value / q}).group_by("k").aggregate(
+        [("p", "approximate_median")]
+    )
+    catalog = pa.table(
+        {
+            "k": pc.cast(products["product_id"], pa.string()),
+            "department": products["department"],
+            "category": products["product_category"],
+            "product_type": products["product_type"],
+            "title": pc.binary_join_element_wise(
+                pc.fill_null(products["brand"], ""),
+                pc.fill_null(pc.utf8_lower(products["product_type"]), "product"),
+                pc.fill_null(products["package_size"], ""),
+                " ",
+            ),
+        }
+    ).join(unit, "k", join_type="left outer").sort_by("k")
+    m = catalog.num_rows
+    catalog = pa.table(
+        {
+            "product_id": catalog["k"],
+            "title": pc.utf8_trim_whitespace(catalog["title"]),
+            "category": catalog["category"],
+            "department": catalog["department"],
+            "product_type": catalog["product_type"],
+            "price": catalog["p_approximate_median"],
+            "available": pa.array(np.ones(m, dtype=bool)),
+            "sensitivity": pa.array(np.zeros(m)),
+            "repurchase_days": pa.nulls(m, pa.float64()),
+        }
+    )
+    _write(out, events, catalog)
+    report.rows_kept = events.num_rows
+    report.products = m
+    report.customers = pc.count_distinct(events["customer_id"]).as_py()
+    return report
+
+
+DATASETS = {
+    "online-retail": prepare_online_retail,
+    "complete-journey": prepare_complete_journey,
+}
+
+
+def prepare(dataset: str, source: str | Path, out: str | Path) -> PrepareReport:
+    """Run the adapter named `dataset` on the folder `source`, writing into `out`."""
+    if dataset not in DATASETS:
+        raise DataError(f"unknown data set {dataset!r} (expected {', '.join(DATASETS)})")
+    source = Path(source)
+    if not source.is_dir():
+        raise DataError(f"{source}: --source is not a directory")
+    return DATASETS[dataset](source, Path(out))

@@ -1,0 +1,42 @@
+"""The exception tree of nextbest. No grpc imports here; `server.py` maps these to status codes.
+
+    NextbestError
+    ├── ConfigError          a config file or override is invalid
+    ├── DataError            an input file cannot be used at all (missing column, empty, unreadable)
+    │   └── RejectShareError the share of rejected rows passed --max-reject-share
+    ├── ModelError           a model directory is missing, incomplete or inconsistent
+    └── InvalidRequest       a request names a bad value (field named in the message)
+"""
+
+__all__ = [
+    "NextbestError",
+    "ConfigError",
+    "DataError",
+    "RejectShareError",
+    "ModelError",
+    "InvalidRequest",
+]
+
+
+class NextbestError(Exception):
+    """Base of every error nextbest raises on purpose; its message is one line for the user."""
+
+
+class ConfigError(NextbestError):
+    """The configuration is invalid; the message names the key."""
+
+
+class DataError(NextbestError):
+    """An input file cannot be used; the message names the file and, where it applies, the column."""
+
+
+class RejectShareError(DataError):
+    """Too many rows of an input file were rejected."""
+
+
+class ModelError(NextbestError):
+    """A model version is missing, incomplete or does not match what the caller expects."""
+
+
+class InvalidRequest(NextbestError):
+    """A request is malformed; the message names the field."""

@@ -1,0 +1,199 @@
+"""Offline evaluation: ranking metrics at k on held-out purchases, for every candidate model and the
+blend, beside best sellers and buy again, in two protocols:
+
+- `all`: every product bought in the test period counts; rankings may contain bought products.
+- `new`: only products the customer had not bought before count; rankings exclude bought products.
+
+Only customers known to the model with at least one relevant product are evaluated. Products the
+model never saw still count as relevant (no model can hit them), so recall is honest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from nextbest.bundle import ModelBundle
+from nextbest.cf import CFModel
+from nextbest.scoring import _pair_lookup, rank_blend, top_n
+
+__all__ = ["PROTOCOLS", "METRICS", "Relevance", "relevance", "ranking_metrics", "evaluate_models"]
+
+PROTOCOLS = ("all", "new")
+METRICS = ("precision", "recall", "ndcg", "map", "hit_rate", "coverage")
+
+
+@dataclass(frozen=True)
+class Relevance:
+    """Held-out products per evaluated customer, for one protocol."""
+
+    users: np.ndarray
+    """User indices evaluated (each with >= 1 relevant product)."""
+    keys: np.ndarray
+    """Sorted keys position * n_items + item of relevant products known to the model."""
+    n_relevant: np.ndarray
+    """Relevant products per evaluated user, including products unknown to the model."""
+
+
+def relevance(bundle: ModelBundle, test_events: pa.Table) -> dict[str, Relevance]:
+    """Relevant products per protocol from the purchases in `test_events`."""
+    purchases = test_events.filter(pc.equal(test_events["event_type"], "purchase"))
+    pairs = purchases.group_by(["customer_id", "product_id"], use_threads=False).aggregate([])
+    u = bundle.user_index(pairs["customer_id"].to_numpy(zero_copy_only=False))
+    i = bundle.item_index(pairs["product_id"].to_numpy(zero_copy_only=False))
+    known_user = u >= 0
+    u, i = u[known_user], i[known_user]
+    n_users, n_items = bundle.shape
+    _, bought_before = _pair_lookup(
+        bundle.repeat.days_bought, np.arange(n_users), u, np.where(i >= 0, i, 0)
+    )
+    bought_before &= i >= 0
+    out = {}
+    for protocol, keep in (("all", np.ones(len(u), bool)), ("new", ~bought_before)):
+        uu, ii = u[keep], i[keep]
+        users, inverse, counts = np.unique(uu, return_inverse=True, return_counts=True)
+        known = ii >= 0
+        keys = np.sort(inverse[known].astype(np.int64) * n_items + ii[known])
+        out[protocol] = Relevance(users=users, keys=keys, n_relevant=counts)
+    return out
+
+
+def ranking_metrics(ids: np.ndarray, rel: Relevance, n_items: int) -> dict[str, float]:
+    """Mean precision, recall, NDCG, MAP and hit rate at k = ids.shape[1], and catalog coverage.
+
+    `ids[p]` is the ranking for `rel.users[p]` (-1 for empty slots).
+    """
+    n, k = ids.shape
+    keys = np.arange(n, dtype=np.int64)[:, None] * n_items + np.where(ids >= 0, ids, 0)
+    at = np.minimum(np.searchsorted(rel.keys, keys), max(len(rel.keys) - 1, 0))
+    hits = (rel.keys[at] == keys) & (ids >= 0) if len(rel.keys) else np.zeros((n, k), bool)
+    n_rel = rel.n_relevant.astype(np.float64)
+    discounts = 1.0 / np.log2(np.arange(2, k + 2))
+    dcg = (hits * discounts).sum(axis=1)
+    ideal = np.cumsum(discounts)[np.minimum(rel.n_relevant, k) - 1]
+    precision_at = np.cumsum(hits, axis=1) / np.arange(1, k + 1)
+    ap = (precision_at * hits).sum(axis=1) / np.minimum(n_rel, k)
+    valid = ids[ids >= 0]
+    return {
+        "precision": float(np.mean(hits.sum(axis=1) / k)),
+        "recall": float(np.mean(hits.sum(axis=1) / n_rel)),
+        "ndcg": float(np.mean(dcg / ideal)),
+        "map": float(np.mean(ap)),
+        "hit_rate": float(np.mean(hits.any(axis=1))),
+        "coverage": float(len(np.unique(valid)) / max(n_items, 1)),
+        "users": int(n),
+    }
+
+
+def _best_sellers(bundle: ModelBundle, users: np.ndarray, k: int, exclude_bought: bool):
+    if not exclude_bought:
+        order = bundle.best_sellers[:k]
+        ids = np.full((len(users), k), -1, dtype=np.int64)
+        ids[:, : len(order)] = order
+        return ids
+    # Enough best sellers that each customer keeps k after removing what they bought.
+    bought_per_user = np.diff(bundle.repeat.days_bought[users].indptr)
+    m = int(min(len(bundle.best_sellers), k + (bought_per_user.max() if len(users) else 0)))
+    pool = bundle.best_sellers[:m]
+    pos = np.repeat(np.arange(len(users)), m)
+    item = np.tile(pool, len(users))
+    _, bought = _pair_lookup(bundle.repeat.days_bought, users, pos, item)
+    score = np.tile(-np.arange(m, dtype=np.float64), len(users))
+    return top_n(pos[~bought], item[~bought], score[~bought], len(users), k)[0]
+
+
+def _own_history(bundle: ModelBundle, users: np.ndarray, k: int, score_of) -> np.ndarray:
+    """Rank each user's bought products by `score_of(pos, item, sub_rows)`, filled with best
+    sellers (GP-TopFreq style)."""
+    sub = bundle.repeat.days_bought[users]
+    pos = np.repeat(np.arange(len(users)), np.diff(sub.indptr))
+    item = sub.indices.astype(np.int64)
+    score = score_of(pos, item)
+    fill = bundle.best_sellers[:k]
+    f_pos = np.repeat(np.arange(len(users)), len(fill))
+    f_item = np.tile(fill, len(users))
+    f_score = np.tile(-1.0 - np.arange(len(fill), dtype=np.float64), len(users))
+    pos2 = np.concatenate([pos, f_pos])
+    item2 = np.concatenate([item, f_item])
+    score2 = np.concatenate([score, f_score])
+    # Drop fill items the user already has in their own list.
+    key = pos2 * bundle.shape[1] + item2
+    _, first = np.unique(key, return_index=True)
+    keep = np.zeros(len(key), bool)
+    keep[first] = True
+    return top_n(pos2[keep], item2[keep], score2[keep], len(users), k)[0]
+
+
+def _buy_again(bundle: ModelBundle, users: np.ndarray, k: int) -> np.ndarray:
+    """The customer's most frequently bought products (purchase days; ties: most recent)."""
+    rs = bundle.repeat
+
+    def score(pos, item):
+        days, _ = _pair_lookup(rs.days_bought, users, pos, item)
+        last, _ = _pair_lookup(rs.last_day, users, pos, item)
+        return days + last / 1e6  # frequency first, recency breaks ties; both >= 1
+
+    return _own_history(bundle, users, k, score)
+
+
+def _repeat_model(bundle: ModelBundle, users: np.ndarray, k: int, now_day: float) -> np.ndarray:
+    """The repeat-purchase model alone: recency-weighted frequency × timeliness × repeat rate."""
+    rs = bundle.repeat
+    half_life = float(bundle.manifest.get("params", {}).get("repeat_half_life_days", 90.0))
+
+    def score(pos, item):
+        rw, _ = _pair_lookup(rs.recency_weighted, users, pos, item)
+        last, _ = _pair_lookup(rs.last_day, users, pos, item)
+        rw = rw * 0.5 ** (max(now_day - bundle.reference_day, 0.0) / half_life)
+        interval = np.where(
+            np.isfinite(rs.item_interval_days[item]), rs.item_interval_days[item], 365.0
+        )
+        age = np.maximum(now_day - last, 0.0)
+        timeliness = np.exp(-np.abs(np.log((age + 1.0) / (interval + 1.0))))
+        return rw * (0.5 + 0.5 * timeliness) * (0.5 + rs.item_repeat_rate[item]) + 1.0
+
+    return _own_history(bundle, users, k, score)
+
+
+def evaluate_models(
+    bundle: ModelBundle,
+    test_events: pa.Table,
+    *,
+    k: int,
+    now_day: float,
+    pool: int,
+    candidates: dict[str, CFModel] | None = None,
+) -> dict[str, dict[str, dict[str, float]]]:
+    """Metrics per protocol, per model name: best sellers, buy again, repeat, each CF candidate,
+    and the blend (`blend`)."""
+    rels = relevance(bundle, test_events)
+    n_items = bundle.shape[1]
+    candidates = candidates or {bundle.cf.kind: bundle.cf}
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for protocol in PROTOCOLS:
+        rel = rels[protocol]
+        users = rel.users
+        new = protocol == "new"
+        results: dict[str, dict[str, float]] = {}
+        if len(users) == 0:
+            out[protocol] = results
+            continue
+        rankings = {"best sellers": _best_sellers(bundle, users, k, exclude_bought=new)}
+        if not new:
+            rankings["buy again"] = _buy_again(bundle, users, k)
+            rankings["repeat"] = _repeat_model(bundle, users, k, now_day)
+        for name, model in candidates.items():
+            rankings[name] = model.recommend(
+                users, bundle.user_items[users], N=k, filter_already_liked_items=new
+            )[0]
+        allow = (lambda c: ~c.bought) if new else None
+        rankings["blend"] = rank_blend(
+            bundle, users, N=k, now_day=now_day, pool=pool, allow=allow
+        )[0]
+        for name, ids in rankings.items():
+            results[name] = ranking_metrics(ids, rel, n_items)
+        out[protocol] = results
+    return out

@@ -1,0 +1,360 @@
+"""Fit candidate models with `implicit`, learn the blend on a validation window, build the bundle,
+and run the time-split evaluation.
+
+    bundle, report = train(events, catalog, settings)        # what `nextbest train` publishes
+    results = evaluate_at(events, catalog, settings, cutoff)  # what `nextbest evaluate` prints
+
+The validation window is always cut from the end of the data the model is trained on, never from a
+test period: `evaluate_at` trains on the events before the cutoff exactly as `train` would.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import scipy.sparse as sp
+from implicit.cpu.als import AlternatingLeastSquares
+from implicit.cpu.bpr import BayesianPersonalizedRanking
+from implicit.nearest_neighbours import BM25Recommender, CosineRecommender
+from sklearn.linear_model import LogisticRegression
+from threadpoolctl import threadpool_limits
+
+from nextbest.bundle import FEATURES, ModelBundle
+from nextbest.cf import CF_KINDS, CFModel
+from nextbest.config import Settings, parse_als_spec
+from nextbest.data.interactions import (
+    DAY_US,
+    Interactions,
+    RepeatStats,
+    build_interactions,
+    cf_matrix,
+    repeat_stats,
+)
+from nextbest.evaluation import evaluate_models
+from nextbest.errors import DataError
+from nextbest.policy import sensitive_mask
+from nextbest.scoring import candidate_features
+
+__all__ = ["DEFAULT_BLEND", "TrainReport", "fit_cf", "train", "evaluate_at", "split_at"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_BLEND = {
+    # Learned on the Online Retail validation window (2011-10-02 .. 2011-11-01, before its test
+    # period); used only when tuning is off and the config gives no blend_weights.
+    "intercept": -5.0,
+    "repeat": 1.5,
+    "log_days_bought": 0.9,
+    "log_recency_weighted": 1.2,
+    "log_age": -0.2,
+    "timeliness": 0.2,
+    "repeat_rate": 1.5,
+    "cf_new": 3.0,
+    "cf_old": 1.0,
+    "log_popularity": 0.3,
+}
+MAX_BLEND_USERS = 4000
+
+
+@dataclass
+class TrainReport:
+    """What a training run did and measured."""
+
+    params: dict[str, object] = field(default_factory=dict)
+    validation: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+    """Validation-window metrics per protocol and model (blend weights were fitted there too)."""
+    als_grid: list[dict[str, object]] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    inter: Interactions
+    matrix: sp.csr_matrix
+    repeat: RepeatStats
+    reference_day: float
+
+
+def _prepare(events: pa.Table, settings: Settings, reference_day: float | None = None) -> _Prepared:
+    inter = build_interactions(events, settings.data.event_weights)
+    if len(inter.user) == 0:
+        raise DataError("no usable training events after consent and return rules")
+    ref = inter.last_day if reference_day is None else reference_day
+    t = settings.train
+    return _Prepared(
+        inter=inter,
+        matrix=cf_matrix(inter, half_life_days=t.half_life_days, reference_day=ref),
+        repeat=repeat_stats(inter, half_life_days=t.repeat_half_life_days, reference_day=ref),
+        reference_day=ref,
+    )
+
+
+def fit_cf(
+    kind: str,
+    matrix: sp.csr_matrix,
+    settings: Settings,
+    *,
+    als: tuple[int, float, float] | None = None,
+    progress: bool = False,
+) -> CFModel:
+    """Fit one implicit model on the user×item weight matrix (BLAS held to one thread)."""
+    t = settings.train
+    x = matrix.copy()
+    x.data = np.log1p(x.data).astype(np.float32)
+    with threadpool_limits(1, "blas"):
+        if kind == "als":
+            factors, reg, alpha = als or (t.als_factors, t.als_regularization, t.als_alpha)
+            model = AlternatingLeastSquares(
+                factors=factors,
+                regularization=reg,
+                alpha=alpha,
+                iterations=t.als_iterations,
+                random_state=t.seed,
+                num_threads=t.num_threads,
+            )
+        elif kind == "bpr":
+            x.data = np.ones_like(x.data)
+            model = BayesianPersonalizedRanking(
+                factors=t.bpr_factors,
+                learning_rate=t.bpr_learning_rate,
+                regularization=t.bpr_regularization,
+                iterations=t.bpr_iterations,
+                random_state=t.seed,
+                num_threads=t.num_threads,
+            )
+        elif kind == "cosine":
+            model = CosineRecommender(K=t.item_neighbours, num_threads=t.num_threads)
+        elif kind == "bm25":
+            model = BM25Recommender(K=t.item_neighbours, num_threads=t.num_threads)
+        else:
+            raise ValueError(f"unknown CF kind {kind!r} (expected one of {CF_KINDS})")
+        model.fit(x, show_progress=progress)
+    return CFModel(kind=kind, model=model)
+
+
+def _item_arrays(item_ids: np.ndarray, catalog: pa.Table | None, settings: Settings):
+    """Per model item: sensitive, available, catalog repurchase days."""
+    n = len(item_ids)
+    sensitive = np.zeros(n, dtype=bool)
+    available = np.ones(n, dtype=bool)
+    repurchase = np.full(n, np.nan)
+    if catalog is None or catalog.num_rows == 0:
+        return sensitive, available, repurchase
+    idx = pc.index_in(pa.array(item_ids), value_set=catalog["product_id"])
+    found = pc.is_valid(idx).to_numpy(zero_copy_only=False)
+    rows = pc.fill_null(idx, 0).to_numpy(zero_copy_only=False)[found]
+    sensitive[found] = sensitive_mask(catalog, settings.policy)[rows]
+    available[found] = catalog["available"].to_numpy(zero_copy_only=False)[rows]
+    rep = catalog["repurchase_days"].to_numpy(zero_copy_only=False).astype(np.float64)
+    repurchase[found] = rep[rows]
+    return sensitive, available, repurchase
+
+
+def _assemble(
+    prep: _Prepared,
+    cf: CFModel,
+    blend: dict[str, float],
+    catalog: pa.Table | None,
+    settings: Settings,
+    manifest: dict,
+) -> ModelBundle:
+    inter, rs = prep.inter, prep.repeat
+    sensitive, available, repurchase = _item_arrays(inter.item_ids, catalog, settings)
+    best = np.lexsort((np.arange(len(rs.item_buyers)), -rs.item_buyers))
+    recent = np.lexsort((-rs.item_buyers, -rs.item_recent_buyers))
+    return ModelBundle(
+        user_ids=inter.user_ids,
+        item_ids=inter.item_ids,
+        user_items=prep.matrix,
+        repeat=rs,
+        cf=cf,
+        blend_weights=np.array([blend.get(f, 0.0) for f in FEATURES], dtype=np.float64),
+        blend_intercept=float(blend.get("intercept", 0.0)),
+        reference_day=prep.reference_day,
+        item_sensitive=sensitive,
+        item_available=available,
+        item_repurchase_days=repurchase,
+        best_sellers=best.astype(np.int64),
+        recent_best_sellers=recent.astype(np.int64),
+        catalog=catalog if catalog is not None else pa.table({"product_id": pa.array([], pa.string())}),
+        manifest=manifest,
+    )
+
+
+def split_at(events: pa.Table, day: float) -> tuple[pa.Table, pa.Table]:
+    """(events before `day`, events from `day` on); `day` in days since the epoch."""
+    cut = pa.scalar(int(round(day * DAY_US)), pa.int64()).cast(pa.timestamp("us"))
+    before = pc.less(events["timestamp"], cut)
+    return events.filter(before), events.filter(pc.invert(before))
+
+
+def _fit_blend(bundle: ModelBundle, val_events: pa.Table, settings: Settings) -> dict[str, float]:
+    """Logistic regression of 'bought in the validation window' on the candidates' FEATURES."""
+    purchases = val_events.filter(pc.equal(val_events["event_type"], "purchase"))
+    u = bundle.user_index(purchases["customer_id"].to_numpy(zero_copy_only=False))
+    i = bundle.item_index(purchases["product_id"].to_numpy(zero_copy_only=False))
+    ok = (u >= 0) & (i >= 0)
+    users = np.unique(u[u >= 0])
+    if len(users) == 0:
+        logger.warning("validation window has no purchases by known customers: default blend")
+        return dict(DEFAULT_BLEND)
+    rng = np.random.default_rng(settings.train.seed)
+    if len(users) > MAX_BLEND_USERS:
+        users = np.sort(rng.choice(users, MAX_BLEND_USERS, replace=False))
+    n_items = bundle.shape[1]
+    pos_of = np.full(bundle.shape[0], -1, dtype=np.int64)
+    pos_of[users] = np.arange(len(users))
+    keep = ok & (pos_of[np.where(u >= 0, u, 0)] >= 0)
+    positive = np.unique(pos_of[u[keep]] * n_items + i[keep])
+    cands = candidate_features(
+        bundle, users, now_day=bundle.reference_day, pool=settings.train.candidate_pool
+    )
+    keys = cands.pos * n_items + cands.item
+    labels = np.isin(keys, positive)
+    if labels.all() or not labels.any():
+        logger.warning("validation labels are all of one class: default blend")
+        return dict(DEFAULT_BLEND)
+    lr = LogisticRegression(C=1.0, max_iter=2000)
+    lr.fit(cands.features, labels)
+    blend = {f: float(w) for f, w in zip(FEATURES, lr.coef_[0], strict=True)}
+    blend["intercept"] = float(lr.intercept_[0])
+    return blend
+
+
+def _ndcg(results: dict, protocol: str, name: str) -> float:
+    return results.get(protocol, {}).get(name, {}).get("ndcg", float("nan"))
+
+
+def train(
+    events: pa.Table,
+    catalog: pa.Table | None,
+    settings: Settings,
+    *,
+    progress: bool = False,
+    fit_candidates: bool = False,
+) -> tuple[ModelBundle, TrainReport, dict[str, CFModel]]:
+    """Train the served model on `events` (already consent-filtered).
+
+    With `settings.train.tune`, the last `validation_days` of the data are held out: ALS
+    hyperparameters are chosen by the NDCG@k of new-to-customer purchases there, and the blend is
+    fitted there; the final models are then refitted on all events. Returns the bundle, the report
+    and, with `fit_candidates`, every candidate CF model refitted on all events.
+    """
+    t = settings.train
+    report = TrainReport()
+    clock = time.perf_counter()
+    candidates = tuple(dict.fromkeys((t.cf_model, *t.candidates)))
+    als_params = (t.als_factors, t.als_regularization, t.als_alpha)
+    blend = dict(t.blend_weights) if t.blend_weights else dict(DEFAULT_BLEND)
+    base_manifest = {"params": _params(settings, als_params)}
+    if t.tune:
+        last_day = pc.max(events["timestamp"]).cast(pa.int64()).as_py() / DAY_US
+        split_day = np.floor(last_day) + 1.0 - t.validation_days
+        fit_events, val_events = split_at(events, split_day)
+        if fit_events.num_rows == 0 or val_events.num_rows == 0:
+            raise DataError(
+                f"the validation window ({t.validation_days} days) leaves no events on one side; "
+                "set train.validation_days or train.tune = false"
+            )
+        prep = _prepare(fit_events, settings, reference_day=split_day)
+        report.timings["prepare_validation_s"] = time.perf_counter() - clock
+        fitted: dict[str, CFModel] = {}
+        best_ndcg = -1.0
+        grid = [parse_als_spec(s) for s in t.als_grid] if t.cf_model == "als" else []
+        for spec in grid:
+            model = fit_cf("als", prep.matrix, settings, als=spec, progress=progress)
+            probe = _assemble(prep, model, blend, catalog, settings, base_manifest)
+            res = evaluate_models(
+                probe, val_events, k=t.k, now_day=split_day, pool=t.candidate_pool,
+                candidates={"als": model},
+            )
+            score = _ndcg(res, "new", "als")
+            report.als_grid.append({"factors": spec[0], "regularization": spec[1],
+                                    "alpha": spec[2], "validation_ndcg_new": score})
+            logger.info("ALS %s: validation NDCG@%d (new) %.4f", spec, t.k, score)
+            if score > best_ndcg:
+                best_ndcg, als_params, fitted["als"] = score, spec, model
+        for kind in candidates:
+            if kind not in fitted:
+                fitted[kind] = fit_cf(kind, prep.matrix, settings, als=als_params,
+                                      progress=progress)
+        base_manifest = {"params": _params(settings, als_params)}
+        probe = _assemble(prep, fitted[t.cf_model], blend, catalog, settings, base_manifest)
+        blend = _fit_blend(probe, val_events, settings)
+        probe = _assemble(prep, fitted[t.cf_model], blend, catalog, settings, base_manifest)
+        report.validation = evaluate_models(
+            probe, val_events, k=t.k, now_day=split_day, pool=t.candidate_pool,
+            candidates=fitted,
+        )
+        report.timings["tune_s"] = time.perf_counter() - clock
+    clock = time.perf_counter()
+    prep = _prepare(events, settings)
+    report.timings["prepare_s"] = time.perf_counter() - clock
+    clock = time.perf_counter()
+    final: dict[str, CFModel] = {}
+    for kind in candidates if fit_candidates else (t.cf_model,):
+        final[kind] = fit_cf(kind, prep.matrix, settings, als=als_params, progress=progress)
+    report.timings["fit_s"] = time.perf_counter() - clock
+    report.params = {**_params(settings, als_params), "blend": blend}
+    manifest = {"params": report.params}
+    bundle = _assemble(prep, final[t.cf_model], blend, catalog, settings, manifest)
+    report.counts = {
+        "customers": bundle.shape[0],
+        "products": bundle.shape[1],
+        "interactions": int(prep.matrix.nnz),
+        "events": int(events.num_rows),
+    }
+    return bundle, report, final
+
+
+def _params(settings: Settings, als: tuple[int, float, float]) -> dict[str, object]:
+    t = settings.train
+    return {
+        "cf_model": t.cf_model,
+        "als_factors": als[0],
+        "als_regularization": als[1],
+        "als_alpha": als[2],
+        "als_iterations": t.als_iterations,
+        "bpr_factors": t.bpr_factors,
+        "bpr_learning_rate": t.bpr_learning_rate,
+        "bpr_iterations": t.bpr_iterations,
+        "item_neighbours": t.item_neighbours,
+        "half_life_days": t.half_life_days,
+        "repeat_half_life_days": t.repeat_half_life_days,
+        "validation_days": t.validation_days,
+        "candidate_pool": t.candidate_pool,
+        "tuned": t.tune,
+        "event_weights": dict(settings.data.event_weights),
+        "seed": t.seed,
+    }
+
+
+def evaluate_at(
+    events: pa.Table,
+    catalog: pa.Table | None,
+    settings: Settings,
+    cutoff_day: float,
+    *,
+    k: int,
+    progress: bool = False,
+) -> tuple[dict[str, dict[str, dict[str, float]]], TrainReport]:
+    """Train on events before the cutoff (tuning inside that period only) and evaluate every
+    model on the purchases from the cutoff on."""
+    before, after = split_at(events, cutoff_day)
+    if before.num_rows == 0:
+        raise DataError("no events before --cutoff")
+    if after.num_rows == 0:
+        raise DataError("no events on or after --cutoff")
+    bundle, report, fitted = train(before, catalog, settings, progress=progress,
+                                   fit_candidates=True)
+    results = evaluate_models(
+        bundle, after, k=k, now_day=cutoff_day, pool=settings.train.candidate_pool,
+        candidates=fitted,
+    )
+    return results, report
