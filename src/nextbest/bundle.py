@@ -27,6 +27,8 @@ FEATURES = (
     "cf_new",
     "cf_old",
     "log_popularity",
+    "log_share",
+    "own_timeliness",
 )
 """Blend features of a (customer, product) candidate; see `scoring.candidate_features`."""
 

@@ -107,6 +107,11 @@ class ServeSettings:
     host: str = "127.0.0.1"
     port: int = 50051
     models_dir: str = "models"
+    consumable_repeat_rate: float = 0.3
+    """A product whose buyers buy it again at least this often is a consumable: it may be
+    recommended again once its repurchase time comes. Other bought products are not offered again."""
+    due_fraction: float = 0.5
+    """A consumable comes back when this share of its repurchase interval has passed."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -206,6 +211,8 @@ def _validate(section: str, s: object) -> None:
         need(s.default_consent in CONSENT_DEFAULTS, "default_consent", "must be allow or deny")
     elif isinstance(s, ServeSettings):
         need(0 <= s.port <= 65535, "port", "must be within [0, 65535]")
+        need(0.0 <= s.consumable_repeat_rate <= 1.0, "consumable_repeat_rate", "must be in [0, 1]")
+        need(s.due_fraction >= 0.0, "due_fraction", "must be >= 0")
 
 
 def parse_als_spec(spec: str) -> tuple[int, float, float]:
@@ -222,7 +229,9 @@ def parse_als_spec(spec: str) -> tuple[int, float, float]:
     return parsed
 
 
-def load_settings(path: str | Path | None, environ: typing.Mapping[str, str] | None = None) -> Settings:
+def load_settings(
+    path: str | Path | None, environ: typing.Mapping[str, str] | None = None
+) -> Settings:
     """Read `path` (or only defaults when None), apply `NEXTBEST_*` overrides, validate."""
     raw: dict[str, dict[str, object]] = {}
     if path is not None:

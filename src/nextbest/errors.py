@@ -1,11 +1,11 @@
 """The exception tree of nextbest. No grpc imports here; `server.py` maps these to status codes.
 
-    NextbestError
-    ├── ConfigError          a config file or override is invalid
-    ├── DataError            an input file cannot be used at all (missing column, empty, unreadable)
-    │   └── RejectShareError the share of rejected rows passed --max-reject-share
-    ├── ModelError           a model directory is missing, incomplete or inconsistent
-    └── InvalidRequest       a request names a bad value (field named in the message)
+NextbestError
+├── ConfigError          a config file or override is invalid
+├── DataError            an input file cannot be used at all (missing column, empty, unreadable)
+│   └── RejectShareError the share of rejected rows passed --max-reject-share
+├── ModelError           a model directory is missing, incomplete or inconsistent
+└── InvalidRequest       a request names a bad value (field named in the message)
 """
 
 __all__ = [

@@ -166,14 +166,17 @@ def evaluate_models(
     now_day: float,
     pool: int,
     candidates: dict[str, CFModel] | None = None,
+    protocols: tuple[str, ...] = PROTOCOLS,
+    baselines: bool = True,
+    blend: bool = True,
 ) -> dict[str, dict[str, dict[str, float]]]:
-    """Metrics per protocol, per model name: best sellers, buy again, repeat, each CF candidate,
-    and the blend (`blend`)."""
+    """Metrics per protocol, per model name: best sellers, buy again, repeat (with `baselines`),
+    each CF candidate, and the blend (`blend`)."""
     rels = relevance(bundle, test_events)
     n_items = bundle.shape[1]
     candidates = candidates or {bundle.cf.kind: bundle.cf}
     out: dict[str, dict[str, dict[str, float]]] = {}
-    for protocol in PROTOCOLS:
+    for protocol in protocols:
         rel = rels[protocol]
         users = rel.users
         new = protocol == "new"
@@ -181,18 +184,21 @@ def evaluate_models(
         if len(users) == 0:
             out[protocol] = results
             continue
-        rankings = {"best sellers": _best_sellers(bundle, users, k, exclude_bought=new)}
-        if not new:
+        rankings = {}
+        if baselines:
+            rankings["best sellers"] = _best_sellers(bundle, users, k, exclude_bought=new)
+        if baselines and not new:
             rankings["buy again"] = _buy_again(bundle, users, k)
             rankings["repeat"] = _repeat_model(bundle, users, k, now_day)
         for name, model in candidates.items():
             rankings[name] = model.recommend(
                 users, bundle.user_items[users], N=k, filter_already_liked_items=new
             )[0]
-        allow = (lambda c: ~c.bought) if new else None
-        rankings["blend"] = rank_blend(
-            bundle, users, N=k, now_day=now_day, pool=pool, allow=allow
-        )[0]
+        if blend:
+            allow = (lambda c: ~c.bought) if new else None
+            rankings["blend"] = rank_blend(
+                bundle, users, N=k, now_day=now_day, pool=pool, allow=allow
+            )[0]
         for name, ids in rankings.items():
             results[name] = ranking_metrics(ids, rel, n_items)
         out[protocol] = results

@@ -67,7 +67,9 @@ def candidate_features(
     log_age (days since last purchase), timeliness (−|log((age+1)/(interval+1))|, 0 when the
     purchase is as old as the product's usual repurchase interval), repeat_rate (share of the
     product's buyers who buy it again), cf_new / cf_old (CF score over the user's best candidate
-    score, for new / bought products), log_popularity (recent distinct buyers).
+    score, for new / bought products), log_popularity (recent distinct buyers), log_share (share of
+    the customer's shopping days with the product), own_timeliness (timeliness against the
+    customer's own interval for the product, when bought on two or more days).
     """
     users = np.asarray(users, dtype=np.int64)
     n = len(users)
@@ -97,6 +99,7 @@ def candidate_features(
 
     days, bought = _pair_lookup(rs.days_bought, users, pos, item)
     last, _ = _pair_lookup(rs.last_day, users, pos, item)
+    first, _ = _pair_lookup(rs.first_day, users, pos, item)
     rw, _ = _pair_lookup(rs.recency_weighted, users, pos, item)
     rep = bought.astype(np.float64)
     elapsed = max(now_day - bundle.reference_day, 0.0)
@@ -110,6 +113,12 @@ def candidate_features(
     )
     interval = np.where(np.isfinite(interval), interval, UNKNOWN_INTERVAL_DAYS)
     timeliness = -np.abs(np.log((age + 1.0) / (interval + 1.0)))
+    repeated = days >= 2
+    own_interval = np.where(repeated, (last - first) / np.maximum(days - 1.0, 1.0), 0.0)
+    own_timeliness = np.where(
+        repeated, -np.abs(np.log((age + 1.0) / (own_interval + 1.0))), 0.0
+    )
+    share = days / np.maximum(rs.user_days[users[pos]], 1.0)
 
     cf = bundle.cf.pair_scores(users[pos], item, bundle.user_items)
     starts = np.flatnonzero(np.r_[True, pos[1:] != pos[:-1]])
@@ -128,6 +137,8 @@ def candidate_features(
             cfn * (1.0 - rep),
             cfn * rep,
             np.log1p(rs.item_recent_buyers[item]),
+            np.log(np.maximum(share, 1e-3)) * rep,
+            own_timeliness,
         ]
     )
     return Candidates(pos=pos, item=item.astype(np.int64), features=features)
@@ -189,3 +200,96 @@ def best_sellers_for(
     ids[:, : len(order)] = order
     scores[:, : len(order)] = score
     return ids, scores
+
+
+@dataclass(frozen=True)
+class Recommendations:
+    """Top-N per requested customer, in request order."""
+
+    ids: np.ndarray
+    """(n, N) item indices, -1 padded."""
+    scores: np.ndarray
+    """(n, N) scores in (0, 1], decreasing along each row; -inf padded."""
+    personalized: np.ndarray
+    """(n,) bool."""
+    reasons: list[str]
+    """Per customer: '' when personalized, else why not (no_consent, unknown_customer)."""
+
+
+def recommend_for(
+    bundle: ModelBundle,
+    customer_ids: np.ndarray,
+    *,
+    N: int,
+    now_day: float,
+    personalization_ok: np.ndarray,
+    sensitive_ok: np.ndarray,
+    consumable_repeat_rate: float,
+    due_fraction: float,
+    pool: int,
+) -> Recommendations:
+    """The served ranking (email channel rules) for a batch of customers.
+
+    Customers without personalization consent or unknown to the model get best sellers. For the
+    others: the blend over candidates, without unavailable products, without sensitive products
+    unless `sensitive_ok`, without products already bought unless they are consumables (repeat
+    rate >= `consumable_repeat_rate`) whose repurchase time has come (`due_fraction` of the
+    interval), filled up with best sellers.
+    """
+    n = len(customer_ids)
+    users = bundle.user_index(customer_ids)
+    personal = (users >= 0) & personalization_ok
+    reasons = [
+        "" if p else ("no_consent" if not ok else "unknown_customer")
+        for p, ok in zip(personal, personalization_ok, strict=True)
+    ]
+    ids = np.full((n, N), -1, dtype=np.int64)
+    scores = np.full((n, N), -np.inf)
+    blocked = ~bundle.item_available
+    if (~personal).any():
+        # Non-personal answers never show sensitive products: nothing says the customer wants them.
+        b_ids, b_scores = best_sellers_for(
+            bundle, int((~personal).sum()), N, blocked | bundle.item_sensitive
+        )
+        ids[~personal], scores[~personal] = b_ids, b_scores
+    rows = np.flatnonzero(personal)
+    if len(rows):
+        sens_ok = sensitive_ok[rows]
+        rs = bundle.repeat
+
+        def allow(c: Candidates) -> np.ndarray:
+            ok = ~blocked[c.item] & (sens_ok[c.pos] | ~bundle.item_sensitive[c.item])
+            interval = np.where(
+                np.isfinite(bundle.item_repurchase_days[c.item]),
+                bundle.item_repurchase_days[c.item],
+                rs.item_interval_days[c.item],
+            )
+            consumable = (rs.item_repeat_rate[c.item] >= consumable_repeat_rate) & np.isfinite(
+                interval
+            )
+            age = np.exp(c.features[:, FEATURES.index("log_age")]) - 1.0
+            due = consumable & (age >= due_fraction * np.nan_to_num(interval, nan=np.inf))
+            return ok & (~c.bought | due)
+
+        p_ids, p_scores = rank_blend(
+            bundle, users[rows], N=N, now_day=now_day, pool=pool, allow=allow
+        )
+        # Fill short lists with best sellers the customer may see and has not been given.
+        short = np.flatnonzero((p_ids < 0).any(axis=1))
+        for r in short:
+            have = p_ids[r][p_ids[r] >= 0]
+            exclude = blocked.copy()
+            if not sens_ok[r]:
+                exclude |= bundle.item_sensitive
+            exclude[have] = True
+            bought = rs.days_bought[users[rows[r]]].indices
+            exclude[bought] = True
+            f_ids, _ = best_sellers_for(bundle, 1, N - len(have), exclude)
+            f_ids = f_ids[0][f_ids[0] >= 0]
+            low = p_scores[r][p_ids[r] >= 0].min() if len(have) else 1.0
+            p_ids[r, len(have) : len(have) + len(f_ids)] = f_ids
+            p_scores[r, len(have) : len(have) + len(f_ids)] = low * (
+                1.0 - (np.arange(1, len(f_ids) + 1) / (len(f_ids) + 1)) * 1e-3
+            )
+        ids[rows], scores[rows] = p_ids, p_scores
+    return Recommendations(ids=ids, scores=scores, personalized=personal, reasons=reasons)

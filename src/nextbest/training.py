@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -35,8 +36,8 @@ from nextbest.data.interactions import (
     cf_matrix,
     repeat_stats,
 )
-from nextbest.evaluation import evaluate_models
 from nextbest.errors import DataError
+from nextbest.evaluation import evaluate_models
 from nextbest.policy import sensitive_mask
 from nextbest.scoring import candidate_features
 
@@ -57,6 +58,8 @@ DEFAULT_BLEND = {
     "cf_new": 3.0,
     "cf_old": 1.0,
     "log_popularity": 0.3,
+    "log_share": 0.3,
+    "own_timeliness": 0.2,
 }
 MAX_BLEND_USERS = 4000
 
@@ -134,7 +137,10 @@ def fit_cf(
             model = BM25Recommender(K=t.item_neighbours, num_threads=t.num_threads)
         else:
             raise ValueError(f"unknown CF kind {kind!r} (expected one of {CF_KINDS})")
-        model.fit(x, show_progress=progress)
+        with warnings.catch_warnings():
+            # implicit's item-item fit converts an internal COO product itself and warns about it.
+            warnings.filterwarnings("ignore", message="Method expects CSR input")
+            model.fit(x, show_progress=progress)
     return CFModel(kind=kind, model=model)
 
 
@@ -182,7 +188,9 @@ def _assemble(
         item_repurchase_days=repurchase,
         best_sellers=best.astype(np.int64),
         recent_best_sellers=recent.astype(np.int64),
-        catalog=catalog if catalog is not None else pa.table({"product_id": pa.array([], pa.string())}),
+        catalog=catalog
+        if catalog is not None
+        else pa.table({"product_id": pa.array([], pa.string())}),
         manifest=manifest,
     )
 
@@ -271,25 +279,43 @@ def train(
             model = fit_cf("als", prep.matrix, settings, als=spec, progress=progress)
             probe = _assemble(prep, model, blend, catalog, settings, base_manifest)
             res = evaluate_models(
-                probe, val_events, k=t.k, now_day=split_day, pool=t.candidate_pool,
+                probe,
+                val_events,
+                k=t.k,
+                now_day=split_day,
+                pool=t.candidate_pool,
                 candidates={"als": model},
+                protocols=("new",),
+                baselines=False,
+                blend=False,
             )
             score = _ndcg(res, "new", "als")
-            report.als_grid.append({"factors": spec[0], "regularization": spec[1],
-                                    "alpha": spec[2], "validation_ndcg_new": score})
+            report.als_grid.append(
+                {
+                    "factors": spec[0],
+                    "regularization": spec[1],
+                    "alpha": spec[2],
+                    "validation_ndcg_new": score,
+                }
+            )
             logger.info("ALS %s: validation NDCG@%d (new) %.4f", spec, t.k, score)
             if score > best_ndcg:
                 best_ndcg, als_params, fitted["als"] = score, spec, model
         for kind in candidates:
             if kind not in fitted:
-                fitted[kind] = fit_cf(kind, prep.matrix, settings, als=als_params,
-                                      progress=progress)
+                fitted[kind] = fit_cf(
+                    kind, prep.matrix, settings, als=als_params, progress=progress
+                )
         base_manifest = {"params": _params(settings, als_params)}
         probe = _assemble(prep, fitted[t.cf_model], blend, catalog, settings, base_manifest)
         blend = _fit_blend(probe, val_events, settings)
         probe = _assemble(prep, fitted[t.cf_model], blend, catalog, settings, base_manifest)
         report.validation = evaluate_models(
-            probe, val_events, k=t.k, now_day=split_day, pool=t.candidate_pool,
+            probe,
+            val_events,
+            k=t.k,
+            now_day=split_day,
+            pool=t.candidate_pool,
             candidates=fitted,
         )
         report.timings["tune_s"] = time.perf_counter() - clock
@@ -351,10 +377,15 @@ def evaluate_at(
         raise DataError("no events before --cutoff")
     if after.num_rows == 0:
         raise DataError("no events on or after --cutoff")
-    bundle, report, fitted = train(before, catalog, settings, progress=progress,
-                                   fit_candidates=True)
+    bundle, report, fitted = train(
+        before, catalog, settings, progress=progress, fit_candidates=True
+    )
     results = evaluate_models(
-        bundle, after, k=k, now_day=cutoff_day, pool=settings.train.candidate_pool,
+        bundle,
+        after,
+        k=k,
+        now_day=cutoff_day,
+        pool=settings.train.candidate_pool,
         candidates=fitted,
     )
     return results, report

@@ -103,7 +103,11 @@ def prepare_online_retail(source: Path, out: Path) -> PrepareReport:
             strings_can_be_null=True,
         ),
     )
-    _need(table, path, ["InvoiceNo", "StockCode", "Quantity", "InvoiceDate", "UnitPrice", "CustomerID"])
+    _need(
+        table,
+        path,
+        ["InvoiceNo", "StockCode", "Quantity", "InvoiceDate", "UnitPrice", "CustomerID"],
+    )
     report = PrepareReport(dataset="online-retail", rows_read=table.num_rows)
     n = table.num_rows
     code = pc.utf8_upper(pc.utf8_trim_whitespace(table["StockCode"]))
@@ -111,8 +115,12 @@ def prepare_online_retail(source: Path, out: Path) -> PrepareReport:
     price = table["UnitPrice"].to_numpy(zero_copy_only=False)
     is_return = pc.starts_with(table["InvoiceNo"], "C").to_numpy(zero_copy_only=False)
     rejected = np.zeros(n, dtype=bool)
-    _reject(report, rejected, pc.is_null(table["CustomerID"]).to_numpy(zero_copy_only=False),
-            "missing_customer_id")
+    _reject(
+        report,
+        rejected,
+        pc.is_null(table["CustomerID"]).to_numpy(zero_copy_only=False),
+        "missing_customer_id",
+    )
     product_code = pc.match_substring_regex(code, r"^\d{5}").to_numpy(zero_copy_only=False)
     _reject(report, rejected, ~product_code, "non_product_code")
     _reject(report, rejected, qty == 0, "zero_quantity")
@@ -137,7 +145,9 @@ def prepare_online_retail(source: Path, out: Path) -> PrepareReport:
     )
     desc = pc.utf8_trim_whitespace(kept["Description"])
     titles = _mode_per_key(code, desc)
-    prices = pa.table({"k": code, "p": price_k}).group_by("k").aggregate([("p", "approximate_median")])
+    prices = (
+        pa.table({"k": code, "p": price_k}).group_by("k").aggregate([("p", "approximate_median")])
+    )
     catalog = titles.join(prices, "k", join_type="full outer").sort_by("k")
     title = catalog["v"]
     last_word = pc.utf8_upper(
@@ -175,12 +185,19 @@ def prepare_complete_journey(source: Path, out: Path) -> PrepareReport:
     tpath = _source_file(source, "transactions.parquet")
     ppath = _source_file(source, "products.parquet")
     tx = pq.read_table(
-        tpath, columns=["household_id", "product_id", "quantity", "sales_value",
-                        "transaction_timestamp"]
+        tpath,
+        columns=["household_id", "product_id", "quantity", "sales_value", "transaction_timestamp"],
     )
     products = pq.read_table(
-        ppath, columns=["product_id", "department", "brand", "product_category", "product_type",
-                        "package_size"]
+        ppath,
+        columns=[
+            "product_id",
+            "department",
+            "brand",
+            "product_category",
+            "product_type",
+            "package_size",
+        ],
     )
     report = PrepareReport(dataset="complete-journey", rows_read=tx.num_rows)
     n = tx.num_rows
@@ -204,23 +221,27 @@ def prepare_complete_journey(source: Path, out: Path) -> PrepareReport:
             "channel": pa.array(np.full(kept.num_rows, "store")),
         }
     )
-    unit = pa.table({"k": pid, "p": value / q}).group_by("k").aggregate(
-        [("p", "approximate_median")]
+    unit = (
+        pa.table({"k": pid, "p": value / q}).group_by("k").aggregate([("p", "approximate_median")])
     )
-    catalog = pa.table(
-        {
-            "k": pc.cast(products["product_id"], pa.string()),
-            "department": products["department"],
-            "category": products["product_category"],
-            "product_type": products["product_type"],
-            "title": pc.binary_join_element_wise(
-                pc.fill_null(products["brand"], ""),
-                pc.fill_null(pc.utf8_lower(products["product_type"]), "product"),
-                pc.fill_null(products["package_size"], ""),
-                " ",
-            ),
-        }
-    ).join(unit, "k", join_type="left outer").sort_by("k")
+    catalog = (
+        pa.table(
+            {
+                "k": pc.cast(products["product_id"], pa.string()),
+                "department": products["department"],
+                "category": products["product_category"],
+                "product_type": products["product_type"],
+                "title": pc.binary_join_element_wise(
+                    pc.fill_null(products["brand"], ""),
+                    pc.fill_null(pc.utf8_lower(products["product_type"]), "product"),
+                    pc.fill_null(products["package_size"], ""),
+                    " ",
+                ),
+            }
+        )
+        .join(unit, "k", join_type="left outer")
+        .sort_by("k")
+    )
     m = catalog.num_rows
     catalog = pa.table(
         {

@@ -61,8 +61,11 @@ class Interactions:
 
 def _codes(values: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
     """(sorted unique ids as a numpy unicode array, int32 index of each value)."""
-    enc = pc.dictionary_encode(values).combine_chunks() if isinstance(
-        values, pa.ChunkedArray) else pc.dictionary_encode(values)
+    enc = (
+        pc.dictionary_encode(values).combine_chunks()
+        if isinstance(values, pa.ChunkedArray)
+        else pc.dictionary_encode(values)
+    )
     dictionary = enc.dictionary.to_numpy(zero_copy_only=False).astype(str)
     order = np.argsort(dictionary, kind="stable")
     rank = np.empty_like(order)
@@ -90,9 +93,7 @@ def build_interactions(events: pa.Table, event_weights: dict[str, float]) -> Int
     item_ids, item = _codes(events.column("product_id"))
     n_items = len(item_ids)
     qty = events.column("quantity").to_numpy(zero_copy_only=False).astype(np.float64)
-    is_purchase = pc.equal(events.column("event_type"), "purchase").to_numpy(
-        zero_copy_only=False
-    )
+    is_purchase = pc.equal(events.column("event_type"), "purchase").to_numpy(zero_copy_only=False)
     pair = user.astype(np.int64) * n_items + item
     uniq, inv = np.unique(pair, return_inverse=True)
     bought = np.bincount(inv, weights=np.where(is_purchase, qty, 0.0), minlength=len(uniq))
@@ -140,6 +141,8 @@ class RepeatStats:
     """Number of distinct days on which the customer bought the product."""
     last_day: sp.csr_matrix
     """Day (since the epoch) of the customer's last purchase of the product."""
+    first_day: sp.csr_matrix
+    """Day (since the epoch) of the customer's first purchase of the product."""
     recency_weighted: sp.csr_matrix
     """Σ over purchase days of 0.5^(age / repeat half-life), at the reference day."""
     item_repeat_rate: np.ndarray
@@ -150,6 +153,8 @@ class RepeatStats:
     """Per product: distinct buyers."""
     item_recent_buyers: np.ndarray
     """Per product: distinct buyers in the last 30 days before the reference day."""
+    user_days: np.ndarray
+    """Per customer: distinct days with a purchase."""
 
 
 def repeat_stats(
@@ -196,9 +201,14 @@ def repeat_stats(
     return RepeatStats(
         days_bought=csr(counts.astype(np.float64)),
         last_day=csr(last),
+        first_day=csr(first),
         recency_weighted=csr(rw),
         item_repeat_rate=repeat_rate,
         item_interval_days=interval,
         item_buyers=buyers,
         item_recent_buyers=recent_buyers,
+        user_days=np.bincount(
+            np.unique(inter.user[p].astype(np.int64) * 100_000 + day_int) // 100_000,
+            minlength=n_users,
+        ).astype(np.float64),
     )

@@ -154,7 +154,9 @@ def _as_string(col: pa.ChunkedArray) -> pa.Array:
     if pa.types.is_floating(arr.type):
         # Integer ids stored as floats (1234.0) keep their integer spelling.
         as_int = pc.cast(arr, pa.int64(), safe=False)
-        if pc.all(pc.or_kleene(pc.equal(pc.cast(as_int, pa.float64()), arr), pc.is_null(arr))).as_py():
+        if pc.all(
+            pc.or_kleene(pc.equal(pc.cast(as_int, pa.float64()), arr), pc.is_null(arr))
+        ).as_py():
             arr = as_int
     if not pa.types.is_string(arr.type):
         arr = pc.cast(arr, pa.string())
@@ -180,6 +182,7 @@ def parse_text(col: pa.ChunkedArray) -> Parsed:
 
 
 _TIME_FORMATS = ("%Y-%m-%d %H:%M:%S", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d", "%Y/%m/%d %H:%M:%S")
+_ZONED_FORMATS = ("%Y-%m-%dT%H:%M:%S%z", "%Y-%m-%d %H:%M:%S%z")
 
 
 def parse_timestamp(col: pa.ChunkedArray) -> Parsed:
@@ -197,12 +200,26 @@ def parse_timestamp(col: pa.ChunkedArray) -> Parsed:
         out = pc.cast(pc.cast(arr, pa.timestamp("s")), pa.timestamp("us"))
         return out, _null_mask(out)
     text = _as_string(col)
-    try:
-        out = pc.cast(text, pa.timestamp("us"))
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-        parsed = [pc.strptime(text, format=f, unit="us", error_is_null=True) for f in _TIME_FORMATS]
-        out = pc.coalesce(*parsed)
+    zoned = pc.match_substring_regex(text, r"(Z|[+-]\d\d:?\d\d)$")
+    naive_part = _cast_time(pc.if_else(zoned, pa.scalar(None, pa.string()), text), None)
+    zoned_part = _cast_time(pc.if_else(zoned, text, pa.scalar(None, pa.string())), "UTC")
+    out = pc.coalesce(naive_part, zoned_part)
     return out, _null_mask(out)
+
+
+def _cast_time(text: pa.Array, tz: str | None) -> pa.Array:
+    """Strings → naive UTC timestamps; a fast cast, else format by format with nulls for failures."""
+    try:
+        out = pc.cast(text, pa.timestamp("us", tz=tz))
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        formats = _ZONED_FORMATS if tz else _TIME_FORMATS
+        parsed = [pc.strptime(text, format=f, unit="us", error_is_null=True) for f in formats]
+        out = pc.coalesce(*parsed) if tz is None else pc.coalesce(
+            *[pc.cast(p, pa.timestamp("us", tz="UTC")) for p in parsed]
+        )
+    if tz is not None:
+        out = pc.cast(pc.cast(out, pa.int64()), pa.timestamp("us"))  # UTC wall clock
+    return out
 
 
 def parse_float(col: pa.ChunkedArray, *, default: float | None = None) -> Parsed:
@@ -211,9 +228,9 @@ def parse_float(col: pa.ChunkedArray, *, default: float | None = None) -> Parsed
     if pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type):
         text = pc.utf8_trim_whitespace(arr)
         empty = pc.equal(text, "").to_numpy(zero_copy_only=False)
-        ok = pc.match_substring_regex(
-            text, r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$"
-        ).to_numpy(zero_copy_only=False)
+        ok = pc.match_substring_regex(text, r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$").to_numpy(
+            zero_copy_only=False
+        )
         cleaned = pc.if_else(pa.array(ok), text, pa.scalar(None, pa.string()))
         values = pc.cast(cleaned, pa.float64())
         bad = ~ok & ~empty
@@ -364,7 +381,9 @@ def read_events(
         Column("product_id", parse_id, "missing_product_id", required=True),
         Column("timestamp", parse_timestamp, "bad_timestamp", True, pa.timestamp("us")),
         Column("event_type", parse_text, "unknown_event_type"),
-        Column("quantity", lambda c: parse_float(c, default=1.0), "bad_quantity", False, pa.float64()),
+        Column(
+            "quantity", lambda c: parse_float(c, default=1.0), "bad_quantity", False, pa.float64()
+        ),
         Column("value", parse_float, "bad_value", False, pa.float64()),
         Column("channel", parse_text, "bad_channel"),
     ]
@@ -414,7 +433,9 @@ def read_catalog(
         Column("department", parse_text, "bad_department"),
         Column("product_type", parse_text, "bad_product_type"),
         Column("price", parse_float, "bad_price", False, pa.float64()),
-        Column("available", lambda c: parse_bool(c, default=True), "bad_available", False, pa.bool_()),
+        Column(
+            "available", lambda c: parse_bool(c, default=True), "bad_available", False, pa.bool_()
+        ),
         Column("sensitivity", parse_float, "bad_sensitivity", False, pa.float64()),
         Column("repurchase_days", parse_float, "bad_repurchase_days", False, pa.float64()),
     ]

@@ -1,0 +1,453 @@
+"""The `nextbest` command line: the only place that wires config, files and modules together."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import hashlib
+import json
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from nextbest import __version__
+from nextbest.config import CONSENT_DEFAULTS, Settings, load_settings
+from nextbest.data.readers import (
+    read_catalog,
+    read_consent,
+    read_customer_ids,
+    read_events,
+    write_table,
+)
+from nextbest.errors import DataError, NextbestError
+from nextbest.evaluation import METRICS, PROTOCOLS
+
+__all__ = ["main", "build_parser"]
+
+logger = logging.getLogger("nextbest")
+DAY = dt.timedelta(days=1)
+
+
+def _parse_date(text: str) -> float:
+    """'YYYY-MM-DD' (or ISO datetime) → days since the epoch (UTC)."""
+    try:
+        when = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a date (YYYY-MM-DD): {text!r}") from None
+    if when.tzinfo is not None:
+        when = when.astimezone(dt.UTC).replace(tzinfo=None)
+    return (when - dt.datetime(1970, 1, 1)) / DAY
+
+
+def _date_arg(text: str) -> tuple[str, float]:
+    """(the text as given, days since the epoch)."""
+    return text, _parse_date(text)
+
+
+def _share(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be within [0, 1]: {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1: {text!r}")
+    return value
+
+
+# --- shared input handling -----------------------------------------------------------------------
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    settings = load_settings(getattr(args, "config", None))
+    if getattr(args, "default_consent", None):
+        settings = settings.with_overrides("policy", default_consent=args.default_consent)
+    if getattr(args, "max_reject_share", None) is not None:
+        settings = settings.with_overrides("data", max_reject_share=args.max_reject_share)
+    return settings
+
+
+def _rejects_path(base: str | None, kind: str) -> Path | None:
+    """Events rejects go to --rejects itself; other files' rejects beside it (`<stem>-catalog.csv`)."""
+    if base is None:
+        return None
+    path = Path(base)
+    if kind == "events":
+        return path
+    suffix = "".join(path.suffixes) or ".csv"
+    return path.with_name(f"{path.name[: len(path.name) - len(suffix)]}-{kind}{suffix}")
+
+
+def _fingerprint(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _load_training_inputs(args: argparse.Namespace, settings: Settings):
+    """Read catalog, events, consent and erased customers; apply the consent gate."""
+    from nextbest.policy import consent_state, filter_training_events, sensitive_mask
+
+    share = settings.data.max_reject_share
+    catalog = None
+    if args.catalog:
+        catalog, report = read_catalog(
+            args.catalog,
+            rejects_path=_rejects_path(args.rejects, "catalog"),
+            max_reject_share=share,
+        )
+        logger.info("%s", report.summary())
+    event_types = ("purchase", "return", *settings.data.event_weights)
+    events, report = read_events(
+        args.events,
+        event_types=tuple(dict.fromkeys(event_types)),
+        known_products=catalog["product_id"].combine_chunks() if catalog is not None else None,
+        rejects_path=_rejects_path(args.rejects, "events"),
+        max_reject_share=share,
+    )
+    logger.info("%s", report.summary())
+    reports = {"events": report.as_dict()}
+    consent = None
+    consent_time = None
+    if args.consent:
+        consent, c_report = read_consent(
+            args.consent,
+            rejects_path=_rejects_path(args.rejects, "consent"),
+            max_reject_share=share,
+        )
+        logger.info("%s", c_report.summary())
+        reports["consent"] = c_report.as_dict()
+        if consent.num_rows:
+            consent_time = pc.max(consent["updated_at"]).as_py().isoformat()
+    erased = None
+    if args.erased:
+        erased, e_report = read_customer_ids(args.erased)
+        logger.info("%s", e_report.summary())
+    state = consent_state(consent, settings.policy)
+    sensitive = pa.array([], pa.string())
+    if catalog is not None:
+        sensitive = catalog["product_id"].filter(pa.array(sensitive_mask(catalog, settings.policy)))
+    events, c_report = filter_training_events(
+        events,
+        state,
+        sensitive_products=sensitive.combine_chunks()
+        if isinstance(sensitive, pa.ChunkedArray)
+        else sensitive,
+        erased=erased,
+    )
+    logger.info("%s", c_report.summary())
+    if events.num_rows == 0:
+        raise DataError(
+            f"{args.events}: no events left after the consent rules (default consent is "
+            f"{settings.policy.default_consent!r}; see --consent and --default-consent)"
+        )
+    meta = {
+        "data": {
+            "events": str(args.events),
+            "events_sha256": _fingerprint(args.events),
+            "catalog": str(args.catalog) if args.catalog else None,
+            "catalog_sha256": _fingerprint(args.catalog) if args.catalog else None,
+            "read": reports,
+        },
+        "consent": {
+            "file": str(args.consent) if args.consent else None,
+            "snapshot_time": consent_time,
+            "default_consent": settings.policy.default_consent,
+            **vars(c_report),
+        },
+    }
+    return events, catalog, meta
+
+
+def _print_table(results: dict, k: int, out=sys.stdout) -> None:
+    for protocol in PROTOCOLS:
+        rows = results.get(protocol, {})
+        if not rows:
+            continue
+        title = "all test purchases" if protocol == "all" else "new-to-customer purchases only"
+        print(f"\n{title} (k={k}, customers={next(iter(rows.values()))['users']:,})", file=out)
+        header = f"{'model':<14}" + "".join(f"{m:>11}" for m in METRICS)
+        print(header, file=out)
+        print("-" * len(header), file=out)
+        for name, m in rows.items():
+            print(f"{name:<14}" + "".join(f"{m[x]:>11.4f}" for x in METRICS), file=out)
+        base = max((rows[b]["ndcg"] for b in ("best sellers", "buy again") if b in rows), default=0)
+        if "blend" in rows and base > 0:
+            print(f"blend NDCG / best baseline NDCG = {rows['blend']['ndcg'] / base:.2f}", file=out)
+
+
+def _progress(args: argparse.Namespace) -> bool:
+    return not getattr(args, "no_progress", False) and sys.stderr.isatty()
+
+
+# --- commands --------------------------------------------------------------------------------------
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from nextbest.data.adapters import prepare
+
+    report = prepare(args.dataset, args.source, args.out)
+    print(report.summary())
+    print(f"wrote {Path(args.out) / 'events.parquet'} and {Path(args.out) / 'catalog.parquet'}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from nextbest.store.artifacts import publish
+    from nextbest.training import train
+
+    settings = _settings(args)
+    events, catalog, meta = _load_training_inputs(args, settings)
+    bundle, report, _ = train(events, catalog, settings, progress=_progress(args))
+    if report.validation:
+        print(f"validation window: last {settings.train.validation_days} days of the data")
+        _print_table(report.validation, settings.train.k)
+    manifest = {
+        **meta,
+        "params": report.params,
+        "metrics": {"validation": report.validation, "als_grid": report.als_grid},
+        "timings": report.timings,
+        "counts": report.counts,
+        "libraries": _library_versions(),
+    }
+    version = publish(bundle, args.models_dir, manifest)
+    print(f"published model {version} to {args.models_dir} (CURRENT → {version})")
+    return 0
+
+
+def _library_versions() -> dict[str, str]:
+    import implicit
+    import scipy
+    import sklearn
+
+    return {
+        "nextbest": __version__,
+        "python": sys.version.split()[0],
+        "implicit": implicit.__version__,
+        "numpy": np.__version__,
+        "scipy": scipy.__version__,
+        "pyarrow": pa.__version__,
+        "scikit-learn": sklearn.__version__,
+    }
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from nextbest.training import evaluate_at
+
+    settings = _settings(args)
+    events, catalog, meta = _load_training_inputs(args, settings)
+    results, report = evaluate_at(
+        events, catalog, settings, args.cutoff[1], k=args.k, progress=_progress(args)
+    )
+    if args.json:
+        json.dump(
+            {
+                "cutoff": args.cutoff[0],
+                "k": args.k,
+                "results": results,
+                "params": report.params,
+                "als_grid": report.als_grid,
+                "data": meta["data"],
+            },
+            sys.stdout,
+            indent=2,
+            default=float,
+        )
+        print()
+    else:
+        print(f"cutoff {args.cutoff[0]}: trained on events before it, tested on purchases after")
+        _print_table(results, args.k)
+    return 0
+
+
+def cmd_recommend(args: argparse.Namespace) -> int:
+    from nextbest.policy import consent_state
+    from nextbest.scoring import recommend_for
+    from nextbest.store.artifacts import load_bundle
+
+    settings = _settings(args)
+    bundle = load_bundle(args.models_dir)
+    customers, report = read_customer_ids(args.customers)
+    logger.info("%s", report.summary())
+    customers = pc.unique(customers)
+    consent = None
+    if args.consent:
+        consent, c_report = read_consent(
+            args.consent, max_reject_share=settings.data.max_reject_share
+        )
+        logger.info("%s", c_report.summary())
+    state = consent_state(consent, settings.policy)
+    now_day = args.as_of if args.as_of is not None else bundle.reference_day
+    ids = customers.to_numpy(zero_copy_only=False).astype(str)
+    recs = recommend_for(
+        bundle,
+        ids,
+        N=args.limit,
+        now_day=now_day,
+        personalization_ok=state.allowed("personalization", customers),
+        sensitive_ok=state.allowed("sensitive", customers),
+        consumable_repeat_rate=settings.serve.consumable_repeat_rate,
+        due_fraction=settings.serve.due_fraction,
+        pool=settings.train.candidate_pool,
+    )
+    valid = recs.ids >= 0
+    row = np.repeat(np.arange(len(ids)), valid.sum(axis=1))
+    rank = (np.cumsum(valid, axis=1) * valid)[valid]
+    table = pa.table(
+        {
+            "customer_id": pa.array(ids[row]),
+            "rank": pa.array(rank.astype(np.int32)),
+            "product_id": pa.array(bundle.item_ids[recs.ids[valid]]),
+            "score": pa.array(np.round(recs.scores[valid], 6)),
+        }
+    )
+    if not str(args.output).lower().endswith(".csv"):
+        raise DataError(f"{args.output}: --output must be a .csv file")
+    write_table(table, args.output)
+    print(
+        f"wrote {table.num_rows:,} rows for {len(ids):,} customers to {args.output} "
+        f"({int(recs.personalized.sum()):,} personalized, model {bundle.version})"
+    )
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from nextbest.store import artifacts
+
+    if args.action == "list":
+        versions = artifacts.list_versions(args.models_dir)
+        if not versions:
+            print(f"no model versions in {args.models_dir}")
+        for v in versions:
+            mark = "*" if v["current"] else " "
+            print(
+                f"{mark} {v['version']}  {v['created_at']}  {v['cf_model']}  "
+                f"{v['customers']:,} customers  {v['products']:,} products"
+            )
+    elif args.action == "promote":
+        if not args.version:
+            raise NextbestError("models promote needs a VERSION")
+        artifacts.promote(args.models_dir, args.version)
+        print(f"CURRENT → {args.version}")
+    else:
+        version = artifacts.rollback(args.models_dir)
+        print(f"rolled back: CURRENT → {version}")
+    return 0
+
+
+# --- parser ------------------------------------------------------------------------------------------
+
+
+def _add_inputs(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--events", required=True, help="events file (CSV or Parquet, SPEC §2)")
+    p.add_argument(
+        "--catalog", help="catalog file; events on products missing from it are rejected"
+    )
+    p.add_argument("--consent", help="consent file (customer_id, purpose, granted, updated_at)")
+    p.add_argument("--erased", help="file with a customer_id column: erased customers (tombstones)")
+    p.add_argument("--config", help="TOML config file")
+    p.add_argument(
+        "--rejects",
+        help="write rejected event rows here (.csv or .parquet); catalog "
+        "and consent rejects go beside it as <name>-catalog / <name>-consent",
+    )
+    p.add_argument(
+        "--max-reject-share",
+        type=_share,
+        help="fail when a file's rejected share passes this (default data.max_reject_share)",
+    )
+    _add_consent_default(p)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _add_consent_default(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--default-consent",
+        choices=CONSENT_DEFAULTS,
+        help="what a missing consent record means (overrides policy.default_consent; "
+        "the default is deny)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nextbest", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"nextbest {__version__}")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prepare", help="turn a public data set into events and catalog Parquet")
+    p.add_argument("dataset", choices=("online-retail", "complete-journey"))
+    p.add_argument("--source", required=True, help="the data set's folder in ../shared/data")
+    p.add_argument("--out", required=True, help="output folder")
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("train", help="train, validate and publish a model version")
+    _add_inputs(p)
+    p.add_argument("--models-dir", required=True, help="where model versions and CURRENT live")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="time-split evaluation of every model and the blend")
+    _add_inputs(p)
+    p.add_argument("--cutoff", required=True, type=_date_arg, help="train before, test after")
+    p.add_argument("--k", type=_positive_int, default=10, help="metrics at k (default 10)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("recommend", help="batch export of the served ranking (email channel)")
+    p.add_argument("--models-dir", required=True)
+    p.add_argument("--customers", required=True, help="file with a customer_id column")
+    p.add_argument("--limit", type=_positive_int, default=10, help="products per customer")
+    p.add_argument("--output", required=True, help="CSV: customer_id,rank,product_id,score")
+    p.add_argument("--consent", help="consent file; missing records follow the default consent")
+    p.add_argument("--config", help="TOML config file")
+    p.add_argument(
+        "--as-of",
+        type=_parse_date,
+        help="date the repurchase timing is judged at (default: the model's last event)",
+    )
+    _add_consent_default(p)
+    p.set_defaults(func=cmd_recommend)
+
+    p = sub.add_parser("models", help="list, promote or roll back model versions")
+    p.add_argument("action", choices=("list", "promote", "rollback"))
+    p.add_argument("version", nargs="?", help="the version to promote")
+    p.add_argument("--models-dir", default="models")
+    p.set_defaults(func=cmd_models)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return args.func(args)
+    except NextbestError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Model artifacts on disk (and, later, the consent and event store)."""

@@ -1,0 +1,336 @@
+"""Model artifacts: atomic publication of `models/<version>/`, the `CURRENT` pointer, loading.
+
+A version directory holds plain arrays (`.npz`, read with `allow_pickle=False`), the catalog
+snapshot (`catalog.parquet`) and `manifest.json`, written last, which lists every file with its
+sha256. Publication writes into `models/.tmp-<version>-<pid>/`, fsyncs, renames the directory into
+place and only then replaces `CURRENT` (write a temporary file, fsync, `os.replace`). A crash at
+any point leaves `CURRENT` on a complete model; `load_bundle` refuses a version whose files do not
+match its manifest.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import logging
+import os
+import secrets
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import scipy.sparse as sp
+
+from nextbest.bundle import FEATURES, ModelBundle
+from nextbest.cf import CFModel
+from nextbest.data.interactions import RepeatStats
+from nextbest.errors import ModelError
+
+__all__ = [
+    "FORMAT",
+    "publish",
+    "load_bundle",
+    "read_manifest",
+    "current_version",
+    "set_current",
+    "list_versions",
+    "promote",
+    "rollback",
+]
+
+logger = logging.getLogger(__name__)
+
+FORMAT = 1
+CURRENT = "CURRENT"
+_FILES = ("ids.npz", "user_items.npz", "repeat.npz", "cf.npz", "items.npz", "catalog.parquet")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _save_npz(path: Path, **arrays: np.ndarray) -> None:
+    with open(path, "wb") as fh:
+        np.savez(fh, **arrays)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _new_version() -> str:
+    now = dt.datetime.now(dt.UTC)
+    return now.strftime("%Y%m%dT%H%M%S") + f"{now.microsecond // 1000:03d}Z-" + secrets.token_hex(3)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale_temporaries(models_dir: Path) -> None:
+    """Remove `.tmp-*` directories left by publishers that died (their pid is gone)."""
+    for tmp in models_dir.glob(".tmp-*"):
+        try:
+            pid = int(tmp.name.rsplit("-", 1)[1])
+        except (IndexError, ValueError):
+            continue
+        if not _pid_alive(pid):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def publish(bundle: ModelBundle, models_dir: str | Path, manifest: dict) -> str:
+    """Write `bundle` as a new version, then point `CURRENT` at it. Returns the version."""
+    models_dir = Path(models_dir)
+    models_dir.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(models_dir)
+    version = _new_version()
+    tmp = models_dir / f".tmp-{version}-{os.getpid()}"
+    tmp.mkdir()
+    rs = bundle.repeat
+    pattern = rs.days_bought
+    _save_npz(
+        tmp / "ids.npz", user_ids=bundle.user_ids.astype(str), item_ids=bundle.item_ids.astype(str)
+    )
+    ui = bundle.user_items.tocsr()
+    _save_npz(
+        tmp / "user_items.npz",
+        data=ui.data,
+        indices=ui.indices,
+        indptr=ui.indptr,
+        shape=np.asarray(ui.shape, dtype=np.int64),
+    )
+    _save_npz(
+        tmp / "repeat.npz",
+        indptr=pattern.indptr,
+        indices=pattern.indices,
+        days_bought=pattern.data,
+        last_day=rs.last_day.data,
+        first_day=rs.first_day.data,
+        user_days=rs.user_days,
+        recency_weighted=rs.recency_weighted.data,
+        item_repeat_rate=rs.item_repeat_rate,
+        item_interval_days=rs.item_interval_days,
+        item_buyers=rs.item_buyers,
+        item_recent_buyers=rs.item_recent_buyers,
+    )
+    _save_npz(tmp / "cf.npz", **bundle.cf.arrays())
+    _save_npz(
+        tmp / "items.npz",
+        item_sensitive=bundle.item_sensitive,
+        item_available=bundle.item_available,
+        item_repurchase_days=bundle.item_repurchase_days,
+        best_sellers=bundle.best_sellers,
+        recent_best_sellers=bundle.recent_best_sellers,
+        blend_weights=bundle.blend_weights,
+    )
+    pq.write_table(bundle.catalog, tmp / "catalog.parquet")
+    full = {
+        "format": FORMAT,
+        "version": version,
+        "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "cf_model": bundle.cf.kind,
+        "customers": int(bundle.shape[0]),
+        "products": int(bundle.shape[1]),
+        "reference_day": bundle.reference_day,
+        "reference_time": _day_iso(bundle.reference_day),
+        "features": list(FEATURES),
+        "blend_intercept": bundle.blend_intercept,
+        **manifest,
+        "files": {name: _sha256(tmp / name) for name in _FILES},
+    }
+    with open(tmp / "manifest.json", "w") as fh:
+        json.dump(full, fh, indent=2, sort_keys=True, default=_json_default)
+        fh.flush()
+        os.fsync(fh.fileno())
+    _fsync_dir(tmp)
+    os.rename(tmp, models_dir / version)
+    _fsync_dir(models_dir)
+    set_current(models_dir, version)
+    logger.info("published model %s in %s", version, models_dir)
+    return version
+
+
+def _json_default(value: object) -> object:
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def _day_iso(day: float) -> str:
+    return (dt.datetime(1970, 1, 1) + dt.timedelta(days=day)).isoformat(timespec="seconds")
+
+
+def set_current(models_dir: str | Path, version: str) -> None:
+    """Atomically point `CURRENT` at `version`."""
+    models_dir = Path(models_dir)
+    tmp = models_dir / f".{CURRENT}.{os.getpid()}.tmp"
+    with open(tmp, "w") as fh:
+        fh.write(version + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, models_dir / CURRENT)
+    _fsync_dir(models_dir)
+
+
+def current_version(models_dir: str | Path) -> str:
+    """The version `CURRENT` points at; ModelError when there is none."""
+    path = Path(models_dir) / CURRENT
+    try:
+        version = path.read_text().strip()
+    except FileNotFoundError:
+        raise ModelError(f"{path}: no model published yet (run `nextbest train`)") from None
+    if not version:
+        raise ModelError(f"{path}: empty")
+    return version
+
+
+def read_manifest(models_dir: str | Path, version: str) -> dict:
+    """The manifest of one version; ModelError when missing or unreadable."""
+    path = Path(models_dir) / version / "manifest.json"
+    try:
+        with open(path) as fh:
+            manifest = json.load(fh)
+    except FileNotFoundError:
+        raise ModelError(f"{path}: not found (incomplete or unknown model version)") from None
+    except json.JSONDecodeError as exc:
+        raise ModelError(f"{path}: not valid JSON ({exc})") from None
+    if manifest.get("format") != FORMAT:
+        raise ModelError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT}")
+    return manifest
+
+
+def _verify(directory: Path, manifest: dict) -> None:
+    for name in _FILES:
+        expected = manifest.get("files", {}).get(name)
+        path = directory / name
+        if expected is None or not path.is_file():
+            raise ModelError(f"{path}: missing from model version {directory.name}")
+        if _sha256(path) != expected:
+            raise ModelError(f"{path}: checksum does not match the manifest")
+
+
+def _load_npz(path: Path) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return {k: npz[k] for k in npz.files}
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{path}: cannot be read ({exc})") from None
+
+
+def load_bundle(models_dir: str | Path, version: str | None = None) -> ModelBundle:
+    """Load one version (default: `CURRENT`), verifying every file against the manifest."""
+    models_dir = Path(models_dir)
+    version = version or current_version(models_dir)
+    directory = models_dir / version
+    manifest = read_manifest(models_dir, version)
+    _verify(directory, manifest)
+    ids = _load_npz(directory / "ids.npz")
+    ui = _load_npz(directory / "user_items.npz")
+    rep = _load_npz(directory / "repeat.npz")
+    items = _load_npz(directory / "items.npz")
+    shape = tuple(int(x) for x in ui["shape"])
+    user_items = sp.csr_matrix((ui["data"], ui["indices"], ui["indptr"]), shape=shape)
+
+    def pattern(values: np.ndarray) -> sp.csr_matrix:
+        return sp.csr_matrix((values, rep["indices"], rep["indptr"]), shape=shape)
+
+    repeat = RepeatStats(
+        days_bought=pattern(rep["days_bought"]),
+        last_day=pattern(rep["last_day"]),
+        first_day=pattern(rep["first_day"]),
+        user_days=rep["user_days"],
+        recency_weighted=pattern(rep["recency_weighted"]),
+        item_repeat_rate=rep["item_repeat_rate"],
+        item_interval_days=rep["item_interval_days"],
+        item_buyers=rep["item_buyers"],
+        item_recent_buyers=rep["item_recent_buyers"],
+    )
+    if manifest.get("features") != list(FEATURES):
+        raise ModelError(f"{directory}: blend features differ from this version of nextbest")
+    try:
+        cf = CFModel.from_arrays(manifest["cf_model"], _load_npz(directory / "cf.npz"))
+    except (KeyError, ValueError) as exc:
+        raise ModelError(f"{directory}: CF model cannot be rebuilt ({exc})") from None
+    return ModelBundle(
+        user_ids=ids["user_ids"],
+        item_ids=ids["item_ids"],
+        user_items=user_items,
+        repeat=repeat,
+        cf=cf,
+        blend_weights=items["blend_weights"],
+        blend_intercept=float(manifest["blend_intercept"]),
+        reference_day=float(manifest["reference_day"]),
+        item_sensitive=items["item_sensitive"],
+        item_available=items["item_available"],
+        item_repurchase_days=items["item_repurchase_days"],
+        best_sellers=items["best_sellers"],
+        recent_best_sellers=items["recent_best_sellers"],
+        catalog=pq.read_table(directory / "catalog.parquet"),
+        manifest=manifest,
+    )
+
+
+def list_versions(models_dir: str | Path) -> list[dict]:
+    """Every complete version, oldest first: version, created_at, cf_model, current."""
+    models_dir = Path(models_dir)
+    if not models_dir.is_dir():
+        return []
+    try:
+        current = current_version(models_dir)
+    except ModelError:
+        current = None
+    out = []
+    for d in sorted(p for p in models_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        try:
+            m = read_manifest(models_dir, d.name)
+        except ModelError:
+            continue
+        out.append(
+            {
+                "version": d.name,
+                "created_at": m.get("created_at"),
+                "cf_model": m.get("cf_model"),
+                "customers": m.get("customers"),
+                "products": m.get("products"),
+                "current": d.name == current,
+            }
+        )
+    return out
+
+
+def promote(models_dir: str | Path, version: str) -> None:
+    """Point `CURRENT` at `version` after checking that it loads completely."""
+    load_bundle(models_dir, version)
+    set_current(models_dir, version)
+
+
+def rollback(models_dir: str | Path) -> str:
+    """Point `CURRENT` at the newest complete version older than the current one."""
+    current = current_version(models_dir)
+    older = [v["version"] for v in list_versions(models_dir) if v["version"] < current]
+    for version in reversed(older):
+        try:
+            promote(models_dir, version)
+        except ModelError as exc:
+            logger.warning("skipping %s: %s", version, exc)
+            continue
+        return version
+    raise ModelError(f"no complete model version older than {current} to roll back to")

@@ -1,0 +1,99 @@
+"""Shared fixtures: small synthetic purchase logs written as real CSV/Parquet files."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def synthetic_events(
+    n_customers: int = 80, n_products: int = 40, days: int = 120, seed: int = 7
+) -> pa.Table:
+    """Two taste groups (even / odd products), a few consumables bought every ~10 days, and
+    one-off durable purchases; timestamps spread over `days` from 2024-01-01."""
+    rng = np.random.default_rng(seed)
+    start = dt.datetime(2024, 1, 1)
+    rows = {"customer_id": [], "product_id": [], "timestamp": [], "event_type": [], "quantity": []}
+    for c in range(n_customers):
+        group = c % 2
+        taste = [p for p in range(n_products) if p % 2 == group]
+        consumable = taste[0]  # product 0 or 1: bought every ~10 days
+        for day in range(int(rng.integers(0, 8)), days, 10):
+            rows["customer_id"].append(f"c{c:03d}")
+            rows["product_id"].append(f"p{consumable:03d}")
+            rows["timestamp"].append(start + dt.timedelta(days=day, hours=int(rng.integers(8, 20))))
+            rows["event_type"].append("purchase")
+            rows["quantity"].append(1.0)
+        for p in rng.choice(taste[1:], size=6, replace=False):
+            rows["customer_id"].append(f"c{c:03d}")
+            rows["product_id"].append(f"p{p:03d}")
+            rows["timestamp"].append(start + dt.timedelta(days=int(rng.integers(0, days))))
+            rows["event_type"].append("purchase")
+            rows["quantity"].append(float(rng.integers(1, 3)))
+    return pa.table(
+        {
+            "customer_id": rows["customer_id"],
+            "product_id": rows["product_id"],
+            "timestamp": pa.array(rows["timestamp"], pa.timestamp("us")),
+            "event_type": rows["event_type"],
+            "quantity": rows["quantity"],
+        }
+    )
+
+
+def synthetic_catalog(n_products: int = 40) -> pa.Table:
+    return pa.table(
+        {
+            "product_id": [f"p{p:03d}" for p in range(n_products)],
+            "title": [f"Product {p}" for p in range(n_products)],
+            "category": ["pantry" if p < 2 else ("pharmacy" if p in (6, 7) else "home")
+                         for p in range(n_products)],
+            "price": [1.0 + p for p in range(n_products)],
+        }
+    )
+
+
+def write_csv(table: pa.Table, path: Path) -> Path:
+    pacsv.write_csv(table, path)
+    return path
+
+
+@pytest.fixture
+def events_file(tmp_path: Path) -> Path:
+    path = tmp_path / "events.parquet"
+    pq.write_table(synthetic_events(), path)
+    return path
+
+
+@pytest.fixture
+def catalog_file(tmp_path: Path) -> Path:
+    return write_csv(synthetic_catalog(), tmp_path / "catalog.csv")
+
+
+@pytest.fixture
+def small_config(tmp_path: Path) -> Path:
+    """A config that trains fast on the synthetic data (small factors, short validation)."""
+    path = tmp_path / "nextbest.toml"
+    path.write_text(
+        """
+[train]
+validation_days = 20
+als_factors = 8
+als_grid = ["8:0.05:10", "16:0.1:5"]
+bpr_factors = 8
+bpr_iterations = 20
+item_neighbours = 10
+candidate_pool = 20
+num_threads = 1
+"""
+    )
+    return path
