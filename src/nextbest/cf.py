@@ -11,9 +11,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import scipy.sparse as sp
+from threadpoolctl import threadpool_limits
 from implicit.cpu.als import AlternatingLeastSquares
 from implicit.cpu.bpr import BayesianPersonalizedRanking
-from implicit.nearest_neighbours import ItemItemRecommender
+from implicit.nearest_neighbours import ItemItemRecommender, NearestNeighboursScorer
 
 __all__ = ["CF_KINDS", "FACTOR_KINDS", "ITEM_ITEM_KINDS", "CFModel"]
 
@@ -57,7 +58,8 @@ class CFModel:
         )
         ids = np.asarray(ids).reshape(len(users), -1)
         scores = np.asarray(scores, dtype=np.float64).reshape(len(users), -1)
-        bad = (ids < 0) | ~np.isfinite(scores)
+        # implicit marks filtered items with the lowest float32 score instead of dropping them.
+        bad = (ids < 0) | ~np.isfinite(scores) | (scores <= np.finfo(np.float32).min / 2)
         if self.kind in ITEM_ITEM_KINDS:
             bad |= scores <= 0  # padding of item-item models when fewer neighbours exist
         ids = np.where(bad, -1, ids)
@@ -107,16 +109,18 @@ class CFModel:
     @classmethod
     def from_arrays(cls, kind: str, arrays: dict[str, np.ndarray]) -> CFModel:
         """Rebuild a model saved by `arrays()`."""
-        if kind == "als":
-            model = AlternatingLeastSquares()
-        elif kind == "bpr":
-            model = BayesianPersonalizedRanking()
+        if kind in FACTOR_KINDS:
+            # implicit checks (and warns about) BLAS threads when a model is constructed.
+            with threadpool_limits(1, "blas"):
+                model = AlternatingLeastSquares() if kind == "als" else BayesianPersonalizedRanking()
         elif kind in ITEM_ITEM_KINDS:
             model = ItemItemRecommender()
             shape = tuple(int(x) for x in arrays["sim_shape"])
             model.similarity = sp.csr_matrix(
                 (arrays["sim_data"], arrays["sim_indices"], arrays["sim_indptr"]), shape=shape
             )
+            # As implicit's own ItemItemRecommender.load does.
+            model.scorer = NearestNeighboursScorer(model.similarity)
             return cls(kind=kind, model=model)
         else:
             raise ValueError(f"unknown CF kind {kind!r}")

@@ -1,0 +1,92 @@
+"""Contract tests: every model on a tiny matrix with known answers (implicit's mixin pattern)."""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+
+from nextbest.cf import CFModel
+from nextbest.config import load_settings
+from nextbest.training import fit_cf
+
+# Two blocks: users 0-3 buy items 0-3, users 4-7 buy items 4-7. Each user misses one item of their
+# block, which every model must rank first among unseen items; the other block must come after.
+BLOCK = 4
+
+
+def tiny_matrix() -> sp.csr_matrix:
+    dense = np.zeros((2 * BLOCK, 2 * BLOCK), dtype=np.float32)
+    for u in range(2 * BLOCK):
+        base = (u // BLOCK) * BLOCK
+        for i in range(base, base + BLOCK):
+            if i - base != u % BLOCK:
+                dense[u, i] = 1.0
+    return sp.csr_matrix(dense)
+
+
+class CFContract:
+    kind = ""
+
+    def fit(self) -> tuple[CFModel, sp.csr_matrix]:
+        settings = load_settings(None).with_overrides(
+            "train",
+            als_factors=2,
+            als_iterations=30,
+            bpr_factors=3,
+            bpr_iterations=400,
+            bpr_learning_rate=0.05,
+            item_neighbours=8,
+            num_threads=1,
+        )
+        matrix = tiny_matrix()
+        return fit_cf(self.kind, matrix, settings, als=(2, 0.01, 10.0)), matrix
+
+    def test_recommends_the_missing_item_of_the_own_block(self):
+        model, matrix = self.fit()
+        users = np.arange(matrix.shape[0])
+        ids, scores = model.recommend(users, matrix[users], N=1, filter_already_liked_items=True)
+        expected = (users // BLOCK) * BLOCK + users % BLOCK
+        assert ids[:, 0].tolist() == expected.tolist()
+        assert np.isfinite(scores[:, 0]).all()
+
+    def test_never_returns_bought_items_when_filtered(self):
+        model, matrix = self.fit()
+        users = np.arange(matrix.shape[0])
+        ids, _ = model.recommend(users, matrix[users], N=8, filter_already_liked_items=True)
+        for u in users:
+            returned = set(ids[u][ids[u] >= 0].tolist())
+            assert not returned & set(matrix[u].indices.tolist())
+
+    def test_pair_scores_agree_with_recommend(self):
+        model, matrix = self.fit()
+        users = np.arange(matrix.shape[0])
+        ids, scores = model.recommend(users, matrix[users], N=1, filter_already_liked_items=True)
+        pair = model.pair_scores(users, ids[:, 0], matrix)
+        assert np.allclose(pair, scores[:, 0], rtol=1e-4, atol=1e-5)
+
+    def test_arrays_round_trip_without_pickle(self, tmp_path):
+        model, matrix = self.fit()
+        path = tmp_path / "cf.npz"
+        np.savez(path, **model.arrays())
+        with np.load(path, allow_pickle=False) as npz:
+            again = CFModel.from_arrays(self.kind, {k: npz[k] for k in npz.files})
+        users = np.arange(matrix.shape[0])
+        a = model.recommend(users, matrix[users], N=3, filter_already_liked_items=True)
+        b = again.recommend(users, matrix[users], N=3, filter_already_liked_items=True)
+        assert np.array_equal(a[0], b[0])
+
+
+class TestALS(CFContract):
+    kind = "als"
+
+
+class TestBPR(CFContract):
+    kind = "bpr"
+
+
+class TestCosine(CFContract):
+    kind = "cosine"
+
+
+class TestBM25(CFContract):
+    kind = "bm25"
