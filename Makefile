@@ -58,3 +58,14 @@ bench-train: install $(CJ_EVENTS)
 
 clean:
 	rm -rf $(VENV) $(DATA) build src/*.egg-info
+
+# The quick start: install, prepare the real Online Retail data, train and publish, then export the
+# served ranking for three real customers. (The gRPC server joins the demo with the serving issue.)
+demo: train
+	@printf 'customer_id\n12347\n14911\n17850\n' > $(DATA)/demo-customers.csv
+	$(NEXTBEST) recommend --models-dir $(MODELS) --customers $(DATA)/demo-customers.csv --limit 5 \
+		--output $(DATA)/demo-recommendations.csv $(DEMO_CONSENT)
+	@$(PY) -c "import pyarrow.csv as c, pyarrow.parquet as q; \
+	r = c.read_csv('$(DATA)/demo-recommendations.csv', convert_options=c.ConvertOptions(column_types={'customer_id': 'string', 'product_id': 'string'})); \
+	t = dict(zip(*q.read_table('$(DATA)/online-retail/catalog.parquet', columns=['product_id','title']).to_pydict().values())); \
+	[print(f\"{x['customer_id']}  #{x['rank']}  {x['product_id']:<7} {x['score']:.3f}  {t.get(x['product_id'], '')}\") for x in r.to_pylist()]"

@@ -347,11 +347,18 @@ def _finish(
 
 
 def _duplicates(table_columns: dict[str, pa.Array], names: list[str]) -> np.ndarray:
-    """Rows equal on `names` to an earlier row."""
+    """Rows equal on `names` to an earlier row (strings compared through dictionary codes, which
+    keeps the grouping small on millions of rows)."""
     n = len(next(iter(table_columns.values())))
-    t = pa.table({c: table_columns[c] for c in names}).append_column(
-        "__row", pa.array(np.arange(n, dtype=np.int64))
-    )
+    keys = {}
+    for c in names:
+        arr = table_columns[c]
+        if pa.types.is_string(arr.type):
+            arr = pc.dictionary_encode(arr).indices
+        elif pa.types.is_timestamp(arr.type):
+            arr = pc.cast(arr, pa.int64())
+        keys[c] = arr
+    t = pa.table(keys).append_column("__row", pa.array(np.arange(n, dtype=np.int64)))
     first = t.group_by(names, use_threads=False).aggregate([("__row", "min")])
     dup = np.ones(n, dtype=bool)
     dup[first.column("__row_min").to_numpy()] = False
