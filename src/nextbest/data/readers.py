@@ -347,21 +347,28 @@ def _finish(
 
 
 def _duplicates(table_columns: dict[str, pa.Array], names: list[str]) -> np.ndarray:
-    """Rows equal on `names` to an earlier row (strings compared through dictionary codes, which
-    keeps the grouping small on millions of rows)."""
-    n = len(next(iter(table_columns.values())))
-    keys = {}
+    """Rows equal on `names` to an earlier row: a stable lexsort of numeric keys (strings as
+    dictionary codes, nulls as -1 plus a null flag) and a comparison of neighbours."""
+    keys: list[np.ndarray] = []
     for c in names:
         arr = table_columns[c]
         if pa.types.is_string(arr.type):
             arr = pc.dictionary_encode(arr).indices
         elif pa.types.is_timestamp(arr.type):
             arr = pc.cast(arr, pa.int64())
-        keys[c] = arr
-    t = pa.table(keys).append_column("__row", pa.array(np.arange(n, dtype=np.int64)))
-    first = t.group_by(names, use_threads=False).aggregate([("__row", "min")])
-    dup = np.ones(n, dtype=bool)
-    dup[first.column("__row_min").to_numpy()] = False
+        elif pa.types.is_boolean(arr.type):
+            arr = pc.cast(arr, pa.int8())
+        null = pc.is_null(arr).to_numpy(zero_copy_only=False)
+        values = pc.fill_null(arr, 0).to_numpy(zero_copy_only=False)
+        keys += [values, null]
+    n = len(keys[0])
+    order = np.lexsort(keys[::-1])
+    same = np.ones(n - 1, dtype=bool)
+    for k in keys:
+        ks = k[order]
+        same &= ks[1:] == ks[:-1]
+    dup = np.zeros(n, dtype=bool)
+    dup[order[1:][same]] = True
     return dup
 
 
