@@ -68,7 +68,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         als_only = Path(tmp) / "als-only.toml"
         als_only.write_text(
-            f"[train]\ncandidates = [\"als\"]\ntune = false\nals_factors = {args.factors}\n"
+            f'[train]\ncandidates = ["als"]\ntune = false\nals_factors = {args.factors}\n'
             f"als_iterations = {args.iterations}\n"
         )
         inputs = ["--events", args.events, "--default-consent", "allow", "--no-progress"]
@@ -76,13 +76,29 @@ def main() -> int:
             inputs += ["--catalog", args.catalog]
         runs = {
             "baseline: read + bare implicit ALS fit": [
-                sys.executable, "-c", BASELINE, args.events, str(args.factors),
-                str(args.iterations)],
+                sys.executable,
+                "-c",
+                BASELINE,
+                args.events,
+                str(args.factors),
+                str(args.iterations),
+            ],
             "nextbest train (ALS only, no tuning)": [
-                *nextbest, "train", *inputs, "--config", str(als_only),
-                "--models-dir", str(Path(tmp) / "m1")],
+                *nextbest,
+                "train",
+                *inputs,
+                "--config",
+                str(als_only),
+                "--models-dir",
+                str(Path(tmp) / "m1"),
+            ],
             "nextbest train (defaults: tuning, all candidates)": [
-                *nextbest, "train", *inputs, "--models-dir", str(Path(tmp) / "m2")],
+                *nextbest,
+                "train",
+                *inputs,
+                "--models-dir",
+                str(Path(tmp) / "m2"),
+            ],
         }
         results = {}
         for name, cmd in runs.items():
@@ -92,7 +108,9 @@ def main() -> int:
             print(f"{name}: {results[name][0]:.1f} s, {results[name][1]:.0f} MiB peak", flush=True)
     base_t, base_m = results["baseline: read + bare implicit ALS fit"]
     print()
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}")
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    )
     print(f"events: {args.events}, ALS {args.factors} factors, {args.iterations} iterations")
     print("| run | wall s | peak MiB | time ratio | memory ratio |")
     print("|---|---|---|---|---|")

@@ -55,8 +55,10 @@ def synthetic_catalog(n_products: int = 40) -> pa.Table:
         {
             "product_id": [f"p{p:03d}" for p in range(n_products)],
             "title": [f"Product {p}" for p in range(n_products)],
-            "category": ["pantry" if p < 2 else ("pharmacy" if p in (6, 7) else "home")
-                         for p in range(n_products)],
+            "category": [
+                "pantry" if p < 2 else ("pharmacy" if p in (6, 7) else "home")
+                for p in range(n_products)
+            ],
             "price": [1.0 + p for p in range(n_products)],
         }
     )

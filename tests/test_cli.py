@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -22,22 +21,31 @@ NEXTBEST = [sys.executable, "-m", "nextbest.cli"]
 
 
 def run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        [*NEXTBEST, *map(str, args)], capture_output=True, text=True, timeout=600
-    )
+    proc = subprocess.run([*NEXTBEST, *map(str, args)], capture_output=True, text=True, timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(f"nextbest {' '.join(map(str, args))} failed:\n{proc.stderr}")
     return proc
 
 
 def train(tmp_path, events_file, catalog_file, small_config, *extra) -> str:
-    run("train", "--events", events_file, "--catalog", catalog_file, "--config", small_config,
-        "--models-dir", tmp_path / "models", *extra)
+    run(
+        "train",
+        "--events",
+        events_file,
+        "--catalog",
+        catalog_file,
+        "--config",
+        small_config,
+        "--models-dir",
+        tmp_path / "models",
+        *extra,
+    )
     return current_version(tmp_path / "models")
 
 
-def test_train_publishes_a_loadable_plain_array_model(tmp_path, events_file, catalog_file,
-                                                      small_config):
+def test_train_publishes_a_loadable_plain_array_model(
+    tmp_path, events_file, catalog_file, small_config
+):
     version = train(tmp_path, events_file, catalog_file, small_config, "--default-consent", "allow")
     directory = tmp_path / "models" / version
     manifest = json.loads((directory / "manifest.json").read_text())
@@ -54,30 +62,55 @@ def test_train_publishes_a_loadable_plain_array_model(tmp_path, events_file, cat
 
 
 def test_default_consent_deny_trains_nobody(tmp_path, events_file, catalog_file, small_config):
-    proc = run("train", "--events", events_file, "--catalog", catalog_file, "--config",
-               small_config, "--models-dir", tmp_path / "models", check=False)
+    proc = run(
+        "train",
+        "--events",
+        events_file,
+        "--catalog",
+        catalog_file,
+        "--config",
+        small_config,
+        "--models-dir",
+        tmp_path / "models",
+        check=False,
+    )
     assert proc.returncode == 2
     assert "no events left after the consent rules" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "models" / "CURRENT").exists()
 
 
-def test_customer_without_consent_leaves_no_trace(tmp_path, events_file, catalog_file,
-                                                  small_config):
+def test_customer_without_consent_leaves_no_trace(
+    tmp_path, events_file, catalog_file, small_config
+):
     consent = write_csv(
-        pa.table({
-            "customer_id": ["c005", "c006", "c006", "c007"],
-            "purpose": ["personalization", "personalization", "personalization", "sensitive"],
-            "granted": ["false", "true", "false", "false"],
-            "updated_at": ["2024-01-01", "2024-01-01", "2024-03-01", "2024-01-01"],
-        }),
+        pa.table(
+            {
+                "customer_id": ["c005", "c006", "c006", "c007"],
+                "purpose": ["personalization", "personalization", "personalization", "sensitive"],
+                "granted": ["false", "true", "false", "false"],
+                "updated_at": ["2024-01-01", "2024-01-01", "2024-03-01", "2024-01-01"],
+            }
+        ),
         tmp_path / "consent.csv",
     )
     erased = write_csv(pa.table({"customer_id": ["c008"]}), tmp_path / "erased.csv")
     config = tmp_path / "sensitive.toml"
-    config.write_text(small_config.read_text() + '\n[policy]\nsensitive_categories = ["pharmacy"]\n')
-    version = train(tmp_path, events_file, catalog_file, config, "--consent", consent,
-                    "--erased", erased, "--default-consent", "allow")
+    config.write_text(
+        small_config.read_text() + '\n[policy]\nsensitive_categories = ["pharmacy"]\n'
+    )
+    version = train(
+        tmp_path,
+        events_file,
+        catalog_file,
+        config,
+        "--consent",
+        consent,
+        "--erased",
+        erased,
+        "--default-consent",
+        "allow",
+    )
     directory = tmp_path / "models" / version
     gone = ["c005", "c006", "c008"]  # withdrew (latest record wins), withdrew later, erased
     for path in directory.iterdir():
@@ -94,39 +127,92 @@ def test_customer_without_consent_leaves_no_trace(tmp_path, events_file, catalog
     assert u >= 0 and not pharmacy & set(bundle.user_items[u].indices.tolist())
 
 
-def test_evaluate_json_has_every_model_and_both_protocols(tmp_path, events_file, catalog_file,
-                                                          small_config):
-    proc = run("evaluate", "--events", events_file, "--catalog", catalog_file, "--config",
-               small_config, "--cutoff", "2024-04-10", "--default-consent", "allow", "--json",
-               "--k", "5")
+def test_evaluate_json_has_every_model_and_both_protocols(
+    tmp_path, events_file, catalog_file, small_config
+):
+    proc = run(
+        "evaluate",
+        "--events",
+        events_file,
+        "--catalog",
+        catalog_file,
+        "--config",
+        small_config,
+        "--cutoff",
+        "2024-04-10",
+        "--default-consent",
+        "allow",
+        "--json",
+        "--k",
+        "5",
+    )
     result = json.loads(proc.stdout)
     assert set(result["results"]) == {"all", "new"}
     assert {"best sellers", "buy again", "repeat", "als", "bpr", "cosine", "bm25", "blend"} <= set(
-        result["results"]["all"])
+        result["results"]["all"]
+    )
     assert "buy again" not in result["results"]["new"]
     for metrics in result["results"]["all"].values():
         assert set(metrics) >= {"precision", "recall", "ndcg", "map", "hit_rate", "coverage"}
         assert 0.0 <= metrics["ndcg"] <= 1.0
     # The synthetic consumables come back every ~10 days: buying again must beat best sellers.
-    assert result["results"]["all"]["buy again"]["ndcg"] > result["results"]["all"]["best sellers"]["ndcg"]
-    table = run("evaluate", "--events", events_file, "--cutoff", "2024-04-10", "--config",
-                small_config, "--default-consent", "allow").stdout
+    assert (
+        result["results"]["all"]["buy again"]["ndcg"]
+        > result["results"]["all"]["best sellers"]["ndcg"]
+    )
+    table = run(
+        "evaluate",
+        "--events",
+        events_file,
+        "--cutoff",
+        "2024-04-10",
+        "--config",
+        small_config,
+        "--default-consent",
+        "allow",
+    ).stdout
     assert "new-to-customer purchases only" in table and "blend" in table
 
 
 def test_recommend_exports_the_served_ranking(tmp_path, events_file, catalog_file, small_config):
     train(tmp_path, events_file, catalog_file, small_config, "--default-consent", "allow")
-    customers = write_csv(pa.table({"customer_id": ["c000", "c001", "stranger", "c000"]}),
-                          tmp_path / "customers.csv")
-    consent = write_csv(pa.table({"customer_id": ["c001"], "purpose": ["personalization"],
-                                  "granted": ["no"], "updated_at": ["2024-06-01"]}),
-                        tmp_path / "consent.csv")
+    customers = write_csv(
+        pa.table({"customer_id": ["c000", "c001", "stranger", "c000"]}), tmp_path / "customers.csv"
+    )
+    consent = write_csv(
+        pa.table(
+            {
+                "customer_id": ["c001"],
+                "purpose": ["personalization"],
+                "granted": ["no"],
+                "updated_at": ["2024-06-01"],
+            }
+        ),
+        tmp_path / "consent.csv",
+    )
     out = tmp_path / "recs.csv"
-    proc = run("recommend", "--models-dir", tmp_path / "models", "--customers", customers,
-               "--limit", "5", "--output", out, "--consent", consent, "--default-consent", "allow")
+    proc = run(
+        "recommend",
+        "--models-dir",
+        tmp_path / "models",
+        "--customers",
+        customers,
+        "--limit",
+        "5",
+        "--output",
+        out,
+        "--consent",
+        consent,
+        "--default-consent",
+        "allow",
+    )
     assert "1 personalized" in proc.stdout
-    table = pacsv.read_csv(out, convert_options=pacsv.ConvertOptions(
-        column_types={"customer_id": pa.string(), "product_id": pa.string()}))
+    table = pacsv.read_csv(
+        out,
+        convert_options=pacsv.ConvertOptions(
+            column_types={"customer_id": pa.string(), "product_id": pa.string()}
+        ),
+    )
     assert table.column_names == ["customer_id", "rank", "product_id", "score"]
     rows = table.to_pylist()
     by_customer: dict[str, list[dict]] = {}
@@ -139,17 +225,36 @@ def test_recommend_exports_the_served_ranking(tmp_path, events_file, catalog_fil
         assert scores == sorted(scores, reverse=True)
     # Without consent and unknown: the same best sellers; c000 gets something personal.
     assert [r["product_id"] for r in by_customer["c001"]] == [
-        r["product_id"] for r in by_customer["stranger"]]
+        r["product_id"] for r in by_customer["stranger"]
+    ]
     events = synthetic_events()
-    bought = {p for c, p in zip(events["customer_id"].to_pylist(), events["product_id"].to_pylist(),
-                                strict=True) if c == "c000"}
+    bought = {
+        p
+        for c, p in zip(
+            events["customer_id"].to_pylist(), events["product_id"].to_pylist(), strict=True
+        )
+        if c == "c000"
+    }
     c000 = [r["product_id"] for r in by_customer["c000"]]
     durables_again = [p for p in c000 if p in bought and p not in ("p000",)]
     assert not durables_again, "bought durable products must not be offered again"
     # Same input, same answer.
     out2 = tmp_path / "recs2.csv"
-    run("recommend", "--models-dir", tmp_path / "models", "--customers", customers, "--limit", "5",
-        "--output", out2, "--consent", consent, "--default-consent", "allow")
+    run(
+        "recommend",
+        "--models-dir",
+        tmp_path / "models",
+        "--customers",
+        customers,
+        "--limit",
+        "5",
+        "--output",
+        out2,
+        "--consent",
+        consent,
+        "--default-consent",
+        "allow",
+    )
     assert out.read_bytes() == out2.read_bytes()
 
 
@@ -159,8 +264,10 @@ def test_models_list_promote_rollback(tmp_path, events_file, catalog_file, small
     assert first < second
     listing = run("models", "list", "--models-dir", tmp_path / "models").stdout
     assert f"* {second}" in listing and f"  {first}" in listing
-    assert f"CURRENT → {first}" in run("models", "rollback", "--models-dir",
-                                       tmp_path / "models").stdout
+    assert (
+        f"CURRENT → {first}"
+        in run("models", "rollback", "--models-dir", tmp_path / "models").stdout
+    )
     assert current_version(tmp_path / "models") == first
     proc = run("models", "rollback", "--models-dir", tmp_path / "models", check=False)
     assert proc.returncode == 2 and "no complete model version older" in proc.stderr
@@ -204,9 +311,12 @@ def test_kill_during_publication_leaves_current_on_the_previous_model(
     between its steps so that the kill lands inside it): CURRENT keeps naming the previous
     complete model."""
     models = tmp_path / "models"
-    previous = train(tmp_path, events_file, catalog_file, small_config, "--default-consent", "allow")
-    proc = subprocess.Popen([sys.executable, "-c", SLOW_PUBLISHER, str(models)],
-                            stdout=subprocess.PIPE, text=True)
+    previous = train(
+        tmp_path, events_file, catalog_file, small_config, "--default-consent", "allow"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SLOW_PUBLISHER, str(models)], stdout=subprocess.PIPE, text=True
+    )
     for _ in range(kill_after_line):
         assert proc.stdout.readline(), "the publisher ended early"
     os.kill(proc.pid, signal.SIGKILL)
@@ -226,19 +336,57 @@ def test_kill_during_publication_leaves_current_on_the_previous_model(
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["train", "--events", "{tmp}/missing.csv", "--models-dir", "{tmp}/m"],
-         "missing.csv: file not found"),
-        (["train", "--events", "{tmp}/bad.csv", "--models-dir", "{tmp}/m"],
-         "bad.csv: missing required column 'timestamp'"),
+        (
+            ["train", "--events", "{tmp}/missing.csv", "--models-dir", "{tmp}/m"],
+            "missing.csv: file not found",
+        ),
+        (
+            ["train", "--events", "{tmp}/bad.csv", "--models-dir", "{tmp}/m"],
+            "bad.csv: missing required column 'timestamp'",
+        ),
         (["evaluate", "--events", "{tmp}/bad.csv", "--cutoff", "yesterday"], "not a date"),
-        (["recommend", "--models-dir", "{tmp}/none", "--customers", "{tmp}/bad.csv",
-          "--output", "{tmp}/o.csv"], "no model published yet"),
-        (["recommend", "--models-dir", "{tmp}/none", "--customers", "{tmp}/bad.csv",
-          "--output", "{tmp}/o.csv", "--limit", "0"], "must be >= 1"),
-        (["train", "--events", "{tmp}/bad.csv", "--models-dir", "{tmp}/m",
-          "--max-reject-share", "2"], "must be within [0, 1]"),
-        (["prepare", "online-retail", "--source", "{tmp}", "--out", "{tmp}/o"],
-         "online_retail.csv.gz: file not found"),
+        (
+            [
+                "recommend",
+                "--models-dir",
+                "{tmp}/none",
+                "--customers",
+                "{tmp}/bad.csv",
+                "--output",
+                "{tmp}/o.csv",
+            ],
+            "no model published yet",
+        ),
+        (
+            [
+                "recommend",
+                "--models-dir",
+                "{tmp}/none",
+                "--customers",
+                "{tmp}/bad.csv",
+                "--output",
+                "{tmp}/o.csv",
+                "--limit",
+                "0",
+            ],
+            "must be >= 1",
+        ),
+        (
+            [
+                "train",
+                "--events",
+                "{tmp}/bad.csv",
+                "--models-dir",
+                "{tmp}/m",
+                "--max-reject-share",
+                "2",
+            ],
+            "must be within [0, 1]",
+        ),
+        (
+            ["prepare", "online-retail", "--source", "{tmp}", "--out", "{tmp}/o"],
+            "online_retail.csv.gz: file not found",
+        ),
     ],
 )
 def test_bad_input_is_one_clear_line(tmp_path, args, message):
@@ -251,26 +399,58 @@ def test_bad_input_is_one_clear_line(tmp_path, args, message):
 
 def test_reject_share_limit_stops_training(tmp_path, catalog_file, small_config):
     events = synthetic_events()
-    bad = events.set_column(1, "product_id", pa.array(
-        ["p999" if i % 3 == 0 else p for i, p in enumerate(events["product_id"].to_pylist())]))
+    bad = events.set_column(
+        1,
+        "product_id",
+        pa.array(
+            ["p999" if i % 3 == 0 else p for i, p in enumerate(events["product_id"].to_pylist())]
+        ),
+    )
     path = tmp_path / "events.parquet"
     pq.write_table(bad, path)
     rejects = tmp_path / "rejects.csv"
-    proc = run("train", "--events", path, "--catalog", catalog_file, "--config", small_config,
-               "--models-dir", tmp_path / "m", "--default-consent", "allow", "--rejects", rejects,
-               check=False)
+    proc = run(
+        "train",
+        "--events",
+        path,
+        "--catalog",
+        catalog_file,
+        "--config",
+        small_config,
+        "--models-dir",
+        tmp_path / "m",
+        "--default-consent",
+        "allow",
+        "--rejects",
+        rejects,
+        check=False,
+    )
     assert proc.returncode == 2 and "rows rejected, more than the limit" in proc.stderr
     assert "unknown_product" in proc.stderr
     written = pacsv.read_csv(rejects)
     assert set(written["reason"].to_pylist()) == {"unknown_product"}
-    run("train", "--events", path, "--catalog", catalog_file, "--config", small_config,
-        "--models-dir", tmp_path / "m", "--default-consent", "allow", "--max-reject-share", "0.5")
+    run(
+        "train",
+        "--events",
+        path,
+        "--catalog",
+        catalog_file,
+        "--config",
+        small_config,
+        "--models-dir",
+        tmp_path / "m",
+        "--default-consent",
+        "allow",
+        "--max-reject-share",
+        "0.5",
+    )
 
 
 @pytest.mark.slow
 def test_prepare_online_retail_real_data(tmp_path):
-    proc = run("prepare", "online-retail", "--source", SHARED_DATA / "online_retail_uci",
-               "--out", tmp_path)
+    proc = run(
+        "prepare", "online-retail", "--source", SHARED_DATA / "online_retail_uci", "--out", tmp_path
+    )
     # Counts from the data set's README: 541,909 rows, 135,080 without a customer.
     assert "read 541,909 rows" in proc.stdout and "missing_customer_id 135,080" in proc.stdout
     events = pq.read_table(tmp_path / "events.parquet")

@@ -86,7 +86,9 @@ def test_bad_rows_are_counted_by_reason_and_written_out(tmp_path):
     written = pacsv.read_csv(rejects)
     assert written.num_rows == 8
     by_row = dict(zip(written["row"].to_pylist(), written["reason"].to_pylist(), strict=True))
-    assert by_row[2] == "duplicate" and by_row[3] == "bad_timestamp" and by_row[9] == "unknown_product"
+    assert (
+        by_row[2] == "duplicate" and by_row[3] == "bad_timestamp" and by_row[9] == "unknown_product"
+    )
     assert "rejected 8" in report.summary()
 
 

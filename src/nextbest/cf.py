@@ -11,10 +11,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import scipy.sparse as sp
-from threadpoolctl import threadpool_limits
 from implicit.cpu.als import AlternatingLeastSquares
 from implicit.cpu.bpr import BayesianPersonalizedRanking
 from implicit.nearest_neighbours import ItemItemRecommender, NearestNeighboursScorer
+from threadpoolctl import threadpool_limits
 
 __all__ = ["CF_KINDS", "FACTOR_KINDS", "ITEM_ITEM_KINDS", "CFModel"]
 
@@ -112,7 +112,9 @@ class CFModel:
         if kind in FACTOR_KINDS:
             # implicit checks (and warns about) BLAS threads when a model is constructed.
             with threadpool_limits(1, "blas"):
-                model = AlternatingLeastSquares() if kind == "als" else BayesianPersonalizedRanking()
+                model = (
+                    AlternatingLeastSquares() if kind == "als" else BayesianPersonalizedRanking()
+                )
         elif kind in ITEM_ITEM_KINDS:
             model = ItemItemRecommender()
             shape = tuple(int(x) for x in arrays["sim_shape"])

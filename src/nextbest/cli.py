@@ -81,7 +81,7 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def _rejects_path(base: str | None, kind: str) -> Path | None:
-    """Events rejects go to --rejects itself; other files' rejects beside it (`<stem>-catalog.csv`)."""
+    """Events rejects go to --rejects itself, other files' rejects beside it (`<stem>-catalog`)."""
     if base is None:
         return None
     path = Path(base)
@@ -195,7 +195,7 @@ def _progress(args: argparse.Namespace) -> bool:
     return not getattr(args, "no_progress", False) and sys.stderr.isatty()
 
 
-# --- commands --------------------------------------------------------------------------------------
+# --- commands -------------------------------------------------------------------------------------
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
@@ -350,7 +350,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-# --- parser ------------------------------------------------------------------------------------------
+# --- parser ---------------------------------------------------------------------------------------
 
 
 def _add_inputs(p: argparse.ArgumentParser) -> None:

@@ -109,7 +109,8 @@ class ServeSettings:
     models_dir: str = "models"
     consumable_repeat_rate: float = 0.3
     """A product whose buyers buy it again at least this often is a consumable: it may be
-    recommended again once its repurchase time comes. Other bought products are not offered again."""
+    recommended again once its repurchase time comes. Other bought products are not offered
+    again."""
     due_fraction: float = 0.5
     """A consumable comes back when this share of its repurchase interval has passed."""
 
@@ -256,7 +257,7 @@ def load_settings(
             raise ConfigError(f"config: {name} names an unknown section {section!r}")
         raw.setdefault(section, {})[key] = value
     sections = {}
-    for name, f in _SECTIONS.items():
+    for name in _SECTIONS:
         cls = typing.get_type_hints(Settings)[name]
         sections[name] = _build(cls, name, dict(raw.get(name, {})))
     return Settings(**sections)

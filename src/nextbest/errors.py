@@ -27,7 +27,7 @@ class ConfigError(NextbestError):
 
 
 class DataError(NextbestError):
-    """An input file cannot be used; the message names the file and, where it applies, the column."""
+    """An input file cannot be used; the message names the file and, if it applies, the column."""
 
 
 class RejectShareError(DataError):

@@ -115,9 +115,7 @@ def candidate_features(
     timeliness = -np.abs(np.log((age + 1.0) / (interval + 1.0)))
     repeated = days >= 2
     own_interval = np.where(repeated, (last - first) / np.maximum(days - 1.0, 1.0), 0.0)
-    own_timeliness = np.where(
-        repeated, -np.abs(np.log((age + 1.0) / (own_interval + 1.0))), 0.0
-    )
+    own_timeliness = np.where(repeated, -np.abs(np.log((age + 1.0) / (own_interval + 1.0))), 0.0)
     share = days / np.maximum(rs.user_days[users[pos]], 1.0)
 
     cf = bundle.cf.pair_scores(users[pos], item, bundle.user_items)

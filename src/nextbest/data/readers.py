@@ -208,14 +208,16 @@ def parse_timestamp(col: pa.ChunkedArray) -> Parsed:
 
 
 def _cast_time(text: pa.Array, tz: str | None) -> pa.Array:
-    """Strings → naive UTC timestamps; a fast cast, else format by format with nulls for failures."""
+    """Strings → naive UTC timestamps: a fast cast, else format by format (failures → null)."""
     try:
         out = pc.cast(text, pa.timestamp("us", tz=tz))
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
         formats = _ZONED_FORMATS if tz else _TIME_FORMATS
         parsed = [pc.strptime(text, format=f, unit="us", error_is_null=True) for f in formats]
-        out = pc.coalesce(*parsed) if tz is None else pc.coalesce(
-            *[pc.cast(p, pa.timestamp("us", tz="UTC")) for p in parsed]
+        out = (
+            pc.coalesce(*parsed)
+            if tz is None
+            else pc.coalesce(*[pc.cast(p, pa.timestamp("us", tz="UTC")) for p in parsed])
         )
     if tz is not None:
         out = pc.cast(pc.cast(out, pa.int64()), pa.timestamp("us"))  # UTC wall clock
@@ -339,9 +341,10 @@ def _finish(
         write_table(bad_rows, rejects_path)
         logger.info("wrote %d rejected rows of %s to %s", len(idx), path, rejects_path)
     if max_reject_share is not None and n and report.rows_rejected / n > max_reject_share:
+        reasons_done = report.rejected.items()
         raise RejectShareError(
             f"{path}: {report.rows_rejected / n:.1%} of {n:,} rows rejected, more than the "
-            f"limit {max_reject_share:.1%} ({', '.join(f'{k} {v:,}' for k, v in report.rejected.items())})"
+            f"limit {max_reject_share:.1%} ({', '.join(f'{k} {v:,}' for k, v in reasons_done)})"
         )
     return table, report
 

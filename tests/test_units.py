@@ -1,0 +1,143 @@
+"""Unit tests: config validation, consent rules, returns netting, metrics with known answers."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from nextbest.config import load_settings
+from nextbest.data.interactions import build_interactions, cf_matrix, repeat_stats, to_days
+from nextbest.errors import ConfigError
+from nextbest.evaluation import Relevance, ranking_metrics
+from nextbest.policy import consent_state, filter_training_events
+
+
+def events(rows: list[tuple[str, str, str, str, float]]) -> pa.Table:
+    c, p, t, e, q = zip(*rows, strict=True)
+    return pa.table(
+        {
+            "customer_id": list(c),
+            "product_id": list(p),
+            "timestamp": pa.array([dt.datetime.fromisoformat(x) for x in t], pa.timestamp("us")),
+            "event_type": list(e),
+            "quantity": list(q),
+            "value": pa.nulls(len(c), pa.float64()),
+            "channel": pa.nulls(len(c), pa.string()),
+        }
+    )
+
+
+def test_config_defaults_file_and_environment(tmp_path):
+    s = load_settings(None, environ={})
+    assert s.policy.default_consent == "deny" and s.train.cf_model == "als"
+    path = tmp_path / "c.toml"
+    path.write_text('[train]\nals_factors = 32\n[policy]\nsensitive_categories = ["A"]\n')
+    env = {"NEXTBEST_POLICY__DEFAULT_CONSENT": "allow", "NEXTBEST_TRAIN__CANDIDATES": "als,bm25"}
+    s = load_settings(path, environ=env)
+    assert s.train.als_factors == 32 and s.policy.sensitive_categories == ("A",)
+    assert s.policy.default_consent == "allow" and s.train.candidates == ("als", "bm25")
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("[train]\nals_factor = 3\n", "unknown key train.als_factor"),
+        ("[train]\nals_factors = 'many'\n", "train.als_factors has an invalid value"),
+        ("[policy]\ndefault_consent = 'maybe'\n", "policy.default_consent must be allow or deny"),
+        ("[trian]\n", "unknown section [trian]"),
+        ("[train\n", "not valid TOML"),
+        ("[train]\nals_grid = ['64:x']\n", "train.als_grid entry '64:x'"),
+    ],
+)
+def test_config_errors_name_the_key(tmp_path, text, message):
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_settings(path, environ={})
+    assert message in str(err.value)
+
+
+def test_returns_cancel_purchases():
+    table = events(
+        [
+            ("a", "x", "2024-01-01", "purchase", 2.0),
+            ("a", "x", "2024-01-03", "return", 2.0),  # fully returned: the pair disappears
+            ("a", "y", "2024-01-01", "purchase", 4.0),
+            ("a", "y", "2024-01-02", "return", 1.0),  # a quarter returned
+            ("b", "y", "2024-01-01", "purchase", 1.0),
+        ]
+    )
+    inter = build_interactions(table, {"purchase": 1.0})
+    assert inter.item_ids.tolist() == ["y"]  # x is gone everywhere
+    m = cf_matrix(inter, half_life_days=1e9, reference_day=inter.last_day)
+    assert m.toarray().ravel().tolist() == pytest.approx([0.75, 1.0])
+
+
+def test_recency_half_life_and_repeat_stats():
+    table = events(
+        [
+            ("a", "x", "2024-01-01", "purchase", 1.0),
+            ("a", "x", "2024-01-11", "purchase", 1.0),
+            ("a", "x", "2024-01-21", "purchase", 1.0),
+            ("b", "x", "2024-01-21", "purchase", 1.0),
+        ]
+    )
+    inter = build_interactions(table, {"purchase": 1.0})
+    ref = float(to_days(pa.array([dt.datetime(2024, 1, 21)], pa.timestamp("us")))[0])
+    m = cf_matrix(inter, half_life_days=10.0, reference_day=ref)
+    assert m[0, 0] == pytest.approx(1.0 + 0.5 + 0.25)
+    rs = repeat_stats(inter, half_life_days=10.0, reference_day=ref + 0.5)
+    assert rs.days_bought[0, 0] == 3 and rs.days_bought[1, 0] == 1
+    assert rs.item_interval_days[0] == pytest.approx(10.0)
+    assert rs.user_days.tolist() == [3.0, 1.0]
+
+
+def test_consent_latest_record_wins_and_default_applies():
+    policy = load_settings(None, environ={}).policy
+    consent = pa.table(
+        {
+            "customer_id": ["a", "a", "b"],
+            "purpose": ["personalization"] * 3,
+            "granted": [True, False, True],
+            "updated_at": pa.array(
+                [dt.datetime(2024, 1, 1), dt.datetime(2024, 2, 1), dt.datetime(2024, 1, 1)],
+                pa.timestamp("us"),
+            ),
+        }
+    )
+    state = consent_state(consent, policy)
+    allowed = state.allowed("personalization", pa.array(["a", "b", "c"]))
+    assert allowed.tolist() == [False, True, False]  # c: no record, default deny
+    table = events(
+        [
+            ("a", "x", "2024-01-01", "purchase", 1.0),
+            ("b", "x", "2024-01-01", "purchase", 1.0),
+            ("b", "s", "2024-01-01", "purchase", 1.0),
+            ("b", "x", "2024-01-02", "view", 1.0),
+            ("c", "x", "2024-01-01", "purchase", 1.0),
+        ]
+    )
+    kept, report = filter_training_events(table, state, sensitive_products=pa.array(["s"]))
+    assert kept["customer_id"].to_pylist() == ["b"]
+    assert kept["product_id"].to_pylist() == ["x"]
+    assert report.customers_without_personalization == 2
+    assert report.sensitive_events_dropped == 1 and report.behavioral_events_dropped == 1
+
+
+def test_ranking_metrics_known_answers():
+    # User 0: relevant {1, 3} (+1 product unknown to the model); ranking [1, 2, 3].
+    # User 1: relevant {0}; ranking [2, 0, -1].
+    rel = Relevance(users=np.array([0, 1]), keys=np.array([1, 3, 10]), n_relevant=np.array([3, 1]))
+    ids = np.array([[1, 2, 3], [2, 0, -1]])
+    m = ranking_metrics(ids, rel, n_items=10)
+    assert m["precision"] == pytest.approx((2 / 3 + 1 / 3) / 2)
+    assert m["recall"] == pytest.approx((2 / 3 + 1) / 2)
+    dcg0 = 1 + 1 / np.log2(4)
+    idcg0 = 1 + 1 / np.log2(3) + 1 / np.log2(4)
+    assert m["ndcg"] == pytest.approx((dcg0 / idcg0 + (1 / np.log2(3)) / 1.0) / 2)
+    assert m["map"] == pytest.approx(((1 + 2 / 3) / 3 + 0.5) / 2)
+    assert m["hit_rate"] == 1.0
+    assert m["coverage"] == pytest.approx(4 / 10)
