@@ -215,7 +215,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     events, catalog, meta = _load_training_inputs(args, settings)
     bundle, report, _ = train(events, catalog, settings, progress=_progress(args))
     if report.validation:
-        print(f"validation window: last {settings.train.validation_days} days of the data")
+        print(
+            f"validation window: last {settings.train.validation_days} days of the data "
+            "(the blend was fitted there: its figures are optimistic; see `nextbest evaluate`)"
+        )
         _print_table(report.validation, settings.train.k)
     manifest = {
         **meta,
