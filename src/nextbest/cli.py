@@ -234,18 +234,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _library_versions() -> dict[str, str]:
-    import implicit
-    import scipy
-    import sklearn
+    from importlib.metadata import version
 
+    libraries = ("implicit", "numpy", "scipy", "pyarrow", "scikit-learn", "threadpoolctl")
     return {
         "nextbest": __version__,
         "python": sys.version.split()[0],
-        "implicit": implicit.__version__,
-        "numpy": np.__version__,
-        "scipy": scipy.__version__,
-        "pyarrow": pa.__version__,
-        "scikit-learn": sklearn.__version__,
+        **{name: version(name) for name in libraries},
     }
 
 

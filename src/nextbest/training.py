@@ -22,7 +22,6 @@ import scipy.sparse as sp
 from implicit.cpu.als import AlternatingLeastSquares
 from implicit.cpu.bpr import BayesianPersonalizedRanking
 from implicit.nearest_neighbours import BM25Recommender, CosineRecommender
-from sklearn.linear_model import LogisticRegression
 from threadpoolctl import threadpool_limits
 
 from nextbest.bundle import FEATURES, ModelBundle
@@ -229,6 +228,8 @@ def _fit_blend(bundle: ModelBundle, val_events: pa.Table, settings: Settings) ->
     if labels.all() or not labels.any():
         logger.warning("validation labels are all of one class: default blend")
         return dict(DEFAULT_BLEND)
+    from sklearn.linear_model import LogisticRegression  # only needed when tuning (slow import)
+
     lr = LogisticRegression(C=1.0, max_iter=2000)
     lr.fit(cands.features, labels)
     blend = {f: float(w) for f, w in zip(FEATURES, lr.coef_[0], strict=True)}

@@ -362,8 +362,9 @@ def _duplicates(table_columns: dict[str, pa.Array], names: list[str]) -> np.ndar
         elif pa.types.is_boolean(arr.type):
             arr = pc.cast(arr, pa.int8())
         null = pc.is_null(arr).to_numpy(zero_copy_only=False)
-        values = pc.fill_null(arr, 0).to_numpy(zero_copy_only=False)
-        keys += [values, null]
+        keys.append(pc.fill_null(arr, 0).to_numpy(zero_copy_only=False))
+        if null.any():
+            keys.append(null)
     n = len(keys[0])
     order = np.lexsort(keys[::-1])
     same = np.ones(n - 1, dtype=bool)
