@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import hashlib
 import json
 import logging
 import sys
@@ -25,6 +24,7 @@ from nextbest.data.readers import (
 )
 from nextbest.errors import DataError, NextbestError
 from nextbest.evaluation import METRICS, PROTOCOLS
+from nextbest.store.artifacts import sha256_file
 
 __all__ = ["main", "build_parser"]
 
@@ -91,14 +91,6 @@ def _rejects_path(base: str | None, kind: str) -> Path | None:
     return path.with_name(f"{path.name[: len(path.name) - len(suffix)]}-{kind}{suffix}")
 
 
-def _fingerprint(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _load_training_inputs(args: argparse.Namespace, settings: Settings):
     """Read catalog, events, consent and erased customers; apply the consent gate."""
     from nextbest.policy import consent_state, filter_training_events, sensitive_mask
@@ -159,9 +151,9 @@ def _load_training_inputs(args: argparse.Namespace, settings: Settings):
     meta = {
         "data": {
             "events": str(args.events),
-            "events_sha256": _fingerprint(args.events),
+            "events_sha256": sha256_file(args.events),
             "catalog": str(args.catalog) if args.catalog else None,
-            "catalog_sha256": _fingerprint(args.catalog) if args.catalog else None,
+            "catalog_sha256": sha256_file(args.catalog) if args.catalog else None,
             "read": reports,
         },
         "consent": {

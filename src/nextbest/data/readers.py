@@ -285,7 +285,7 @@ class Column:
 
 def _checked_read(
     path: str | Path, columns: list[Column], aliases: dict[str, str] | None = None
-) -> tuple[dict[str, pa.Array], pa.Table, np.ndarray, dict[str, np.ndarray]]:
+) -> tuple[dict[str, pa.Array], pa.Table, dict[str, np.ndarray]]:
     """Parse each known column; return typed columns, the raw table and per-reason bad masks."""
     raw = _read_raw(path)
     for alias, name in (aliases or {}).items():
@@ -304,7 +304,7 @@ def _checked_read(
         typed[spec.name] = values
         if bad.any():
             reasons[spec.bad_reason] = reasons.get(spec.bad_reason, np.zeros(n, bool)) | bad
-    return typed, raw, np.zeros(n, dtype=bool), reasons
+    return typed, raw, reasons
 
 
 def _finish(
@@ -405,7 +405,7 @@ def read_events(
         Column("value", parse_float, "bad_value", False, pa.float64()),
         Column("channel", parse_text, "bad_channel"),
     ]
-    typed, raw, _, reasons = _checked_read(path, columns)
+    typed, raw, reasons = _checked_read(path, columns)
     n = raw.num_rows
     if "quantity" not in raw.column_names:
         typed["quantity"] = pa.array(np.ones(n))
@@ -457,7 +457,7 @@ def read_catalog(
         Column("sensitivity", parse_float, "bad_sensitivity", False, pa.float64()),
         Column("repurchase_days", parse_float, "bad_repurchase_days", False, pa.float64()),
     ]
-    typed, raw, _, reasons = _checked_read(path, columns, aliases={"name": "title"})
+    typed, raw, reasons = _checked_read(path, columns, aliases={"name": "title"})
     n = raw.num_rows
     if "available" not in raw.column_names:
         typed["available"] = pa.array(np.ones(n, dtype=bool))
@@ -502,7 +502,7 @@ def read_consent(
         Column("granted", parse_bool, "bad_granted", True, pa.bool_()),
         Column("updated_at", parse_timestamp, "bad_timestamp", True, pa.timestamp("us")),
     ]
-    typed, raw, _, reasons = _checked_read(path, columns)
+    typed, raw, reasons = _checked_read(path, columns)
     typed["purpose"] = pc.utf8_lower(typed["purpose"])
     known = pc.is_in(typed["purpose"], pa.array(list(PURPOSES))).to_numpy(zero_copy_only=False)
     reasons["unknown_purpose"] = ~known
@@ -523,7 +523,7 @@ def read_consent(
 
 def read_customer_ids(path: str | Path) -> tuple[pa.Array, ReadReport]:
     """A file with a `customer_id` column (customers to recommend for, erased customers)."""
-    typed, raw, _, reasons = _checked_read(
+    typed, raw, reasons = _checked_read(
         path, [Column("customer_id", parse_id, "missing_customer_id", required=True)]
     )
     table, report = _finish(

@@ -30,6 +30,7 @@ from nextbest.errors import ModelError
 
 __all__ = [
     "FORMAT",
+    "sha256_file",
     "publish",
     "load_bundle",
     "read_manifest",
@@ -55,7 +56,8 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -154,7 +156,7 @@ def publish(bundle: ModelBundle, models_dir: str | Path, manifest: dict) -> str:
         "features": list(FEATURES),
         "blend_intercept": bundle.blend_intercept,
         **manifest,
-        "files": {name: _sha256(tmp / name) for name in _FILES},
+        "files": {name: sha256_file(tmp / name) for name in _FILES},
     }
     with open(tmp / "manifest.json", "w") as fh:
         json.dump(full, fh, indent=2, sort_keys=True, default=_json_default)
@@ -223,7 +225,7 @@ def _verify(directory: Path, manifest: dict) -> None:
         path = directory / name
         if expected is None or not path.is_file():
             raise ModelError(f"{path}: missing from model version {directory.name}")
-        if _sha256(path) != expected:
+        if sha256_file(path) != expected:
             raise ModelError(f"{path}: checksum does not match the manifest")
 
 
