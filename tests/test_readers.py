@@ -7,6 +7,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from nextbest.data.readers import read_catalog, read_consent, read_events
 from nextbest.errors import DataError, RejectShareError
@@ -165,3 +167,31 @@ def test_consent_rules(tmp_path):
     assert table["granted"].to_pylist() == [True, False]
     with pytest.raises(DataError, match="consent.csv: missing required column 'granted'"):
         read_consent(_write(tmp_path, "customer_id,purpose,updated_at\nc,p,2024\n", "consent.csv"))
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["a", "b", None]),
+            st.integers(0, 2),
+            st.sampled_from([0.5, 1.0, None]),
+        ),
+        min_size=1,
+        max_size=40,
+    )
+)
+def test_duplicate_detection_matches_a_plain_set(rows):
+    from nextbest.data.readers import _duplicates
+
+    names, stamps, values = zip(*rows, strict=True)
+    columns = {
+        "name": pa.array(names, pa.string()),
+        "stamp": pa.array(stamps, pa.timestamp("us")),
+        "value": pa.array(values, pa.float64()),
+    }
+    seen: set = set()
+    expected = []
+    for row in rows:
+        expected.append(row in seen)
+        seen.add(row)
+    assert _duplicates(columns, list(columns)).tolist() == expected

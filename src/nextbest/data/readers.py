@@ -350,8 +350,13 @@ def _finish(
 
 
 def _duplicates(table_columns: dict[str, pa.Array], names: list[str]) -> np.ndarray:
-    """Rows equal on `names` to an earlier row: a stable lexsort of numeric keys (strings as
-    dictionary codes, nulls as -1 plus a null flag) and a comparison of neighbours."""
+    """Rows equal on `names` to an earlier row.
+
+    Each row gets a 64-bit hash of its values (strings through dictionary codes, nulls as their
+    own value); a stable sort by hash puts equal rows next to each other in file order, and
+    neighbours are then compared value by value, so a hash collision can never mark a row that
+    differs.
+    """
     keys: list[np.ndarray] = []
     for c in names:
         arr = table_columns[c]
@@ -366,8 +371,19 @@ def _duplicates(table_columns: dict[str, pa.Array], names: list[str]) -> np.ndar
         if null.any():
             keys.append(null)
     n = len(keys[0])
-    order = np.lexsort(keys[::-1])
-    same = np.ones(n - 1, dtype=bool)
+    row_hash = np.zeros(n, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for k in keys:
+            bits = np.ascontiguousarray(k).astype(np.float64 if k.dtype.kind == "f" else np.int64)
+            row_hash ^= (
+                bits.view(np.uint64)
+                + np.uint64(0x9E3779B97F4A7C15)
+                + (row_hash << np.uint64(6))
+                + (row_hash >> np.uint64(2))
+            )
+            row_hash *= np.uint64(0xBF58476D1CE4E5B9)
+    order = np.argsort(row_hash, kind="stable")
+    same = row_hash[order][1:] == row_hash[order][:-1]
     for k in keys:
         ks = k[order]
         same &= ks[1:] == ks[:-1]
