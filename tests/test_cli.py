@@ -409,7 +409,7 @@ def test_reject_share_limit_stops_training(tmp_path, catalog_file, small_config)
     path = tmp_path / "events.parquet"
     pq.write_table(bad, path)
     rejects = tmp_path / "rejects.csv"
-    proc = run(
+    train_args = [
         "train",
         "--events",
         path,
@@ -421,29 +421,13 @@ def test_reject_share_limit_stops_training(tmp_path, catalog_file, small_config)
         tmp_path / "m",
         "--default-consent",
         "allow",
-        "--rejects",
-        rejects,
-        check=False,
-    )
+    ]
+    proc = run(*train_args, "--rejects", rejects, check=False)
     assert proc.returncode == 2 and "rows rejected, more than the limit" in proc.stderr
     assert "unknown_product" in proc.stderr
     written = pacsv.read_csv(rejects)
     assert set(written["reason"].to_pylist()) == {"unknown_product"}
-    run(
-        "train",
-        "--events",
-        path,
-        "--catalog",
-        catalog_file,
-        "--config",
-        small_config,
-        "--models-dir",
-        tmp_path / "m",
-        "--default-consent",
-        "allow",
-        "--max-reject-share",
-        "0.5",
-    )
+    run(*train_args, "--max-reject-share", "0.5")
 
 
 @pytest.mark.slow

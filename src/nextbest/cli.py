@@ -133,14 +133,10 @@ def _load_training_inputs(args: argparse.Namespace, settings: Settings):
     state = consent_state(consent, settings.policy)
     sensitive = pa.array([], pa.string())
     if catalog is not None:
-        sensitive = catalog["product_id"].filter(pa.array(sensitive_mask(catalog, settings.policy)))
+        is_sensitive = pa.array(sensitive_mask(catalog, settings.policy))
+        sensitive = catalog["product_id"].combine_chunks().filter(is_sensitive)
     events, c_report = filter_training_events(
-        events,
-        state,
-        sensitive_products=sensitive.combine_chunks()
-        if isinstance(sensitive, pa.ChunkedArray)
-        else sensitive,
-        erased=erased,
+        events, state, sensitive_products=sensitive, erased=erased
     )
     logger.info("%s", c_report.summary())
     if events.num_rows == 0:
