@@ -1,0 +1,79 @@
+"""The served ranking (scoring.recommend_for) on a model trained from synthetic purchases."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from conftest import synthetic_catalog, synthetic_events, write_csv
+
+from nextbest.config import load_settings
+from nextbest.data.readers import read_catalog, read_events
+from nextbest.scoring import recommend_for
+from nextbest.training import train
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("scoring")
+    catalog, _ = read_catalog(write_csv(synthetic_catalog(), folder / "catalog.csv"))
+    pq.write_table(synthetic_events(), folder / "events.parquet")
+    events, _ = read_events(folder / "events.parquet")
+    settings = load_settings(None, environ={}).with_overrides(
+        "train", tune=False, als_factors=8, candidate_pool=20, num_threads=1
+    )
+    settings = settings.with_overrides("policy", sensitive_categories=("pharmacy",))
+    model, _, _ = train(events, catalog, settings)
+    return model
+
+
+def serve(bundle, customers, *, sensitive_ok, personal_ok=True, N=10):
+    ids = np.array(customers)
+    return recommend_for(
+        bundle,
+        ids,
+        N=N,
+        now_day=bundle.reference_day,
+        personalization_ok=np.full(len(ids), personal_ok),
+        sensitive_ok=np.full(len(ids), sensitive_ok),
+        consumable_repeat_rate=0.3,
+        due_fraction=0.5,
+        pool=20,
+    )
+
+
+def test_sensitive_products_only_with_sensitive_consent(bundle):
+    customers = [f"c{c:03d}" for c in range(80)]
+    sensitive = set(np.flatnonzero(bundle.item_sensitive).tolist())
+    assert sensitive, "the fixture must have sensitive products in the model"
+    without = serve(bundle, customers, sensitive_ok=False)
+    assert not sensitive & set(without.ids[without.ids >= 0].tolist())
+    with_consent = serve(bundle, customers, sensitive_ok=True)
+    assert sensitive & set(with_consent.ids[with_consent.ids >= 0].tolist())
+
+
+def test_non_personal_answers_are_best_sellers_without_sensitive_products(bundle):
+    recs = serve(bundle, ["c000", "nobody"], sensitive_ok=True, personal_ok=False)
+    assert not recs.personalized.any() and recs.reasons == ["no_consent", "no_consent"]
+    assert recs.ids[0].tolist() == recs.ids[1].tolist()
+    assert not bundle.item_sensitive[recs.ids[0][recs.ids[0] >= 0]].any()
+    unknown = serve(bundle, ["nobody"], sensitive_ok=True)
+    assert unknown.reasons == ["unknown_customer"]
+
+
+def test_scores_decrease_and_bought_durables_stay_out(bundle):
+    recs = serve(bundle, ["c000", "c001"], sensitive_ok=True)
+    for row, customer in enumerate(["c000", "c001"]):
+        scores = recs.scores[row][recs.ids[row] >= 0]
+        assert len(scores) == 10 and np.all(np.diff(scores) <= 0) and np.all(scores > 0)
+        u = bundle.user_index(np.array([customer]))[0]
+        bought = set(bundle.repeat.days_bought[u].indices.tolist())
+        again = bought & set(recs.ids[row].tolist())
+        rate = bundle.repeat.item_repeat_rate
+        assert all(rate[i] >= 0.3 for i in again), "only consumables may come back"
+
+
+def test_identical_requests_identical_answers(bundle):
+    a = serve(bundle, ["c010", "c011", "c012"], sensitive_ok=False)
+    b = serve(bundle, ["c010", "c011", "c012"], sensitive_ok=False)
+    assert np.array_equal(a.ids, b.ids) and np.array_equal(a.scores, b.scores)
