@@ -18,7 +18,14 @@ import pyarrow.compute as pc
 
 from nextbest.bundle import ModelBundle
 from nextbest.cf import CFModel
-from nextbest.scoring import _pair_lookup, rank_blend, top_n
+from nextbest.scoring import (
+    UNKNOWN_INTERVAL_DAYS,
+    _pair_lookup,
+    item_interval,
+    rank_blend,
+    timeliness,
+    top_n,
+)
 
 __all__ = ["PROTOCOLS", "METRICS", "Relevance", "relevance", "ranking_metrics", "evaluate_models"]
 
@@ -148,12 +155,11 @@ def _repeat_model(bundle: ModelBundle, users: np.ndarray, k: int, now_day: float
         rw, _ = _pair_lookup(rs.recency_weighted, users, pos, item)
         last, _ = _pair_lookup(rs.last_day, users, pos, item)
         rw = rw * 0.5 ** (max(now_day - bundle.reference_day, 0.0) / half_life)
-        interval = np.where(
-            np.isfinite(rs.item_interval_days[item]), rs.item_interval_days[item], 365.0
-        )
+        interval = item_interval(bundle, item)
+        interval = np.where(np.isfinite(interval), interval, UNKNOWN_INTERVAL_DAYS)
         age = np.maximum(now_day - last, 0.0)
-        timeliness = np.exp(-np.abs(np.log((age + 1.0) / (interval + 1.0))))
-        return rw * (0.5 + 0.5 * timeliness) * (0.5 + rs.item_repeat_rate[item]) + 1.0
+        closeness = np.exp(timeliness(age, interval))
+        return rw * (0.5 + 0.5 * closeness) * (0.5 + rs.item_repeat_rate[item]) + 1.0
 
     return _own_history(bundle, users, k, score)
 

@@ -21,6 +21,8 @@ __all__ = [
     "rank_blend",
     "best_sellers_for",
     "POPULAR_POOL",
+    "item_interval",
+    "timeliness",
 ]
 
 POPULAR_POOL = 50
@@ -41,6 +43,19 @@ class Candidates:
     @property
     def bought(self) -> np.ndarray:
         return self.features[:, FEATURES.index("repeat")] > 0
+
+
+def item_interval(bundle: ModelBundle, items: np.ndarray) -> np.ndarray:
+    """Repurchase interval in days per item: the catalog's `repurchase_days` when given, else the
+    median interval learned from purchases; NaN when neither exists."""
+    catalog = bundle.item_repurchase_days[items]
+    return np.where(np.isfinite(catalog), catalog, bundle.repeat.item_interval_days[items])
+
+
+def timeliness(age: np.ndarray, interval: np.ndarray) -> np.ndarray:
+    """−|log((age+1)/(interval+1))|: 0 when the last purchase is exactly one interval old, more
+    negative the earlier or later it is."""
+    return -np.abs(np.log((age + 1.0) / (interval + 1.0)))
 
 
 def _pair_lookup(matrix, users: np.ndarray, pos: np.ndarray, item: np.ndarray):
@@ -106,16 +121,12 @@ def candidate_features(
     half_life = float(bundle.manifest.get("params", {}).get("repeat_half_life_days", 90.0))
     rw = rw * np.power(0.5, elapsed / half_life)
     age = np.where(bought, np.maximum(now_day - last, 0.0), 0.0)
-    interval = np.where(
-        np.isfinite(bundle.item_repurchase_days[item]),
-        bundle.item_repurchase_days[item],
-        rs.item_interval_days[item],
-    )
+    interval = item_interval(bundle, item)
     interval = np.where(np.isfinite(interval), interval, UNKNOWN_INTERVAL_DAYS)
-    timeliness = -np.abs(np.log((age + 1.0) / (interval + 1.0)))
+    item_timeliness = timeliness(age, interval)
     repeated = days >= 2
     own_interval = np.where(repeated, (last - first) / np.maximum(days - 1.0, 1.0), 0.0)
-    own_timeliness = np.where(repeated, -np.abs(np.log((age + 1.0) / (own_interval + 1.0))), 0.0)
+    own_timeliness = np.where(repeated, timeliness(age, own_interval), 0.0)
     share = days / np.maximum(rs.user_days[users[pos]], 1.0)
 
     cf = bundle.cf.pair_scores(users[pos], item, bundle.user_items)
@@ -130,7 +141,7 @@ def candidate_features(
             np.log1p(days) * rep,
             np.log1p(rw) * rep,
             np.log1p(age) * rep,
-            timeliness * rep,
+            item_timeliness * rep,
             rs.item_repeat_rate[item] * rep,
             cfn * (1.0 - rep),
             cfn * rep,
@@ -257,11 +268,7 @@ def recommend_for(
 
         def allow(c: Candidates) -> np.ndarray:
             ok = ~blocked[c.item] & (sens_ok[c.pos] | ~bundle.item_sensitive[c.item])
-            interval = np.where(
-                np.isfinite(bundle.item_repurchase_days[c.item]),
-                bundle.item_repurchase_days[c.item],
-                rs.item_interval_days[c.item],
-            )
+            interval = item_interval(bundle, c.item)
             consumable = (rs.item_repeat_rate[c.item] >= consumable_repeat_rate) & np.isfinite(
                 interval
             )
