@@ -58,17 +58,27 @@ def timeliness(age: np.ndarray, interval: np.ndarray) -> np.ndarray:
     return -np.abs(np.log((age + 1.0) / (interval + 1.0)))
 
 
-def _pair_lookup(matrix, users: np.ndarray, pos: np.ndarray, item: np.ndarray):
-    """Values of `matrix[users[pos], item]` for a CSR matrix, 0 where absent, and found mask."""
+def _pair_index(matrix, users: np.ndarray, pos: np.ndarray, item: np.ndarray):
+    """Index into `matrix.data` of each pair (users[pos], item) of a CSR matrix with sorted
+    indices, and a found mask (index 0 where absent). Matrices that share the sparsity pattern
+    (the RepeatStats ones) share these indices too."""
     sub = matrix[users]
     n_items = matrix.shape[1]
     row_of = np.repeat(np.arange(sub.shape[0], dtype=np.int64), np.diff(sub.indptr))
     keys = row_of * n_items + sub.indices
     want = pos.astype(np.int64) * n_items + item
-    at = np.searchsorted(keys, want)
-    at_c = np.minimum(at, max(len(keys) - 1, 0))
-    found = (len(keys) > 0) & (keys[at_c] == want) if len(keys) else np.zeros(len(want), bool)
-    values = np.where(found, sub.data[at_c] if len(keys) else 0.0, 0.0)
+    if len(keys) == 0:
+        return np.zeros(len(want), dtype=np.int64), np.zeros(len(want), dtype=bool)
+    at = np.minimum(np.searchsorted(keys, want), len(keys) - 1)
+    found = keys[at] == want
+    absolute = matrix.indptr[users[pos]] + (at - sub.indptr[pos])
+    return np.where(found, absolute, 0), found
+
+
+def _pair_lookup(matrix, users: np.ndarray, pos: np.ndarray, item: np.ndarray):
+    """Values of `matrix[users[pos], item]` for a CSR matrix, 0 where absent, and found mask."""
+    index, found = _pair_index(matrix, users, pos, item)
+    values = np.where(found, matrix.data[index], 0.0) if len(matrix.data) else np.zeros(len(pos))
     return values, found
 
 
@@ -112,10 +122,12 @@ def candidate_features(
     pos = key // n_items
     item = key % n_items
 
-    days, bought = _pair_lookup(rs.days_bought, users, pos, item)
-    last, _ = _pair_lookup(rs.last_day, users, pos, item)
-    first, _ = _pair_lookup(rs.first_day, users, pos, item)
-    rw, _ = _pair_lookup(rs.recency_weighted, users, pos, item)
+    # One search serves the four repeat matrices: they share one sparsity pattern.
+    index, bought = _pair_index(rs.days_bought, users, pos, item)
+    days, last, first, rw = (
+        np.where(bought, m.data[index], 0.0) if len(m.data) else np.zeros(len(pos))
+        for m in (rs.days_bought, rs.last_day, rs.first_day, rs.recency_weighted)
+    )
     rep = bought.astype(np.float64)
     elapsed = max(now_day - bundle.reference_day, 0.0)
     half_life = float(bundle.manifest.get("params", {}).get("repeat_half_life_days", 90.0))
