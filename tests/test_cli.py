@@ -27,8 +27,8 @@ def run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return proc
 
 
-def train(tmp_path, events_file, catalog_file, small_config, *extra) -> str:
-    run(
+def train_args(tmp_path, events_file, catalog_file, small_config) -> list:
+    return [
         "train",
         "--events",
         events_file,
@@ -38,8 +38,11 @@ def train(tmp_path, events_file, catalog_file, small_config, *extra) -> str:
         small_config,
         "--models-dir",
         tmp_path / "models",
-        *extra,
-    )
+    ]
+
+
+def train(tmp_path, events_file, catalog_file, small_config, *extra) -> str:
+    run(*train_args(tmp_path, events_file, catalog_file, small_config), *extra)
     return current_version(tmp_path / "models")
 
 
@@ -62,18 +65,7 @@ def test_train_publishes_a_loadable_plain_array_model(
 
 
 def test_default_consent_deny_trains_nobody(tmp_path, events_file, catalog_file, small_config):
-    proc = run(
-        "train",
-        "--events",
-        events_file,
-        "--catalog",
-        catalog_file,
-        "--config",
-        small_config,
-        "--models-dir",
-        tmp_path / "models",
-        check=False,
-    )
+    proc = run(*train_args(tmp_path, events_file, catalog_file, small_config), check=False)
     assert proc.returncode == 2
     assert "no events left after the consent rules" in proc.stderr
     assert "Traceback" not in proc.stderr
