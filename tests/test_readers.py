@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from nextbest.data.readers import read_catalog, read_consent, read_events
+from nextbest.data.readers import (
+    CONTENT_SCHEMA,
+    read_catalog,
+    read_consent,
+    read_content,
+    read_events,
+)
 from nextbest.errors import DataError, RejectShareError
 
 HEADER = "customer_id,product_id,timestamp,event_type,quantity\n"
@@ -167,6 +175,111 @@ def test_consent_rules(tmp_path):
     assert table["granted"].to_pylist() == [True, False]
     with pytest.raises(DataError, match="consent.csv: missing required column 'granted'"):
         read_consent(_write(tmp_path, "customer_id,purpose,updated_at\nc,p,2024\n", "consent.csv"))
+
+
+CONTENT_HEADER = "content_id,title,kind,product_ids,categories,sensitivity,published_at\n"
+
+
+def test_content_rules(tmp_path):
+    path = _write(
+        tmp_path,
+        CONTENT_HEADER + "g1,Choosing tea,Guide, p1 | p2 ||p3 ,pantry|,0.5,2024-01-02\n"
+        "a1,Plain,,,,,\n"
+        "v1,Podcast,podcast,p1,,0,\n"
+        "s1,Too sensitive,video,,,1.5,\n"
+        "s2,Not a number,video,,,high,\n"
+        "t1,When,newsletter,,,,yesterday\n"
+        "g1,Same id again,guide,,,,\n"
+        ",No id,guide,,,,\n"
+        "n1,,guide,,,,\n",
+        "content.csv",
+    )
+    rejects = tmp_path / "rejects.csv"
+    table, report = read_content(path, rejects_path=rejects)
+    assert report.rejected == {
+        "unknown_kind": 1,
+        "bad_sensitivity": 2,
+        "bad_published_at": 1,
+        "duplicate_content": 1,
+        "missing_content_id": 1,
+        "missing_title": 1,
+    }
+    assert table.schema == CONTENT_SCHEMA
+    assert table.to_pylist() == [
+        {
+            "content_id": "g1",
+            "title": "Choosing tea",
+            "kind": "guide",
+            "product_ids": ["p1", "p2", "p3"],
+            "categories": ["pantry"],
+            "sensitivity": 0.5,
+            "published_at": dt.datetime(2024, 1, 2),
+        },
+        {
+            "content_id": "a1",
+            "title": "Plain",
+            "kind": "article",
+            "product_ids": [],
+            "categories": [],
+            "sensitivity": 0.0,
+            "published_at": None,
+        },
+    ]
+    written = pacsv.read_csv(rejects)
+    by_row = dict(zip(written["row"].to_pylist(), written["reason"].to_pylist(), strict=True))
+    assert by_row == {
+        3: "unknown_kind",
+        4: "bad_sensitivity",
+        5: "bad_sensitivity",
+        6: "bad_published_at",
+        7: "duplicate_content",
+        8: "missing_content_id",
+        9: "missing_title",
+    }
+    with pytest.raises(RejectShareError, match="content.csv: 77.8% of 9 rows rejected"):
+        read_content(path, max_reject_share=0.5)
+
+
+@pytest.mark.parametrize("missing", ["content_id", "title"])
+def test_content_missing_required_column_names_file_and_column(tmp_path, missing):
+    cols = [c for c in ("content_id", "title", "kind") if c != missing]
+    path = _write(tmp_path, ",".join(cols) + "\n" + ",".join("x" for _ in cols) + "\n", "c.csv")
+    with pytest.raises(DataError, match=f"c.csv: missing required column '{missing}'$"):
+        read_content(path)
+
+
+def test_content_parquet_lists_and_strings(tmp_path):
+    path = tmp_path / "content.parquet"
+    pq.write_table(
+        pa.table(
+            {
+                "content_id": ["x", "y", "z", "w"],
+                "title": ["X", "Y", "Z", "W"],
+                "kind": ["VIDEO", "guide", None, "comic"],
+                "product_ids": pa.array(
+                    [[" a", "", None, "b"], None, [], ["c"]], pa.list_(pa.string())
+                ),
+                "categories": ["c1| c2", None, "", "c3"],
+                "published_at": pa.array(
+                    [None, "2024-01-01T10:00:00+02:00", "", "2024-02-01"], pa.string()
+                ),
+            }
+        ),
+        path,
+    )
+    rejects = tmp_path / "rejects.csv"
+    table, report = read_content(path, rejects_path=rejects)
+    assert report.rejected == {"unknown_kind": 1}
+    assert table.schema == CONTENT_SCHEMA
+    assert table["kind"].to_pylist() == ["video", "guide", "article"]
+    assert table["product_ids"].to_pylist() == [["a", "b"], [], []]
+    assert table["categories"].to_pylist() == [["c1", "c2"], [], []]
+    assert table["published_at"].to_pylist() == [None, dt.datetime(2024, 1, 1, 8), None]
+    # A rejected row with a list column still goes to a CSV rejects file ("|"-joined).
+    written = pacsv.read_csv(rejects)
+    assert written["product_ids"].to_pylist() == ["c"] and written["reason"][0].as_py() == (
+        "unknown_kind"
+    )
 
 
 @given(

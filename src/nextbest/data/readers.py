@@ -29,9 +29,12 @@ __all__ = [
     "EVENT_SCHEMA",
     "CATALOG_SCHEMA",
     "CONSENT_SCHEMA",
+    "CONTENT_SCHEMA",
+    "CONTENT_KINDS",
     "PURPOSES",
     "read_events",
     "read_catalog",
+    "read_content",
     "read_consent",
     "read_customer_ids",
     "write_table",
@@ -40,6 +43,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 PURPOSES = ("personalization", "behavioral", "sensitive")
+CONTENT_KINDS = ("guide", "article", "video", "newsletter")
 RETURN = "return"
 PURCHASE = "purchase"
 
@@ -65,6 +69,17 @@ CATALOG_SCHEMA = pa.schema(
         ("available", pa.bool_()),
         ("sensitivity", pa.float64()),
         ("repurchase_days", pa.float64()),
+    ]
+)
+CONTENT_SCHEMA = pa.schema(
+    [
+        ("content_id", pa.string()),
+        ("title", pa.string()),
+        ("kind", pa.string()),
+        ("product_ids", pa.list_(pa.string())),
+        ("categories", pa.list_(pa.string())),
+        ("sensitivity", pa.float64()),
+        ("published_at", pa.timestamp("us")),
     ]
 )
 CONSENT_SCHEMA = pa.schema(
@@ -269,6 +284,44 @@ def parse_bool(col: pa.ChunkedArray, *, default: bool | None = None) -> Parsed:
         values = pc.fill_null(values, default)
         empty = np.zeros(len(values), dtype=bool)
     return values, bad
+
+
+def _string_lists(lists: pa.Array) -> pa.Array:
+    """list<string> with every value trimmed, empty and null values dropped, null lists empty."""
+    n = len(lists)
+    flat = pc.list_flatten(lists)
+    parent = pc.list_parent_indices(lists).to_numpy(zero_copy_only=False)
+    values = _as_string(pa.chunked_array([flat], flat.type))
+    keep = pc.fill_null(pc.not_equal(values, ""), False)
+    values = values.filter(keep)
+    counts = np.bincount(parent[keep.to_numpy(zero_copy_only=False)], minlength=n)
+    offsets = np.zeros(n + 1, dtype=np.int32)
+    np.cumsum(counts, out=offsets[1:])
+    return pa.ListArray.from_arrays(pa.array(offsets), values)
+
+
+def parse_list(col: pa.ChunkedArray, *, sep: str = "|") -> Parsed:
+    """Lists of strings: a list column, or one string with values separated by `sep`.
+
+    Values are trimmed, empty values dropped; an empty or null cell is an empty list. Never bad.
+    """
+    arr = col.combine_chunks()
+    t = arr.type
+    if not (pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)):
+        arr = pc.split_pattern(_as_string(col), sep)
+    out = _string_lists(arr)
+    return out, np.zeros(len(out), dtype=bool)
+
+
+def parse_optional_timestamp(col: pa.ChunkedArray) -> Parsed:
+    """Like `parse_timestamp`, but an empty or null value is null, not bad."""
+    arr = col.combine_chunks()
+    if pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type):
+        arr = _as_string(col)
+        arr = pc.if_else(pc.equal(arr, ""), pa.scalar(None, pa.string()), arr)
+    empty = _null_mask(arr)
+    values, bad = parse_timestamp(pa.chunked_array([arr], arr.type))
+    return values, bad & ~empty
 
 
 # --- the generic checked read --------------------------------------------------------------------
@@ -502,6 +555,71 @@ def read_catalog(
     )
 
 
+def read_content(
+    path: str | Path,
+    *,
+    rejects_path: str | Path | None = None,
+    max_reject_share: float | None = None,
+) -> tuple[pa.Table, ReadReport]:
+    """Read a content file (SPEC §2) into CONTENT_SCHEMA.
+
+    `content_id` and `title` are required. `kind` is lower-cased, empty means article, and must be
+    one of CONTENT_KINDS. `product_ids` and `categories` are lists: in CSV one string with values
+    separated by "|" (trimmed, empty values dropped), in Parquet a list column or such a string;
+    missing or empty means an empty list. `sensitivity` is in [0, 1] (empty means 0); an empty
+    `published_at` is null.
+
+    Reject reasons: missing_content_id, missing_title, bad_sensitivity, bad_published_at,
+    unknown_kind and duplicate_content (a content id seen on an earlier row). Linked products are
+    not checked against a catalog here.
+    """
+    columns = [
+        Column("content_id", parse_id, "missing_content_id", required=True),
+        Column("title", parse_id, "missing_title", required=True),
+        Column("kind", parse_text, "unknown_kind"),
+        Column("product_ids", parse_list, "bad_product_ids", False, pa.list_(pa.string())),
+        Column("categories", parse_list, "bad_categories", False, pa.list_(pa.string())),
+        Column(
+            "sensitivity",
+            lambda c: parse_float(c, default=0.0),
+            "bad_sensitivity",
+            False,
+            pa.float64(),
+        ),
+        Column(
+            "published_at", parse_optional_timestamp, "bad_published_at", False, pa.timestamp("us")
+        ),
+    ]
+    typed, raw, reasons = _checked_read(path, columns)
+    n = raw.num_rows
+    for name in ("product_ids", "categories"):
+        if name not in raw.column_names:
+            typed[name] = _string_lists(pa.nulls(n, pa.list_(pa.string())))
+    if "sensitivity" not in raw.column_names:
+        typed["sensitivity"] = pa.array(np.zeros(n))
+    sens = typed["sensitivity"].to_numpy(zero_copy_only=False)
+    reasons["bad_sensitivity"] = reasons.get("bad_sensitivity", np.zeros(n, bool)) | (
+        (sens < 0) | (sens > 1)
+    )
+    kind = pc.utf8_lower(pc.fill_null(typed["kind"], "article"))
+    typed["kind"] = kind
+    reasons["unknown_kind"] = ~pc.is_in(kind, pa.array(CONTENT_KINDS)).to_numpy(
+        zero_copy_only=False
+    )
+    reasons["duplicate_content"] = _duplicates(typed, ["content_id"]) & ~_null_mask(
+        typed["content_id"]
+    )
+    return _finish(
+        path,
+        CONTENT_SCHEMA,
+        typed,
+        raw,
+        reasons,
+        rejects_path=rejects_path,
+        max_reject_share=max_reject_share,
+    )
+
+
 def read_consent(
     path: str | Path,
     *,
@@ -561,6 +679,15 @@ def write_table(table: pa.Table, path: str | Path) -> None:
     if path.name.lower().endswith((".parquet", ".pq")):
         pq.write_table(table, path)
     elif path.name.lower().endswith(".csv"):
-        pacsv.write_csv(table, path)
+        pacsv.write_csv(_lists_joined(table), path)
     else:
         raise DataError(f"{path}: unsupported output type (expected .csv or .parquet)")
+
+
+def _lists_joined(table: pa.Table, sep: str = "|") -> pa.Table:
+    """List columns as one string per cell, values separated by `sep` (CSV has no lists)."""
+    for i, f in enumerate(table.schema):
+        if pa.types.is_list(f.type) or pa.types.is_large_list(f.type):
+            values = pc.cast(table.column(i), pa.list_(pa.string()))
+            table = table.set_column(i, f.name, pc.binary_join(values, sep))
+    return table
