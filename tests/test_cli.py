@@ -10,11 +10,13 @@ import sys
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 from conftest import SHARED_DATA, synthetic_events, write_csv
 
+from nextbest.data.readers import read_content
 from nextbest.store.artifacts import current_version, list_versions, load_bundle
 
 NEXTBEST = [sys.executable, "-m", "nextbest.cli"]
@@ -435,3 +437,21 @@ def test_prepare_online_retail_real_data(tmp_path):
     assert set(events["event_type"].to_pylist()) == {"purchase", "return"}
     assert (np.asarray(events["quantity"]) > 0).all()
     assert catalog.num_rows == len(set(events["product_id"].to_pylist()))
+    # Generated content: one guide per catalog category, linking up to 5 of its products.
+    assert "generated guides in the content" in proc.stdout
+    content, report = read_content(tmp_path / "content.parquet")
+    assert report.rows_rejected == 0
+    categories = set(catalog["category"].drop_null().to_pylist())
+    assert content.num_rows == len(categories) > 100
+    assert f"{content.num_rows:,} generated guides" in proc.stdout
+    category_of = dict(
+        zip(catalog["product_id"].to_pylist(), catalog["category"].to_pylist(), strict=True)
+    )
+    for row in content.to_pylist():
+        assert row["kind"] == "guide" and "(generated guide)" in row["title"]
+        assert row["content_id"].startswith("guide-") and len(row["categories"]) == 1
+        assert 1 <= len(row["product_ids"]) <= 5
+        assert {category_of[p] for p in row["product_ids"]} == set(row["categories"])
+    assert sorted(c for row in content["categories"].to_pylist() for c in row) == sorted(categories)
+    mugs = content.filter(pc.equal(content["content_id"], "guide-mug")).to_pylist()
+    assert mugs and mugs[0]["title"] == "How to choose and use MUG (generated guide)"

@@ -141,3 +141,46 @@ def test_ranking_metrics_known_answers():
     assert m["map"] == pytest.approx(((1 + 2 / 3) / 3 + 0.5) / 2)
     assert m["hit_rate"] == 1.0
     assert m["coverage"] == pytest.approx(4 / 10)
+
+
+def test_generated_guides_link_each_categorys_best_sellers():
+    from nextbest.data.adapters import GUIDE_PRODUCTS, generated_guides
+    from nextbest.data.readers import CONTENT_SCHEMA
+
+    # Category "Cups & Mugs": p0..p6 bought by 7..1 distinct customers, p7 never (only returned);
+    # c9 buys p6 three times (still one buyer) and returns p0 (returns do not count).
+    rows = [
+        (f"c{c}", f"p{p}", "2024-01-01", "purchase", 1.0) for p in range(7) for c in range(7 - p)
+    ]
+    rows += [("c9", "p6", "2024-01-02", "purchase", 1.0)] * 3
+    rows += [("c9", "p0", "2024-01-03", "return", 1.0), ("c9", "p7", "2024-01-03", "return", 1.0)]
+    rows += [("c1", "q1", "2024-01-01", "purchase", 1.0)]
+    catalog = pa.table(
+        {
+            "product_id": [f"p{p}" for p in range(8)] + ["q1", "q2", "r1"],
+            "category": ["Cups & Mugs"] * 8 + ["TEA", "TEA", None],
+            "sensitivity": [0.0] * 8 + [0.0, 0.8, 1.0],
+        }
+    )
+    content = generated_guides(events(rows), catalog)
+    assert content.schema == CONTENT_SCHEMA
+    assert content.to_pylist() == [
+        {
+            "content_id": "guide-cups-mugs",
+            "title": "How to choose and use Cups & Mugs (generated guide)",
+            "kind": "guide",
+            "product_ids": [f"p{p}" for p in range(GUIDE_PRODUCTS)],
+            "categories": ["Cups & Mugs"],
+            "sensitivity": 0.0,
+            "published_at": None,
+        },
+        {
+            "content_id": "guide-tea",
+            "title": "How to choose and use TEA (generated guide)",
+            "kind": "guide",
+            "product_ids": ["q1", "q2"],
+            "categories": ["TEA"],
+            "sensitivity": 0.8,
+            "published_at": None,
+        },
+    ]

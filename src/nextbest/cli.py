@@ -191,7 +191,11 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
     report = prepare(args.dataset, args.source, args.out)
     print(report.summary())
-    print(f"wrote {Path(args.out) / 'events.parquet'} and {Path(args.out) / 'catalog.parquet'}")
+    out = Path(args.out)
+    print(
+        f"wrote {out / 'events.parquet'}, {out / 'catalog.parquet'} and {out / 'content.parquet'} "
+        "(the content is generated: one guide per category, not from the data set)"
+    )
     return 0
 
 

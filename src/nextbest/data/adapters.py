@@ -1,8 +1,13 @@
-"""Adapters from the real public data sets in ../shared/data to SPEC §2 events and catalog files.
+"""Adapters from the real public data sets in ../shared/data to SPEC §2 events, catalog and content.
 
-Each adapter reads with pyarrow (vectorised, no per-row Python), writes `events.parquet` and
-`catalog.parquet` into the output directory, and returns a `PrepareReport` of rows read, kept and
-rejected by reason.
+Each adapter reads with pyarrow (vectorised, no per-row Python), writes `events.parquet`,
+`catalog.parquet` and `content.parquet` into the output directory, and returns a `PrepareReport`
+of rows read, kept and rejected by reason.
+
+The content is generated, not taken from the data sets (neither has any): one guide per catalog
+category, kind `guide`, id `guide-<slug of the category>`, titled "How to choose and use
+<category> (generated guide)", linking the category's 5 best-selling products (by distinct buyers
+in the prepared events). It gives the content API real ids to work with; it is not editorial.
 """
 
 from __future__ import annotations
@@ -16,10 +21,10 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from nextbest.data.readers import CATALOG_SCHEMA, EVENT_SCHEMA
+from nextbest.data.readers import CATALOG_SCHEMA, CONTENT_SCHEMA, EVENT_SCHEMA
 from nextbest.errors import DataError
 
-__all__ = ["PrepareReport", "DATASETS", "prepare"]
+__all__ = ["PrepareReport", "DATASETS", "generated_guides", "prepare"]
 
 
 @dataclass
@@ -33,13 +38,16 @@ class PrepareReport:
     products: int = 0
     customers: int = 0
     returns: int = 0
+    content: int = 0
+    """Rows of the generated content (one guide per category)."""
 
     def summary(self) -> str:
         reasons = ", ".join(f"{k} {v:,}" for k, v in self.rejected.items()) or "none"
         return (
             f"{self.dataset}: read {self.rows_read:,} rows, kept {self.rows_kept:,} "
             f"({self.returns:,} returns), rejected {sum(self.rejected.values()):,} ({reasons}); "
-            f"{self.customers:,} customers, {self.products:,} products in the catalog"
+            f"{self.customers:,} customers, {self.products:,} products in the catalog, "
+            f"{self.content:,} generated guides in the content"
         )
 
 
@@ -64,10 +72,80 @@ def _source_file(source: Path, name: str) -> Path:
     return path
 
 
-def _write(out: Path, events: pa.Table, catalog: pa.Table) -> None:
+def _write(out: Path, events: pa.Table, catalog: pa.Table, content: pa.Table) -> None:
     out.mkdir(parents=True, exist_ok=True)
     pq.write_table(events.cast(EVENT_SCHEMA), out / "events.parquet")
     pq.write_table(catalog.cast(CATALOG_SCHEMA), out / "catalog.parquet")
+    pq.write_table(content.cast(CONTENT_SCHEMA), out / "content.parquet")
+
+
+GUIDE_PRODUCTS = 5
+
+
+def _occurrence(values: np.ndarray) -> np.ndarray:
+    """0 where a value occurs for the first time in the array, 1 the second time, and so on."""
+    n = len(values)
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    order = np.argsort(values, kind="stable")
+    ordered = values[order]
+    first = np.r_[True, ordered[1:] != ordered[:-1]]
+    run_start = np.maximum.accumulate(np.where(first, np.arange(n), 0))
+    out = np.empty(n, dtype=np.int64)
+    out[order] = np.arange(n) - run_start
+    return out
+
+
+def generated_guides(events: pa.Table, catalog: pa.Table) -> pa.Table:
+    """One generated guide per catalog category (CONTENT_SCHEMA), linking its best sellers.
+
+    A category's products are ranked by distinct buyers in the purchases of `events` (ties by
+    product id) and the first GUIDE_PRODUCTS are linked. Ids are `guide-<slug>`; should two
+    categories share a slug, the later ones get `-2`, `-3` … Sensitivity is the category's highest
+    catalog sensitivity; published_at is null.
+    """
+    purchases = events.filter(pc.equal(events["event_type"], "purchase"))
+    buyers = purchases.group_by("product_id").aggregate([("customer_id", "count_distinct")])
+    items = (
+        catalog.select(["product_id", "category", "sensitivity"])
+        .filter(pc.is_valid(catalog["category"]))
+        .join(buyers, "product_id", join_type="left outer")
+    )
+    items = items.append_column(
+        "buyers", pc.fill_null(items["customer_id_count_distinct"], 0)
+    ).sort_by([("category", "ascending"), ("buyers", "descending"), ("product_id", "ascending")])
+    rank = _occurrence(items["category"].to_numpy().astype(str))  # categories are contiguous now
+    group = np.cumsum(rank == 0) - 1
+    m = int(group[-1]) + 1 if len(group) else 0
+    top = rank < GUIDE_PRODUCTS
+    offsets = np.zeros(m + 1, dtype=np.int32)
+    np.cumsum(np.bincount(group[top], minlength=m), out=offsets[1:])
+    names = items["category"].combine_chunks().filter(pa.array(rank == 0))
+    sensitivity = pc.fill_null(items["sensitivity"], 0.0).to_numpy()
+    highest = np.zeros(m)
+    np.maximum.at(highest, group, sensitivity)
+    slug = pc.utf8_trim(pc.replace_substring_regex(pc.utf8_lower(names), r"[^a-z0-9]+", "-"), "-")
+    slug = pc.if_else(pc.equal(slug, ""), "category", slug)
+    repeat = _occurrence(slug.to_numpy(zero_copy_only=False).astype(str))
+    suffix = np.where(repeat > 0, np.char.add("-", (repeat + 1).astype(str)), "")
+    return pa.table(
+        {
+            "content_id": pc.binary_join_element_wise("guide-", slug, pa.array(suffix), ""),
+            "title": pc.binary_join_element_wise(
+                "How to choose and use ", names, " (generated guide)", ""
+            ),
+            "kind": pa.array(np.full(m, "guide")),
+            "product_ids": pa.ListArray.from_arrays(
+                pa.array(offsets), items["product_id"].combine_chunks().filter(pa.array(top))
+            ),
+            "categories": pa.ListArray.from_arrays(
+                pa.array(np.arange(m + 1, dtype=np.int32)), names
+            ),
+            "sensitivity": pa.array(highest),
+            "published_at": pa.nulls(m, pa.timestamp("us")),
+        },
+        schema=CONTENT_SCHEMA,
+    )
 
 
 def _mode_per_key(keys: pa.Array, values: pa.Array) -> pa.Table:
@@ -166,9 +244,11 @@ def prepare_online_retail(source: Path, out: Path) -> PrepareReport:
             "repurchase_days": pa.nulls(catalog.num_rows, pa.float64()),
         }
     )
-    _write(out, events, catalog)
+    content = generated_guides(events, catalog)
+    _write(out, events, catalog, content)
     report.rows_kept = events.num_rows
     report.returns = int(ret_k.sum())
+    report.content = content.num_rows
     report.products = catalog.num_rows
     report.customers = pc.count_distinct(events["customer_id"]).as_py()
     return report
@@ -256,9 +336,11 @@ def prepare_complete_journey(source: Path, out: Path) -> PrepareReport:
             "repurchase_days": pa.nulls(m, pa.float64()),
         }
     )
-    _write(out, events, catalog)
+    content = generated_guides(events, catalog)
+    _write(out, events, catalog, content)
     report.rows_kept = events.num_rows
     report.products = m
+    report.content = content.num_rows
     report.customers = pc.count_distinct(events["customer_id"]).as_py()
     return report
 
