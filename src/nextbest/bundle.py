@@ -14,6 +14,7 @@ import scipy.sparse as sp
 
 from nextbest.cf import CFModel
 from nextbest.data.interactions import RepeatStats
+from nextbest.data.readers import CONTENT_SCHEMA
 
 __all__ = ["FEATURES", "ModelBundle", "lookup"]
 
@@ -67,6 +68,8 @@ class ModelBundle:
     recent_best_sellers: np.ndarray
     """Item indices by distinct buyers in the last 30 days, most first."""
     catalog: pa.Table
+    content: pa.Table = field(default_factory=CONTENT_SCHEMA.empty_table)
+    """Content snapshot (CONTENT_SCHEMA): what ScoreContent knows by id."""
     manifest: dict = field(default_factory=dict)
 
     @property

@@ -7,7 +7,7 @@ pairs) and `arrays()` / `from_arrays()` for saving without pickle. Fitting lives
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import scipy.sparse as sp
@@ -30,6 +30,7 @@ class CFModel:
     kind: str
     model: object
     """The implicit recommender (factors or item similarity set)."""
+    _unit: np.ndarray | None = field(default=None, init=False, repr=False)
 
     @property
     def n_items(self) -> int:
@@ -75,7 +76,11 @@ class CFModel:
         if self.kind in FACTOR_KINDS:
             uf = np.asarray(self.model.user_factors)
             itf = np.asarray(self.model.item_factors)
-            return np.einsum("ij,ij->i", uf[users], itf[items]).astype(np.float64)
+            out = np.empty(len(users))
+            for lo in range(0, len(users), 32768):  # chunks keep the gathered rows in cache
+                hi = lo + 32768
+                out[lo:hi] = np.einsum("ij,ij->i", uf[users[lo:hi]], itf[items[lo:hi]])
+            return out
         # item-item: score(u, i) = Σ_j user_items[u, j] · similarity[j, i], per user chunk.
         sim = self.model.similarity.tocsc()
         out = np.zeros(len(users))
@@ -90,6 +95,28 @@ class CFModel:
             rowpos = np.searchsorted(chunk, su[lo:hi])
             out[order[lo:hi]] = np.asarray(prod[rowpos, si[lo:hi]]).ravel()
         return out
+
+    def _unit_factors(self) -> np.ndarray:
+        """Item factors scaled to unit length (zero rows stay zero), computed once."""
+        if self._unit is None:
+            itf = np.asarray(self.model.item_factors, dtype=np.float32)
+            norm = np.linalg.norm(itf, axis=1, keepdims=True)
+            self._unit = itf / np.where(norm > 0, norm, 1.0)
+        return self._unit
+
+    def item_similarity(self, items: np.ndarray, others: np.ndarray | None = None) -> np.ndarray:
+        """Similarity of each of `items` (rows) to each of `others` (columns; default every item):
+        cosine of the item factors for als/bpr, the item-item model's similarity for cosine/bm25
+        (implicit's `similar_items` uses the same measures)."""
+        items = np.asarray(items, dtype=np.int64)
+        if self.kind in FACTOR_KINDS:
+            unit = self._unit_factors()
+            right = unit if others is None else unit[np.asarray(others, dtype=np.int64)]
+            return (unit[items] @ right.T).astype(np.float64)
+        rows = self.model.similarity[items]
+        if others is not None:
+            rows = rows[:, np.asarray(others, dtype=np.int64)]
+        return rows.toarray().astype(np.float64)
 
     def arrays(self) -> dict[str, np.ndarray]:
         """Plain arrays that `from_arrays` turns back into the same model."""

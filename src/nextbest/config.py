@@ -113,6 +113,22 @@ class ServeSettings:
     again."""
     due_fraction: float = 0.5
     """A consumable comes back when this share of its repurchase interval has passed."""
+    clock: str = "model"
+    """What "now" is when judging repurchase timing and recency: `model` (the newest training
+    event of the served model; right for historic data and daily retraining) or `wall` (the
+    server's clock)."""
+    consent_file: str = ""
+    """A consent export (customer_id, purpose, granted, updated_at) read at start; customers
+    without records follow policy.default_consent. Empty: the default applies to everyone."""
+    max_workers: int = 16
+    """Threads answering calls (and the most calls handled at once)."""
+    reload_interval_s: float = 2.0
+    """How often `models_dir/CURRENT` is checked for a newly published model (0 = never; the
+    Admin.ReloadModel call still works)."""
+    grace_s: float = 10.0
+    """On SIGTERM: how long calls in flight may take to finish before the server stops."""
+    content_half_life_days: float = 30.0
+    """ScoreContent: relevance of content about a bought product halves with this purchase age."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -214,6 +230,11 @@ def _validate(section: str, s: object) -> None:
         need(0 <= s.port <= 65535, "port", "must be within [0, 65535]")
         need(0.0 <= s.consumable_repeat_rate <= 1.0, "consumable_repeat_rate", "must be in [0, 1]")
         need(s.due_fraction >= 0.0, "due_fraction", "must be >= 0")
+        need(s.clock in ("model", "wall"), "clock", "must be model or wall")
+        need(s.max_workers >= 1, "max_workers", "must be >= 1")
+        need(s.reload_interval_s >= 0, "reload_interval_s", "must be >= 0")
+        need(s.grace_s >= 0, "grace_s", "must be >= 0")
+        need(s.content_half_life_days > 0, "content_half_life_days", "must be > 0")
 
 
 def parse_als_spec(spec: str) -> tuple[int, float, float]:

@@ -5,7 +5,8 @@ NextbestError
 ├── DataError            an input file cannot be used at all (missing column, empty, unreadable)
 │   └── RejectShareError the share of rejected rows passed --max-reject-share
 ├── ModelError           a model directory is missing, incomplete or inconsistent
-└── InvalidRequest       a request names a bad value (field named in the message)
+├── InvalidRequest       a request names a bad value (field named in the message)
+└── NotFound             a request names something the model does not know (named in the message)
 """
 
 __all__ = [
@@ -15,6 +16,7 @@ __all__ = [
     "RejectShareError",
     "ModelError",
     "InvalidRequest",
+    "NotFound",
 ]
 
 
@@ -40,3 +42,7 @@ class ModelError(NextbestError):
 
 class InvalidRequest(NextbestError):
     """A request is malformed; the message names the field."""
+
+
+class NotFound(NextbestError):
+    """A request names a product or content the served model does not know."""

@@ -23,6 +23,9 @@ __all__ = [
     "POPULAR_POOL",
     "item_interval",
     "timeliness",
+    "is_due",
+    "Recommendations",
+    "recommend_for",
 ]
 
 POPULAR_POOL = 50
@@ -118,7 +121,8 @@ def candidate_features(
             pop_pos.astype(np.int64) * n_items + pop_item,
         ]
     )
-    key = np.unique(key)
+    key.sort()  # unique by sorting: much faster than np.unique's hashing for these sizes
+    key = key[np.r_[True, key[1:] != key[:-1]]] if len(key) else key
     pos = key // n_items
     item = key % n_items
 
@@ -230,11 +234,33 @@ class Recommendations:
     ids: np.ndarray
     """(n, N) item indices, -1 padded."""
     scores: np.ndarray
-    """(n, N) scores in (0, 1], decreasing along each row; -inf padded."""
+    """(n, N) scores in (0, 1], never increasing along a row; -inf padded."""
     personalized: np.ndarray
     """(n,) bool."""
     reasons: list[str]
     """Per customer: '' when personalized, else why not (no_consent, unknown_customer)."""
+    popular: np.ndarray
+    """(n, N) bool: the item is a best seller (a non-personal answer or a fill-in)."""
+    users: np.ndarray
+    """(n,) the model's user index of each customer, -1 when unknown."""
+
+
+def is_due(
+    bundle: ModelBundle,
+    items: np.ndarray,
+    age: np.ndarray,
+    *,
+    consumable_repeat_rate: float,
+    due_fraction: float,
+) -> np.ndarray:
+    """Bought products that may be offered again: consumables (repeat rate >=
+    `consumable_repeat_rate`, with a known interval) whose last purchase, `age` days ago, is at
+    least `due_fraction` of their repurchase interval old."""
+    interval = item_interval(bundle, items)
+    consumable = (bundle.repeat.item_repeat_rate[items] >= consumable_repeat_rate) & np.isfinite(
+        interval
+    )
+    return consumable & (age >= due_fraction * np.nan_to_num(interval, nan=np.inf))
 
 
 def recommend_for(
@@ -248,16 +274,22 @@ def recommend_for(
     consumable_repeat_rate: float,
     due_fraction: float,
     pool: int,
+    item_masks: list[np.ndarray | None] | None = None,
+    include_purchased: np.ndarray | None = None,
 ) -> Recommendations:
-    """The served ranking (email channel rules) for a batch of customers.
+    """The served ranking for a batch of customers (every channel gets the same).
 
     Customers without personalization consent or unknown to the model get best sellers. For the
     others: the blend over candidates, without unavailable products, without sensitive products
     unless `sensitive_ok`, without products already bought unless they are consumables (repeat
     rate >= `consumable_repeat_rate`) whose repurchase time has come (`due_fraction` of the
-    interval), filled up with best sellers.
+    interval) or `include_purchased` is set for the customer, filled up with best sellers.
+    `item_masks[r]`, when given, is a bool mask over items: only those may be returned to
+    customer r (category filters, excluded products).
     """
     n = len(customer_ids)
+    masks = item_masks if item_masks is not None else [None] * n
+    with_purchased = np.zeros(n, bool) if include_purchased is None else include_purchased
     users = bundle.user_index(customer_ids)
     personal = (users >= 0) & personalization_ok
     reasons = [
@@ -266,31 +298,44 @@ def recommend_for(
     ]
     ids = np.full((n, N), -1, dtype=np.int64)
     scores = np.full((n, N), -np.inf)
+    popular = np.zeros((n, N), dtype=bool)
     blocked = ~bundle.item_available
-    if (~personal).any():
-        # Non-personal answers never show sensitive products: nothing says the customer wants them.
-        b_ids, b_scores = best_sellers_for(
-            bundle, int((~personal).sum()), N, blocked | bundle.item_sensitive
-        )
-        ids[~personal], scores[~personal] = b_ids, b_scores
+    # Non-personal answers never show sensitive products: nothing says the customer wants them.
+    non_personal_block = blocked | bundle.item_sensitive
+    plain = [r for r in np.flatnonzero(~personal) if masks[r] is None]
+    if plain:
+        ids[plain], scores[plain] = best_sellers_for(bundle, len(plain), N, non_personal_block)
+    for r in np.flatnonzero(~personal):
+        if masks[r] is not None:
+            ids[r : r + 1], scores[r : r + 1] = best_sellers_for(
+                bundle, 1, N, non_personal_block | ~masks[r]
+            )
+    popular[~personal] = True
     rows = np.flatnonzero(personal)
     if len(rows):
         sens_ok = sensitive_ok[rows]
-        rs = bundle.repeat
+        keep_bought = with_purchased[rows]
+        row_masks = [(j, masks[r]) for j, r in enumerate(rows) if masks[r] is not None]
 
         def allow(c: Candidates) -> np.ndarray:
             ok = ~blocked[c.item] & (sens_ok[c.pos] | ~bundle.item_sensitive[c.item])
-            interval = item_interval(bundle, c.item)
-            consumable = (rs.item_repeat_rate[c.item] >= consumable_repeat_rate) & np.isfinite(
-                interval
-            )
+            for j, mask in row_masks:
+                mine = c.pos == j
+                ok[mine] &= mask[c.item[mine]]
             age = np.exp(c.features[:, FEATURES.index("log_age")]) - 1.0
-            due = consumable & (age >= due_fraction * np.nan_to_num(interval, nan=np.inf))
-            return ok & (~c.bought | due)
+            due = is_due(
+                bundle,
+                c.item,
+                age,
+                consumable_repeat_rate=consumable_repeat_rate,
+                due_fraction=due_fraction,
+            )
+            return ok & (~c.bought | due | keep_bought[c.pos])
 
         p_ids, p_scores = rank_blend(
             bundle, users[rows], N=N, now_day=now_day, pool=pool, allow=allow
         )
+        p_popular = np.zeros_like(p_ids, dtype=bool)
         # Fill short lists with best sellers the customer may see and has not been given.
         short = np.flatnonzero((p_ids < 0).any(axis=1))
         for r in short:
@@ -298,15 +343,27 @@ def recommend_for(
             exclude = blocked.copy()
             if not sens_ok[r]:
                 exclude |= bundle.item_sensitive
+            if masks[rows[r]] is not None:
+                exclude |= ~masks[rows[r]]
             exclude[have] = True
-            bought = rs.days_bought[users[rows[r]]].indices
+            bought = bundle.repeat.days_bought[users[rows[r]]].indices
             exclude[bought] = True
             f_ids, _ = best_sellers_for(bundle, 1, N - len(have), exclude)
             f_ids = f_ids[0][f_ids[0] >= 0]
             low = p_scores[r][p_ids[r] >= 0].min() if len(have) else 1.0
-            p_ids[r, len(have) : len(have) + len(f_ids)] = f_ids
-            p_scores[r, len(have) : len(have) + len(f_ids)] = low * (
+            fill = slice(len(have), len(have) + len(f_ids))
+            p_ids[r, fill] = f_ids
+            p_scores[r, fill] = low * (
                 1.0 - (np.arange(1, len(f_ids) + 1) / (len(f_ids) + 1)) * 1e-3
             )
-        ids[rows], scores[rows] = p_ids, p_scores
-    return Recommendations(ids=ids, scores=scores, personalized=personal, reasons=reasons)
+            p_popular[r, fill] = True
+        ids[rows], scores[rows], popular[rows] = p_ids, p_scores, p_popular
+    popular &= ids >= 0
+    return Recommendations(
+        ids=ids,
+        scores=scores,
+        personalized=personal,
+        reasons=reasons,
+        popular=popular,
+        users=users,
+    )

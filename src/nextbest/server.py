@@ -1,0 +1,532 @@
+"""The gRPC server: the only module that imports grpc (SPEC §4, §6).
+
+    running = create_server(settings)              # port 0 in settings → a free port
+    running.server.start(); ...; running.stop()
+    serve(settings)                                # `nextbest serve`: until SIGTERM / SIGINT
+
+Requests are validated here (INVALID_ARGUMENT naming the field), answered by `service.py` and
+turned back into protobuf. The served model sits in a `ModelHolder`: a watcher thread loads each
+newly published `CURRENT` beside the old one and swaps the reference under a lock, so a call in
+flight finishes on the model it started with and no call is refused. A version that fails to load
+is refused (logged) and the old one keeps serving. Health is NOT_SERVING until a model is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import queue
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from nextbest.config import Settings
+from nextbest.data.readers import read_consent
+from nextbest.errors import InvalidRequest, ModelError, NotFound
+from nextbest.policy import ConsentState, consent_state
+from nextbest.service import (
+    DEFAULT_LIMIT,
+    MAX_LIMIT,
+    ContentQuery,
+    Item,
+    ProductAnswer,
+    ProductQuery,
+    Reason,
+    ServedModel,
+)
+from nextbest.store.artifacts import current_version, load_bundle
+from nextbest.v1 import admin_pb2, admin_pb2_grpc, recommender_pb2, recommender_pb2_grpc
+
+__all__ = ["ModelHolder", "Running", "create_server", "serve", "SERVICE_NAMES"]
+
+logger = logging.getLogger(__name__)
+
+MAX_ID_LENGTH = 128
+MAX_CATEGORIES = 100
+MAX_EXCLUDED = 1000
+MAX_SIMILAR_INPUTS = 100
+MAX_CANDIDATES = 1000
+STREAM_BATCH = 256
+"""Most stream requests answered in one vectorised pass."""
+STREAM_BUFFER = 1024
+"""Stream requests read ahead of the answers; a full buffer stops reading (flow control)."""
+
+pb = recommender_pb2
+SERVICE_NAMES = (
+    pb.DESCRIPTOR.services_by_name["Recommender"].full_name,
+    admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name,
+)
+_REASON_KINDS = {
+    "bought_related": pb.REASON_KIND_BOUGHT_RELATED,
+    "repurchase_due": pb.REASON_KIND_REPURCHASE_DUE,
+    "popular": pb.REASON_KIND_POPULAR,
+    "bought_recently": pb.REASON_KIND_BOUGHT_RECENTLY,
+    "predicted_interest": pb.REASON_KIND_PREDICTED_INTEREST,
+    "similar_to": pb.REASON_KIND_SIMILAR_TO,
+    "none": pb.REASON_KIND_UNSPECIFIED,
+}
+_NOT_PERSONALIZED = {
+    "": pb.NOT_PERSONALIZED_REASON_UNSPECIFIED,
+    "no_consent": pb.NOT_PERSONALIZED_REASON_NO_CONSENT,
+    "unknown_customer": pb.NOT_PERSONALIZED_REASON_UNKNOWN_CUSTOMER,
+}
+
+
+class NoModel(Exception):
+    """No model is loaded yet (UNAVAILABLE)."""
+
+
+# --- the served model --------------------------------------------------------------------------
+
+
+def load_consent_state(settings: Settings) -> ConsentState:
+    """Consent records from `serve.consent_file` (if set) over `policy.default_consent`."""
+    table = None
+    if settings.serve.consent_file:
+        table, report = read_consent(
+            settings.serve.consent_file, max_reject_share=settings.data.max_reject_share
+        )
+        logger.info("%s", report.summary())
+    return consent_state(table, settings.policy)
+
+
+class ModelHolder:
+    """The model being served, swapped atomically; `current` never blocks."""
+
+    def __init__(self, settings: Settings, consent: ConsentState):
+        self.settings = settings
+        self.consent = consent
+        self.models_dir = Path(settings.serve.models_dir)
+        self._current: ServedModel | None = None
+        self._lock = threading.Lock()
+        self._refused: str | None = None
+        self._stop = threading.Event()
+        self._watcher: threading.Thread | None = None
+        self.on_loaded: Callable[[ServedModel], None] = lambda model: None
+
+    @property
+    def current(self) -> ServedModel:
+        model = self._current
+        if model is None:
+            raise NoModel(f"no model loaded yet from {self.models_dir} (run `nextbest train`)")
+        return model
+
+    @property
+    def loaded(self) -> bool:
+        return self._current is not None
+
+    def load(self, version: str | None = None) -> tuple[ServedModel, bool]:
+        """Load `version` (default: CURRENT) and swap it in; ModelError leaves the old one."""
+        with self._lock:
+            wanted = version or current_version(self.models_dir)
+            old = self._current
+            if old is not None and old.version == wanted:
+                return old, False
+            if not (self.models_dir / wanted).is_dir():
+                raise NotFound(f"version: {wanted!r} is not a model in {self.models_dir}")
+            model = ServedModel(load_bundle(self.models_dir, wanted), self.settings, self.consent)
+            self._current = model
+            self._refused = None
+        logger.info(
+            "serving model %s (%d customers, %d products, %d content items)",
+            model.version,
+            *model.bundle.shape,
+            len(model.content_ids),
+        )
+        self.on_loaded(model)
+        return model, True
+
+    def check(self) -> None:
+        """Load CURRENT if it changed; a broken version is refused once and logged."""
+        try:
+            wanted = current_version(self.models_dir)
+        except ModelError:
+            return  # nothing published yet
+        if self._current is not None and self._current.version == wanted:
+            return
+        if wanted == self._refused:
+            return
+        try:
+            self.load(wanted)
+        except (ModelError, NotFound) as exc:
+            self._refused = wanted
+            serving = self._current.version if self._current else "none"
+            logger.error("refused model %s: %s (still serving %s)", wanted, exc, serving)
+
+    def watch(self, interval_s: float) -> None:
+        """Check for new models every `interval_s` seconds in a daemon thread."""
+        if interval_s <= 0:
+            return
+
+        def run() -> None:
+            while not self._stop.wait(interval_s):
+                try:
+                    self.check()
+                except Exception:  # the watcher must survive anything a bad directory does
+                    logger.exception("model watcher")
+
+        self._watcher = threading.Thread(target=run, name="model-watcher", daemon=True)
+        self._watcher.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+# --- request validation ------------------------------------------------------------------------
+
+
+def _id(value: str, field: str, *, required: bool = True) -> str:
+    value = value.strip()
+    if not value:
+        if required:
+            raise InvalidRequest(f"{field} is required")
+        return value
+    if len(value) > MAX_ID_LENGTH:
+        raise InvalidRequest(f"{field} is longer than {MAX_ID_LENGTH} characters")
+    return value
+
+
+def _ids(values, field: str, max_n: int) -> tuple[str, ...]:
+    if len(values) > max_n:
+        raise InvalidRequest(f"{field} has {len(values)} entries, more than {max_n}")
+    return tuple(_id(v, f"{field}[{k}]") for k, v in enumerate(values))
+
+
+def _limit(request) -> int:
+    if not request.HasField("limit"):
+        return DEFAULT_LIMIT
+    if not 1 <= request.limit <= MAX_LIMIT:
+        raise InvalidRequest(f"limit must be within 1..{MAX_LIMIT} (got {request.limit})")
+    return request.limit
+
+
+def _channel(value: int) -> None:
+    if value not in pb.Channel.values():
+        raise InvalidRequest(f"channel has an unknown value {value}")
+
+
+def product_query(request: pb.RecommendProductsRequest) -> ProductQuery:
+    """A validated query from a RecommendProducts request; InvalidRequest names the field."""
+    _id(request.request_id, "request_id", required=False)
+    _channel(request.channel)
+    return ProductQuery(
+        customer_id=_id(request.customer_id, "customer_id"),
+        limit=_limit(request),
+        include_categories=_ids(request.include_categories, "include_categories", MAX_CATEGORIES),
+        exclude_categories=_ids(request.exclude_categories, "exclude_categories", MAX_CATEGORIES),
+        exclude_product_ids=_ids(request.exclude_product_ids, "exclude_product_ids", MAX_EXCLUDED),
+        include_purchased=request.include_purchased,
+    )
+
+
+# --- protobuf out ------------------------------------------------------------------------------
+
+
+def _reason_pb(r: Reason) -> pb.Reason:
+    return pb.Reason(
+        kind=_REASON_KINDS[r.kind],
+        product_id=r.product_id,
+        product_title=r.product_title,
+        days=r.days,
+        text=r.text,
+    )
+
+
+def _item_pb(item: Item) -> pb.RecommendedProduct:
+    out = pb.RecommendedProduct(
+        product_id=item.product_id,
+        score=item.score,
+        reasons=[_reason_pb(r) for r in item.reasons],
+        title=item.title,
+        category=item.category,
+    )
+    if item.price is not None:
+        out.price = item.price
+    return out
+
+
+def _answer_pb(
+    answer: ProductAnswer, request: pb.RecommendProductsRequest, version: str
+) -> pb.RecommendProductsResponse:
+    return pb.RecommendProductsResponse(
+        customer_id=answer.customer_id,
+        request_id=request.request_id,
+        items=[_item_pb(i) for i in answer.items],
+        model_version=version,
+        personalized=answer.personalized,
+        not_personalized_reason=_NOT_PERSONALIZED[answer.not_personalized_reason],
+    )
+
+
+# --- errors → status codes ---------------------------------------------------------------------
+
+
+def _status_of(exc: Exception) -> tuple[grpc.StatusCode, str]:
+    if isinstance(exc, InvalidRequest):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    if isinstance(exc, NotFound):
+        return grpc.StatusCode.NOT_FOUND, str(exc)
+    if isinstance(exc, NoModel):
+        return grpc.StatusCode.UNAVAILABLE, str(exc)
+    if isinstance(exc, ModelError):
+        return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
+    logger.exception("unexpected error")
+    return grpc.StatusCode.INTERNAL, "internal error (logged by the server)"
+
+
+def _unary(method):
+    """Run a unary handler: deadline check first, then map nextbest errors to status codes."""
+
+    def handler(self, request, context: grpc.ServicerContext):
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0:
+            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before the call ran")
+        try:
+            return method(self, request, context)
+        except (InvalidRequest, NotFound, NoModel, ModelError) as exc:
+            context.abort(*_status_of(exc))
+
+    handler.__name__ = method.__name__
+    handler.__doc__ = method.__doc__
+    return handler
+
+
+# --- services ----------------------------------------------------------------------------------
+
+_END = object()
+
+
+class RecommenderService(recommender_pb2_grpc.RecommenderServicer):
+    def __init__(self, holder: ModelHolder):
+        self.holder = holder
+
+    @_unary
+    def RecommendProducts(self, request, context):
+        query = product_query(request)
+        model = self.holder.current
+        [answer] = model.recommend([query])
+        return _answer_pb(answer, request, model.version)
+
+    def StreamRecommendations(self, request_iterator, context) -> Iterator:
+        pending: queue.Queue = queue.Queue(maxsize=STREAM_BUFFER)
+
+        def read() -> None:
+            try:
+                for request in request_iterator:
+                    pending.put(request)
+            except Exception as exc:  # cancelled or broken stream: end the answers
+                logger.debug("stream reader ended: %s", exc)
+            finally:
+                pending.put(_END)
+
+        threading.Thread(target=read, name="stream-reader", daemon=True).start()
+        done = False
+        while not done and context.is_active():
+            batch = [pending.get()]
+            while len(batch) < STREAM_BATCH and batch[-1] is not _END:
+                try:
+                    batch.append(pending.get_nowait())
+                except queue.Empty:
+                    break
+            if batch[-1] is _END:
+                batch.pop()
+                done = True
+            yield from self._answer_batch(batch)
+
+    def _answer_batch(self, batch: list) -> Iterator[pb.RecommendProductsResponse]:
+        queries: list[ProductQuery | None] = []
+        errors: list[tuple[grpc.StatusCode, str] | None] = []
+        for request in batch:
+            try:
+                queries.append(product_query(request))
+                errors.append(None)
+            except InvalidRequest as exc:
+                queries.append(None)
+                errors.append(_status_of(exc))
+        try:
+            model = self.holder.current
+            answers = iter(model.recommend([q for q in queries if q is not None]))
+        except NoModel as exc:
+            errors = [e or _status_of(exc) for e in errors]
+            answers = iter(())
+        for request, error in zip(batch, errors, strict=True):
+            if error is not None:
+                code, message = error
+                yield pb.RecommendProductsResponse(
+                    customer_id=request.customer_id,
+                    request_id=request.request_id,
+                    error=pb.RequestError(code=code.value[0], message=message),
+                )
+            else:
+                yield _answer_pb(next(answers), request, model.version)
+
+    @_unary
+    def SimilarProducts(self, request, context):
+        if not request.product_ids:
+            raise InvalidRequest("product_ids is required (one or more product ids)")
+        product_ids = _ids(request.product_ids, "product_ids", MAX_SIMILAR_INPUTS)
+        limit = _limit(request)
+        model = self.holder.current
+        items, unknown = model.similar(list(product_ids), limit)
+        return pb.SimilarProductsResponse(
+            items=[_item_pb(i) for i in items],
+            unknown_product_ids=unknown,
+            model_version=model.version,
+        )
+
+    @_unary
+    def ScoreContent(self, request, context):
+        customer_id = _id(request.customer_id, "customer_id")
+        _channel(request.channel)
+        if not request.candidates:
+            raise InvalidRequest("candidates is required (one or more pieces of content)")
+        if len(request.candidates) > MAX_CANDIDATES:
+            raise InvalidRequest(
+                f"candidates has {len(request.candidates)} entries, more than {MAX_CANDIDATES}"
+            )
+        queries = []
+        for k, c in enumerate(request.candidates):
+            field = f"candidates[{k}]"
+            q = ContentQuery(
+                content_id=_id(c.content_id, f"{field}.content_id", required=False),
+                title=c.title,
+                product_ids=_ids(c.product_ids, f"{field}.product_ids", MAX_EXCLUDED),
+                categories=_ids(c.categories, f"{field}.categories", MAX_CATEGORIES),
+            )
+            if not q.inline and not q.content_id:
+                raise InvalidRequest(
+                    f"{field} needs a content_id from the content catalog, or product_ids or "
+                    "categories"
+                )
+            queries.append(q)
+        model = self.holder.current
+        answer = model.score_content(customer_id, queries)
+        return pb.ScoreContentResponse(
+            customer_id=customer_id,
+            items=[
+                pb.ScoredContent(
+                    content_id=s.content_id,
+                    title=s.title,
+                    kind=s.kind,
+                    relevance=s.relevance,
+                    reasons=[_reason_pb(r) for r in s.reasons],
+                )
+                for s in answer.items
+            ],
+            model_version=model.version,
+            personalized=answer.personalized,
+            not_personalized_reason=_NOT_PERSONALIZED[answer.not_personalized_reason],
+        )
+
+
+def model_info(model: ServedModel) -> admin_pb2.ModelInfo:
+    m = model.bundle.manifest
+    return admin_pb2.ModelInfo(
+        version=model.version,
+        created_at=str(m.get("created_at", "")),
+        cf_model=str(m.get("cf_model", "")),
+        customers=model.bundle.shape[0],
+        products=model.bundle.shape[1],
+        content_items=len(model.content_ids),
+        reference_time=str(m.get("reference_time", "")),
+        loaded_at=model.loaded_at,
+        manifest_json=json.dumps(m, sort_keys=True),
+    )
+
+
+class AdminService(admin_pb2_grpc.AdminServicer):
+    def __init__(self, holder: ModelHolder):
+        self.holder = holder
+
+    @_unary
+    def GetModelInfo(self, request, context):
+        return model_info(self.holder.current)
+
+    @_unary
+    def ReloadModel(self, request, context):
+        version = _id(request.version, "version", required=False)
+        if version and ("/" in version or version.startswith(".")):
+            raise InvalidRequest(f"version {version!r} is not a version name")
+        model, changed = self.holder.load(version or None)
+        return admin_pb2.ReloadModelResponse(model=model_info(model), changed=changed)
+
+
+# --- the server --------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Running:
+    """A started server and its parts."""
+
+    server: grpc.Server
+    port: int
+    holder: ModelHolder
+    health: health.HealthServicer
+
+    def stop(self, grace: float | None = None) -> None:
+        """Mark NOT_SERVING, let calls in flight finish for up to `grace` s, stop watching."""
+        self.health.enter_graceful_shutdown()
+        self.holder.stop()
+        self.server.stop(grace).wait()
+
+
+def create_server(settings: Settings, *, consent: ConsentState | None = None) -> Running:
+    """Build, bind and start the server; loads CURRENT when there is one (else NOT_SERVING until
+    the watcher finds one). `serve.port = 0` binds a free port (see `Running.port`)."""
+    holder = ModelHolder(settings, consent if consent is not None else load_consent_state(settings))
+    health_servicer = health.HealthServicer()
+
+    def mark_serving(model: ServedModel) -> None:
+        for name in ("", *SERVICE_NAMES):
+            health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    for name in ("", *SERVICE_NAMES):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    holder.on_loaded = mark_serving
+    server = grpc.server(
+        futures.ThreadPoolExecutor(
+            max_workers=settings.serve.max_workers, thread_name_prefix="grpc"
+        ),
+    )
+    recommender_pb2_grpc.add_RecommenderServicer_to_server(RecommenderService(holder), server)
+    admin_pb2_grpc.add_AdminServicer_to_server(AdminService(holder), server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    address = f"{settings.serve.host}:{settings.serve.port}"
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise ModelError(f"cannot listen on {address} (in use or not permitted)")
+    holder.check()
+    if not holder.loaded:
+        logger.warning("no loadable model in %s yet: NOT_SERVING", settings.serve.models_dir)
+    server.start()
+    holder.watch(settings.serve.reload_interval_s)
+    logger.info("listening on %s:%d (insecure)", settings.serve.host, port)
+    return Running(server=server, port=port, holder=holder, health=health_servicer)
+
+
+def serve(settings: Settings) -> int:
+    """Run until SIGTERM or SIGINT, then drain calls in flight for up to `serve.grace_s`."""
+    running = create_server(settings)
+    stop = threading.Event()
+
+    def on_signal(signum, frame) -> None:
+        logger.info("%s: draining calls in flight", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    print(f"nextbest serving on {settings.serve.host}:{running.port}", flush=True)
+    stop.wait()
+    running.stop(settings.serve.grace_s)
+    logger.info("stopped")
+    return 0

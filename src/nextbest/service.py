@@ -1,0 +1,459 @@
+"""The Recommender's answers, without gRPC: a loaded model with its catalog and content lookups.
+
+`server.py` turns protobuf requests into the plain queries here and the answers back into
+protobuf; everything a channel gets is decided in this module (and `scoring.py`), so the batch
+CLI, the unary calls and the stream give the same answer for the same customer and model.
+
+    served = ServedModel(load_bundle("models"), settings, consent)
+    [answer] = served.recommend([ProductQuery(customer_id="12347")])
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from nextbest.bundle import ModelBundle, lookup
+from nextbest.config import Settings
+from nextbest.errors import NotFound
+from nextbest.policy import ConsentState
+from nextbest.scoring import item_interval, recommend_for
+
+__all__ = [
+    "DEFAULT_LIMIT",
+    "MAX_LIMIT",
+    "Reason",
+    "Item",
+    "ProductQuery",
+    "ProductAnswer",
+    "ContentQuery",
+    "ScoredContent",
+    "ContentAnswer",
+    "ServedModel",
+]
+
+DEFAULT_LIMIT = 10
+MAX_LIMIT = 100
+
+
+@dataclass(frozen=True)
+class Reason:
+    """Why an item is in an answer. `kind` is one of bought_related, repurchase_due, popular,
+    bought_recently, predicted_interest, similar_to, none."""
+
+    kind: str
+    text: str
+    product_id: str = ""
+    product_title: str = ""
+    days: float = 0.0
+
+
+@dataclass(frozen=True)
+class Item:
+    product_id: str
+    score: float
+    reasons: tuple[Reason, ...]
+    title: str = ""
+    category: str = ""
+    price: float | None = None
+
+
+@dataclass(frozen=True)
+class ProductQuery:
+    """One RecommendProducts request, validated."""
+
+    customer_id: str
+    limit: int = DEFAULT_LIMIT
+    include_categories: tuple[str, ...] = ()
+    exclude_categories: tuple[str, ...] = ()
+    exclude_product_ids: tuple[str, ...] = ()
+    include_purchased: bool = False
+
+
+@dataclass(frozen=True)
+class ProductAnswer:
+    customer_id: str
+    items: list[Item]
+    personalized: bool
+    not_personalized_reason: str = ""
+    """'' when personalized, else no_consent or unknown_customer."""
+
+
+@dataclass(frozen=True)
+class ContentQuery:
+    """One ScoreContent candidate: by id from the snapshot when `inline` is false."""
+
+    content_id: str
+    title: str = ""
+    product_ids: tuple[str, ...] = ()
+    categories: tuple[str, ...] = ()
+
+    @property
+    def inline(self) -> bool:
+        return bool(self.product_ids or self.categories)
+
+
+@dataclass(frozen=True)
+class ScoredContent:
+    content_id: str
+    title: str
+    kind: str
+    relevance: float
+    reasons: tuple[Reason, ...]
+
+
+@dataclass(frozen=True)
+class ContentAnswer:
+    customer_id: str
+    items: list[ScoredContent]
+    personalized: bool
+    not_personalized_reason: str = ""
+
+
+def _texts(table: pa.Table, name: str, rows: np.ndarray) -> list[str]:
+    """Column values for catalog rows (-1 = not in the catalog) as strings ('' when unknown)."""
+    if name not in table.column_names or table.num_rows == 0:
+        return [""] * len(rows)
+    values = table.column(name).to_pylist()
+    return ["" if r < 0 or values[r] is None else str(values[r]) for r in rows]
+
+
+@dataclass
+class ServedModel:
+    """A model version ready to answer: the bundle plus per-item catalog fields and indexes."""
+
+    bundle: ModelBundle
+    settings: Settings
+    consent: ConsentState
+    loaded_at: str = field(
+        default_factory=lambda: dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    )
+
+    def __post_init__(self) -> None:
+        b = self.bundle
+        catalog = b.catalog
+        if catalog.num_rows:
+            rows = pc.fill_null(
+                pc.index_in(pa.array(b.item_ids), value_set=catalog["product_id"]), -1
+            ).to_numpy(zero_copy_only=False)
+        else:
+            rows = np.full(len(b.item_ids), -1)
+        self.titles = _texts(catalog, "title", rows)
+        self.categories = _texts(catalog, "category", rows)
+        departments = _texts(catalog, "department", rows)
+        prices = (
+            catalog.column("price").to_numpy(zero_copy_only=False).astype(np.float64)
+            if "price" in catalog.column_names and catalog.num_rows
+            else np.zeros(0)
+        )
+        self.prices = [
+            None if r < 0 or not np.isfinite(prices[r]) else float(prices[r]) for r in rows
+        ]
+        # Category filters and content links match a category or a department, ignoring case.
+        groups: dict[str, list[int]] = {}
+        for i, (cat, dep) in enumerate(zip(self.categories, departments, strict=True)):
+            for key in {cat.lower(), dep.lower()} - {""}:
+                groups.setdefault(key, []).append(i)
+        self.by_category = {k: np.asarray(v, dtype=np.int64) for k, v in groups.items()}
+        content = b.content
+        order = np.argsort(np.asarray(content.column("content_id").to_pylist(), dtype=str))
+        self.content = content.take(pa.array(order, pa.int64())) if content.num_rows else content
+        self.content_ids = np.asarray(self.content.column("content_id").to_pylist(), dtype=str)
+        buyers = b.repeat.item_recent_buyers.astype(np.float64)
+        if buyers.max(initial=0) <= 0:
+            buyers = b.repeat.item_buyers.astype(np.float64)
+        self.popularity = buyers / max(buyers.max(initial=0), 1.0)
+
+    @property
+    def version(self) -> str:
+        return self.bundle.version
+
+    def now_day(self) -> float:
+        if self.settings.serve.clock == "wall":
+            return time.time() / 86400.0
+        return self.bundle.reference_day
+
+    def consents(self, customer_ids: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(personalization allowed, sensitive allowed) per customer."""
+        ids = pa.array(customer_ids, pa.string())
+        return self.consent.allowed("personalization", ids), self.consent.allowed("sensitive", ids)
+
+    # --- RecommendProducts / StreamRecommendations --------------------------------------------
+
+    def _item_mask(self, q: ProductQuery) -> np.ndarray | None:
+        """Products that may be returned to `q`, or None when it has no filter."""
+        if not (q.include_categories or q.exclude_categories or q.exclude_product_ids):
+            return None
+        n_items = self.bundle.shape[1]
+        empty = np.zeros(0, dtype=np.int64)
+        if q.include_categories:
+            mask = np.zeros(n_items, dtype=bool)
+            for c in q.include_categories:
+                mask[self.by_category.get(c.lower(), empty)] = True
+        else:
+            mask = np.ones(n_items, dtype=bool)
+        for c in q.exclude_categories:
+            mask[self.by_category.get(c.lower(), empty)] = False
+        if q.exclude_product_ids:
+            idx = self.bundle.item_index(np.asarray(q.exclude_product_ids, dtype=str))
+            mask[idx[idx >= 0]] = False
+        return mask
+
+    def recommend(self, queries: list[ProductQuery]) -> list[ProductAnswer]:
+        """Answers in query order; one vectorised pass per distinct limit."""
+        answers: list[ProductAnswer | None] = [None] * len(queries)
+        for limit in sorted({q.limit for q in queries}):
+            part = [i for i, q in enumerate(queries) if q.limit == limit]
+            batch = self._recommend([queries[i] for i in part], limit)
+            for i, answer in zip(part, batch, strict=True):
+                answers[i] = answer
+        return answers  # type: ignore[return-value]
+
+    def _recommend(self, queries: list[ProductQuery], limit: int) -> list[ProductAnswer]:
+        b, serve = self.bundle, self.settings.serve
+        customer_ids = [q.customer_id for q in queries]
+        personal_ok, sensitive_ok = self.consents(customer_ids)
+        now = self.now_day()
+        recs = recommend_for(
+            b,
+            np.asarray(customer_ids, dtype=str),
+            N=limit,
+            now_day=now,
+            personalization_ok=personal_ok,
+            sensitive_ok=sensitive_ok,
+            consumable_repeat_rate=serve.consumable_repeat_rate,
+            due_fraction=serve.due_fraction,
+            pool=self.settings.train.candidate_pool,
+            item_masks=[self._item_mask(q) for q in queries],
+            include_purchased=np.asarray([q.include_purchased for q in queries], dtype=bool),
+        )
+        out = []
+        for r, q in enumerate(queries):
+            valid = recs.ids[r] >= 0
+            items = recs.ids[r][valid]
+            popular = recs.popular[r][valid]
+            reasons = self._reasons(int(recs.users[r]), items, popular, bool(sensitive_ok[r]), now)
+            out.append(
+                ProductAnswer(
+                    customer_id=q.customer_id,
+                    items=[
+                        self._item(int(i), float(s), why)
+                        for i, s, why in zip(items, recs.scores[r][valid], reasons, strict=True)
+                    ],
+                    personalized=bool(recs.personalized[r]),
+                    not_personalized_reason=recs.reasons[r],
+                )
+            )
+        return out
+
+    def _item(self, i: int, score: float, reasons: tuple[Reason, ...]) -> Item:
+        return Item(
+            product_id=str(self.bundle.item_ids[i]),
+            score=score,
+            reasons=reasons,
+            title=self.titles[i],
+            category=self.categories[i],
+            price=self.prices[i],
+        )
+
+    def _popular_reason(self, i: int) -> Reason:
+        return Reason("popular", "a best seller", str(self.bundle.item_ids[i]), self.titles[i])
+
+    def _bought(self, user: int, sensitive_ok: bool) -> np.ndarray:
+        """Item indices the customer bought that may be cited (no sensitive ones without
+        sensitive consent)."""
+        rs = self.bundle.repeat.days_bought
+        bought = rs.indices[rs.indptr[user] : rs.indptr[user + 1]]
+        if not sensitive_ok:
+            bought = bought[~self.bundle.item_sensitive[bought]]
+        return bought
+
+    def _reasons(
+        self, user: int, items: np.ndarray, popular: np.ndarray, sensitive_ok: bool, now: float
+    ) -> list[tuple[Reason, ...]]:
+        """One reason per item: repurchase due (a bought product), bought related (the bought
+        product closest to it in the model), else popular."""
+        if user < 0 or popular.all():
+            return [(self._popular_reason(int(i)),) for i in items]
+        b, rs = self.bundle, self.bundle.repeat
+        start, stop = rs.days_bought.indptr[user], rs.days_bought.indptr[user + 1]
+        row_items = rs.days_bought.indices[start:stop]
+        pos = np.minimum(np.searchsorted(row_items, items), max(len(row_items) - 1, 0))
+        is_bought = row_items[pos] == items if len(row_items) else np.zeros(len(items), bool)
+        is_bought &= ~popular
+        cited = self._bought(user, sensitive_ok)
+        new = np.flatnonzero(~popular & ~is_bought)
+        best_src = np.full(len(items), -1, dtype=np.int64)
+        if len(new) and len(cited):
+            sim = b.cf.item_similarity(items[new], cited)
+            best = sim.argmax(axis=1)
+            ok = sim[np.arange(len(new)), best] > 0
+            best_src[new[ok]] = cited[best[ok]]
+        interval = item_interval(b, items)
+        out: list[tuple[Reason, ...]] = []
+        for j, i in enumerate(items.tolist()):
+            if is_bought[j]:
+                at = start + pos[j]
+                days = rs.days_bought.data[at]
+                last = rs.last_day.data[at]
+                age = max(now - last, 0.0)
+                if days >= 2:
+                    every = (last - rs.first_day.data[at]) / (days - 1)
+                    text = f"you buy this about every {every:.0f} days; last {age:.0f} days ago"
+                else:
+                    every = interval[j] if np.isfinite(interval[j]) else age
+                    text = f"you bought this {age:.0f} days ago"
+                why = Reason("repurchase_due", text, b.item_ids[i], self.titles[i], float(every))
+            elif best_src[j] >= 0:
+                src = int(best_src[j])
+                title = self.titles[src] or str(b.item_ids[src])
+                why = Reason(
+                    "bought_related",
+                    f"because you bought {title}",
+                    str(b.item_ids[src]),
+                    self.titles[src],
+                )
+            else:
+                why = self._popular_reason(i)
+            out.append((why,))
+        return out
+
+    # --- SimilarProducts ----------------------------------------------------------------------
+
+    def similar(self, product_ids: list[str], limit: int) -> tuple[list[Item], list[str]]:
+        """Products similar to the set `product_ids` (mean similarity, in [0, 1]) and the ids the
+        model does not know. NotFound when it knows none of them."""
+        b = self.bundle
+        requested = list(dict.fromkeys(product_ids))
+        idx = b.item_index(np.asarray(requested, dtype=str))
+        unknown = [p for p, i in zip(requested, idx, strict=True) if i < 0]
+        known = idx[idx >= 0]
+        if len(known) == 0:
+            raise NotFound(
+                f"product_ids: none of the requested products is known to model {self.version} "
+                f"({', '.join(requested[:5])}{', ...' if len(requested) > 5 else ''})"
+            )
+        sim = b.cf.item_similarity(known)
+        if b.cf.kind in ("cosine", "bm25"):
+            top = sim.max(axis=1, keepdims=True)
+            sim = sim / np.where(top > 0, top, 1.0)
+        sim = np.clip(sim, 0.0, 1.0)
+        score = sim.mean(axis=0)
+        score[known] = 0.0
+        score[~b.item_available | b.item_sensitive] = 0.0
+        n = min(limit, int((score > 0).sum()))
+        order = np.lexsort((np.arange(len(score)), -score))[:n]
+        source = known[sim[:, order].argmax(axis=0)] if n else known[:0]
+        items = []
+        for i, src in zip(order, source, strict=True):
+            title = self.titles[src] or str(b.item_ids[src])
+            why = Reason(
+                "similar_to", f"similar to {title}", str(b.item_ids[src]), self.titles[src]
+            )
+            items.append(self._item(int(i), float(score[i]), (why,)))
+        return items, unknown
+
+    # --- ScoreContent -------------------------------------------------------------------------
+
+    def _content_items(self, q: ContentQuery) -> tuple[str, str, np.ndarray]:
+        """(title, kind, linked item indices) of a candidate; NotFound for unknown ids."""
+        if q.inline:
+            title, kind, products, categories = q.title, "inline", q.product_ids, q.categories
+        else:
+            at = lookup(self.content_ids, np.asarray([q.content_id], dtype=str))[0]
+            if at < 0:
+                raise NotFound(f"content_id {q.content_id!r} is not in model {self.version}")
+            row = {c: self.content.column(c)[int(at)].as_py() for c in self.content.column_names}
+            title, kind = row["title"] or "", row["kind"] or "article"
+            products, categories = row["product_ids"] or [], row["categories"] or []
+        linked = self.bundle.item_index(np.asarray(list(products), dtype=str))
+        parts = [linked[linked >= 0]]
+        parts += [self.by_category.get(c.lower(), np.zeros(0, np.int64)) for c in categories]
+        return title, kind, np.unique(np.concatenate(parts))
+
+    def score_content(self, customer_id: str, candidates: list[ContentQuery]) -> ContentAnswer:
+        """Relevance in [0, 1] of each candidate for the customer, ranked (ties: request order).
+
+        Content about products the customer bought scores 0.5 + 0.5 · 2^(−age / half-life) (the
+        most recently bought linked product counts); other content 0.5 × the model's best score
+        for its products over the customer's best score overall. Non-personal answers: the best
+        popularity share of the linked products. Without sensitive consent, sensitive products
+        are no evidence and sensitive content scores 0.
+        """
+        b = self.bundle
+        resolved = [self._content_items(q) for q in candidates]
+        (personal_ok,), (sensitive_ok,) = self.consents([customer_id])
+        user = int(b.user_index(np.asarray([customer_id]))[0])
+        personal = bool(personal_ok) and user >= 0
+        why_not = "" if personal else ("no_consent" if not personal_ok else "unknown_customer")
+        now = self.now_day()
+        half_life = self.settings.serve.content_half_life_days
+        if personal:
+            rs = b.repeat
+            start, stop = rs.days_bought.indptr[user], rs.days_bought.indptr[user + 1]
+            bought_items = rs.days_bought.indices[start:stop]
+            bought_last = rs.last_day.data[start:stop]
+            cf_all = b.cf.pair_scores(
+                np.full(b.shape[1], user), np.arange(b.shape[1]), b.user_items
+            )
+            cf_top = max(float(cf_all.max(initial=0.0)), 1e-12)
+        sensitive_content = self._sensitive_content(candidates)
+        scored = []
+        for q, (title, kind, items), sensitive in zip(
+            candidates, resolved, sensitive_content, strict=True
+        ):
+            if not sensitive_ok:
+                items = items[~b.item_sensitive[items]]
+            relevance, reason = 0.0, Reason("none", "links no product the model knows")
+            if sensitive and not sensitive_ok:
+                reason = Reason("none", "sensitive content needs the customer's consent")
+            elif len(items) and personal:
+                hit = np.isin(bought_items, items)
+                if hit.any():
+                    k = int(np.argmax(np.where(hit, bought_last, -np.inf)))
+                    i, age = int(bought_items[k]), max(now - float(bought_last[k]), 0.0)
+                    relevance = 0.5 + 0.5 * 0.5 ** (age / half_life)
+                    what = self.titles[i] or str(b.item_ids[i])
+                    reason = Reason(
+                        "bought_recently",
+                        f"about {what}, bought {age:.0f} days ago",
+                        str(b.item_ids[i]),
+                        self.titles[i],
+                        age,
+                    )
+                else:
+                    i = int(items[np.argmax(cf_all[items])])
+                    relevance = 0.5 * min(max(float(cf_all[i]) / cf_top, 0.0), 1.0)
+                    what = self.titles[i] or str(b.item_ids[i])
+                    reason = Reason(
+                        "predicted_interest",
+                        f"about {what}, which matches your purchases",
+                        str(b.item_ids[i]),
+                        self.titles[i],
+                    )
+            elif len(items):
+                i = int(items[np.argmax(self.popularity[items])])
+                relevance = float(self.popularity[i])
+                what = self.titles[i] or str(b.item_ids[i])
+                reason = Reason(
+                    "popular", f"about {what}, a best seller", str(b.item_ids[i]), self.titles[i]
+                )
+            scored.append(ScoredContent(q.content_id, title, kind, relevance, (reason,)))
+        order = sorted(range(len(scored)), key=lambda k: -scored[k].relevance)
+        return ContentAnswer(customer_id, [scored[k] for k in order], personal, why_not)
+
+    def _sensitive_content(self, candidates: list[ContentQuery]) -> list[bool]:
+        """Snapshot content marked sensitive (sensitivity > 0); inline content never is."""
+        if not len(self.content_ids):
+            return [False] * len(candidates)
+        sens = self.content.column("sensitivity").to_numpy(zero_copy_only=False)
+        out = []
+        for q in candidates:
+            at = -1 if q.inline else lookup(self.content_ids, np.asarray([q.content_id]))[0]
+            out.append(bool(at >= 0 and np.nan_to_num(sens[at]) > 0))
+        return out

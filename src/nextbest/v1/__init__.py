@@ -1,0 +1,1 @@
+"""Code generated from `protos/nextbest/v1/*.proto` by `make proto` (do not edit)."""

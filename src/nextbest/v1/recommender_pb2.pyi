@@ -1,0 +1,189 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Channel(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    CHANNEL_UNSPECIFIED: _ClassVar[Channel]
+    CHANNEL_EMAIL: _ClassVar[Channel]
+    CHANNEL_WEB: _ClassVar[Channel]
+    CHANNEL_APP: _ClassVar[Channel]
+
+class NotPersonalizedReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    NOT_PERSONALIZED_REASON_UNSPECIFIED: _ClassVar[NotPersonalizedReason]
+    NOT_PERSONALIZED_REASON_NO_CONSENT: _ClassVar[NotPersonalizedReason]
+    NOT_PERSONALIZED_REASON_UNKNOWN_CUSTOMER: _ClassVar[NotPersonalizedReason]
+
+class ReasonKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    REASON_KIND_UNSPECIFIED: _ClassVar[ReasonKind]
+    REASON_KIND_BOUGHT_RELATED: _ClassVar[ReasonKind]
+    REASON_KIND_REPURCHASE_DUE: _ClassVar[ReasonKind]
+    REASON_KIND_POPULAR: _ClassVar[ReasonKind]
+    REASON_KIND_BOUGHT_RECENTLY: _ClassVar[ReasonKind]
+    REASON_KIND_PREDICTED_INTEREST: _ClassVar[ReasonKind]
+    REASON_KIND_SIMILAR_TO: _ClassVar[ReasonKind]
+CHANNEL_UNSPECIFIED: Channel
+CHANNEL_EMAIL: Channel
+CHANNEL_WEB: Channel
+CHANNEL_APP: Channel
+NOT_PERSONALIZED_REASON_UNSPECIFIED: NotPersonalizedReason
+NOT_PERSONALIZED_REASON_NO_CONSENT: NotPersonalizedReason
+NOT_PERSONALIZED_REASON_UNKNOWN_CUSTOMER: NotPersonalizedReason
+REASON_KIND_UNSPECIFIED: ReasonKind
+REASON_KIND_BOUGHT_RELATED: ReasonKind
+REASON_KIND_REPURCHASE_DUE: ReasonKind
+REASON_KIND_POPULAR: ReasonKind
+REASON_KIND_BOUGHT_RECENTLY: ReasonKind
+REASON_KIND_PREDICTED_INTEREST: ReasonKind
+REASON_KIND_SIMILAR_TO: ReasonKind
+
+class Reason(_message.Message):
+    __slots__ = ("kind", "product_id", "product_title", "days", "text")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    PRODUCT_ID_FIELD_NUMBER: _ClassVar[int]
+    PRODUCT_TITLE_FIELD_NUMBER: _ClassVar[int]
+    DAYS_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    kind: ReasonKind
+    product_id: str
+    product_title: str
+    days: float
+    text: str
+    def __init__(self, kind: _Optional[_Union[ReasonKind, str]] = ..., product_id: _Optional[str] = ..., product_title: _Optional[str] = ..., days: _Optional[float] = ..., text: _Optional[str] = ...) -> None: ...
+
+class RequestError(_message.Message):
+    __slots__ = ("code", "message")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    message: str
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+
+class RecommendProductsRequest(_message.Message):
+    __slots__ = ("customer_id", "limit", "channel", "include_categories", "exclude_categories", "exclude_product_ids", "include_purchased", "request_id")
+    CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    CHANNEL_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_CATEGORIES_FIELD_NUMBER: _ClassVar[int]
+    EXCLUDE_CATEGORIES_FIELD_NUMBER: _ClassVar[int]
+    EXCLUDE_PRODUCT_IDS_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_PURCHASED_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    customer_id: str
+    limit: int
+    channel: Channel
+    include_categories: _containers.RepeatedScalarFieldContainer[str]
+    exclude_categories: _containers.RepeatedScalarFieldContainer[str]
+    exclude_product_ids: _containers.RepeatedScalarFieldContainer[str]
+    include_purchased: bool
+    request_id: str
+    def __init__(self, customer_id: _Optional[str] = ..., limit: _Optional[int] = ..., channel: _Optional[_Union[Channel, str]] = ..., include_categories: _Optional[_Iterable[str]] = ..., exclude_categories: _Optional[_Iterable[str]] = ..., exclude_product_ids: _Optional[_Iterable[str]] = ..., include_purchased: _Optional[bool] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class RecommendedProduct(_message.Message):
+    __slots__ = ("product_id", "score", "reasons", "title", "category", "price")
+    PRODUCT_ID_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    REASONS_FIELD_NUMBER: _ClassVar[int]
+    TITLE_FIELD_NUMBER: _ClassVar[int]
+    CATEGORY_FIELD_NUMBER: _ClassVar[int]
+    PRICE_FIELD_NUMBER: _ClassVar[int]
+    product_id: str
+    score: float
+    reasons: _containers.RepeatedCompositeFieldContainer[Reason]
+    title: str
+    category: str
+    price: float
+    def __init__(self, product_id: _Optional[str] = ..., score: _Optional[float] = ..., reasons: _Optional[_Iterable[_Union[Reason, _Mapping]]] = ..., title: _Optional[str] = ..., category: _Optional[str] = ..., price: _Optional[float] = ...) -> None: ...
+
+class RecommendProductsResponse(_message.Message):
+    __slots__ = ("customer_id", "request_id", "items", "model_version", "personalized", "not_personalized_reason", "error")
+    CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    PERSONALIZED_FIELD_NUMBER: _ClassVar[int]
+    NOT_PERSONALIZED_REASON_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    customer_id: str
+    request_id: str
+    items: _containers.RepeatedCompositeFieldContainer[RecommendedProduct]
+    model_version: str
+    personalized: bool
+    not_personalized_reason: NotPersonalizedReason
+    error: RequestError
+    def __init__(self, customer_id: _Optional[str] = ..., request_id: _Optional[str] = ..., items: _Optional[_Iterable[_Union[RecommendedProduct, _Mapping]]] = ..., model_version: _Optional[str] = ..., personalized: _Optional[bool] = ..., not_personalized_reason: _Optional[_Union[NotPersonalizedReason, str]] = ..., error: _Optional[_Union[RequestError, _Mapping]] = ...) -> None: ...
+
+class SimilarProductsRequest(_message.Message):
+    __slots__ = ("product_ids", "limit")
+    PRODUCT_IDS_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    product_ids: _containers.RepeatedScalarFieldContainer[str]
+    limit: int
+    def __init__(self, product_ids: _Optional[_Iterable[str]] = ..., limit: _Optional[int] = ...) -> None: ...
+
+class SimilarProductsResponse(_message.Message):
+    __slots__ = ("items", "unknown_product_ids", "model_version")
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    UNKNOWN_PRODUCT_IDS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[RecommendedProduct]
+    unknown_product_ids: _containers.RepeatedScalarFieldContainer[str]
+    model_version: str
+    def __init__(self, items: _Optional[_Iterable[_Union[RecommendedProduct, _Mapping]]] = ..., unknown_product_ids: _Optional[_Iterable[str]] = ..., model_version: _Optional[str] = ...) -> None: ...
+
+class ContentCandidate(_message.Message):
+    __slots__ = ("content_id", "title", "product_ids", "categories")
+    CONTENT_ID_FIELD_NUMBER: _ClassVar[int]
+    TITLE_FIELD_NUMBER: _ClassVar[int]
+    PRODUCT_IDS_FIELD_NUMBER: _ClassVar[int]
+    CATEGORIES_FIELD_NUMBER: _ClassVar[int]
+    content_id: str
+    title: str
+    product_ids: _containers.RepeatedScalarFieldContainer[str]
+    categories: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, content_id: _Optional[str] = ..., title: _Optional[str] = ..., product_ids: _Optional[_Iterable[str]] = ..., categories: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ScoreContentRequest(_message.Message):
+    __slots__ = ("customer_id", "candidates", "channel")
+    CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATES_FIELD_NUMBER: _ClassVar[int]
+    CHANNEL_FIELD_NUMBER: _ClassVar[int]
+    customer_id: str
+    candidates: _containers.RepeatedCompositeFieldContainer[ContentCandidate]
+    channel: Channel
+    def __init__(self, customer_id: _Optional[str] = ..., candidates: _Optional[_Iterable[_Union[ContentCandidate, _Mapping]]] = ..., channel: _Optional[_Union[Channel, str]] = ...) -> None: ...
+
+class ScoredContent(_message.Message):
+    __slots__ = ("content_id", "title", "kind", "relevance", "reasons")
+    CONTENT_ID_FIELD_NUMBER: _ClassVar[int]
+    TITLE_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    RELEVANCE_FIELD_NUMBER: _ClassVar[int]
+    REASONS_FIELD_NUMBER: _ClassVar[int]
+    content_id: str
+    title: str
+    kind: str
+    relevance: float
+    reasons: _containers.RepeatedCompositeFieldContainer[Reason]
+    def __init__(self, content_id: _Optional[str] = ..., title: _Optional[str] = ..., kind: _Optional[str] = ..., relevance: _Optional[float] = ..., reasons: _Optional[_Iterable[_Union[Reason, _Mapping]]] = ...) -> None: ...
+
+class ScoreContentResponse(_message.Message):
+    __slots__ = ("customer_id", "items", "model_version", "personalized", "not_personalized_reason")
+    CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    PERSONALIZED_FIELD_NUMBER: _ClassVar[int]
+    NOT_PERSONALIZED_REASON_FIELD_NUMBER: _ClassVar[int]
+    customer_id: str
+    items: _containers.RepeatedCompositeFieldContainer[ScoredContent]
+    model_version: str
+    personalized: bool
+    not_personalized_reason: NotPersonalizedReason
+    def __init__(self, customer_id: _Optional[str] = ..., items: _Optional[_Iterable[_Union[ScoredContent, _Mapping]]] = ..., model_version: _Optional[str] = ..., personalized: _Optional[bool] = ..., not_personalized_reason: _Optional[_Union[NotPersonalizedReason, str]] = ...) -> None: ...
