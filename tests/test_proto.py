@@ -1,0 +1,32 @@
+"""The generated code in src/nextbest/v1 matches protos/ (regenerate with `make proto`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from grpc_tools import protoc
+
+REPO = Path(__file__).resolve().parents[1]
+PROTOS = REPO / "protos"
+GENERATED = REPO / "src" / "nextbest" / "v1"
+
+
+def test_generated_code_is_up_to_date(tmp_path: Path):
+    sources = sorted(
+        str(p.relative_to(PROTOS)) for p in (PROTOS / "nextbest" / "v1").glob("*.proto")
+    )
+    assert sources, "no .proto files under protos/nextbest/v1"
+    args = [
+        "protoc",
+        f"-I{PROTOS}",
+        f"--python_out={tmp_path}",
+        f"--pyi_out={tmp_path}",
+        f"--grpc_python_out={tmp_path}",
+        *sources,
+    ]
+    assert protoc.main(args) == 0
+    fresh = {p.name: p.read_bytes() for p in (tmp_path / "nextbest" / "v1").iterdir()}
+    committed = {p.name: p.read_bytes() for p in GENERATED.glob("*_pb2*.py*")}
+    assert sorted(committed) == sorted(fresh), "generated files differ: run `make proto`"
+    stale = [name for name in fresh if fresh[name] != committed[name]]
+    assert not stale, f"stale generated code {stale}: run `make proto`"
