@@ -64,6 +64,21 @@ class CFContract:
         pair = model.pair_scores(users, ids[:, 0], matrix)
         assert np.allclose(pair, scores[:, 0], rtol=1e-4, atol=1e-5)
 
+    def test_user_scores_agree_with_pair_scores(self):
+        model, matrix = self.fit()
+        n_users, n_items = matrix.shape
+        for u in range(n_users):
+            pair = model.pair_scores(np.full(n_items, u), np.arange(n_items), matrix)
+            assert np.allclose(model.user_scores(u, matrix), pair, rtol=1e-4, atol=1e-5)
+
+    def test_item_similarity_ranks_like_implicit_similar_items(self):
+        model, matrix = self.fit()
+        for i in range(matrix.shape[1]):
+            sim = model.item_similarity([i])[0]
+            ids, scores = model.model.similar_items(i, N=4)
+            assert np.allclose(sim[ids], scores, rtol=1e-4, atol=1e-5)
+            assert sim.max() <= scores[0] + 1e-5
+
     def test_arrays_round_trip_without_pickle(self, tmp_path):
         model, matrix = self.fit()
         path = tmp_path / "cf.npz"

@@ -96,6 +96,13 @@ class CFModel:
             out[order[lo:hi]] = np.asarray(prod[rowpos, si[lo:hi]]).ravel()
         return out
 
+    def user_scores(self, user: int, user_items: sp.csr_matrix) -> np.ndarray:
+        """The model's score of every item for one user (`user_items`: the full matrix)."""
+        if self.kind in FACTOR_KINDS:
+            uf = np.asarray(self.model.user_factors)[user]
+            return (np.asarray(self.model.item_factors) @ uf).astype(np.float64)
+        return np.asarray((user_items[user] @ self.model.similarity).todense()).ravel()
+
     def _unit_factors(self) -> np.ndarray:
         """Item factors scaled to unit length (zero rows stay zero), computed once."""
         if self._unit is None:

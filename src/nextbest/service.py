@@ -398,9 +398,7 @@ class ServedModel:
             start, stop = rs.days_bought.indptr[user], rs.days_bought.indptr[user + 1]
             bought_items = rs.days_bought.indices[start:stop]
             bought_last = rs.last_day.data[start:stop]
-            cf_all = b.cf.pair_scores(
-                np.full(b.shape[1], user), np.arange(b.shape[1]), b.user_items
-            )
+            cf_all = b.cf.user_scores(user, b.user_items)
             cf_top = max(float(cf_all.max(initial=0.0)), 1e-12)
         sensitive_content = self._sensitive_content(candidates)
         scored = []
