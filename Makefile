@@ -11,6 +11,7 @@ MODELS ?= models
 # having consented. Production runs keep the privacy-by-default `deny`.
 DEMO_CONSENT := --default-consent allow
 OR_EVENTS := $(DATA)/online-retail/events.parquet
+OR_CONTENT := $(DATA)/online-retail/content.parquet
 CJ_EVENTS := $(DATA)/complete-journey/events.parquet
 OR_CUTOFF := 2011-11-01
 CJ_CUTOFF := 2017-12-01
@@ -33,7 +34,8 @@ lint: install
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/ruff format --check src tests benchmarks
 
-$(OR_EVENTS): | install
+# One prepare run writes both (grouped target): a data/ prepared before content existed is redone.
+$(OR_EVENTS) $(OR_CONTENT) &: | install
 	$(NEXTBEST) prepare online-retail --source $(SHARED)/online_retail_uci --out $(DATA)/online-retail
 
 $(CJ_EVENTS): | install
@@ -41,9 +43,9 @@ $(CJ_EVENTS): | install
 
 prepare: $(OR_EVENTS) $(CJ_EVENTS)
 
-train: install $(OR_EVENTS)
+train: install $(OR_EVENTS) $(OR_CONTENT)
 	$(NEXTBEST) train --events $(OR_EVENTS) --catalog $(DATA)/online-retail/catalog.parquet \
-		--models-dir $(MODELS) $(DEMO_CONSENT)
+		--content $(OR_CONTENT) --models-dir $(MODELS) $(DEMO_CONSENT)
 
 evaluate: install $(OR_EVENTS)
 	$(NEXTBEST) evaluate --events $(OR_EVENTS) --catalog $(DATA)/online-retail/catalog.parquet \

@@ -17,7 +17,8 @@ import pytest
 from conftest import SHARED_DATA, synthetic_events, write_csv
 
 from nextbest.data.readers import read_content
-from nextbest.store.artifacts import current_version, list_versions, load_bundle
+from nextbest.errors import ModelError
+from nextbest.store.artifacts import current_version, list_versions, load_bundle, sha256_file
 
 NEXTBEST = [sys.executable, "-m", "nextbest.cli"]
 
@@ -64,6 +65,64 @@ def test_train_publishes_a_loadable_plain_array_model(
     bundle = load_bundle(tmp_path / "models")
     assert bundle.version == version
     assert bundle.shape == (80, 40)
+    # Without --content the snapshot is empty, but still a verified file of the version.
+    assert manifest["content_items"] == 0 and "content.parquet" in manifest["files"]
+    assert bundle.content.num_rows == 0
+
+
+def test_train_keeps_the_content_snapshot(tmp_path, events_file, catalog_file, small_config):
+    content = write_csv(
+        pa.table(
+            {
+                "content_id": ["tea-guide", "pills", "stray", "broken"],
+                "title": ["Choosing tea", "About pills", "Unknown things", "Bad"],
+                "kind": ["guide", "article", "video", "podcast"],
+                "product_ids": ["p000|p002", "p006 | p007", "p999|p998", ""],
+                "categories": ["pantry", "pharmacy", "", ""],
+                "sensitivity": ["0", "1", "", ""],
+                "published_at": ["2024-03-01", "", "2024-04-01T08:00:00Z", ""],
+            }
+        ),
+        tmp_path / "content.csv",
+    )
+    args = [
+        *train_args(tmp_path, events_file, catalog_file, small_config),
+        "--content",
+        content,
+        "--default-consent",
+        "allow",
+    ]
+    proc = run(*args, check=False)  # one bad row of four passes the default 5% reject limit
+    assert proc.returncode == 2 and "content.csv: 25.0% of 4 rows rejected" in proc.stderr
+    proc = run(*args, "--max-reject-share", "0.3")
+    assert "content snapshot: 3 items linking 6 product ids, 2 of them unknown" in proc.stdout
+    version = current_version(tmp_path / "models")
+    directory = tmp_path / "models" / version
+    manifest = json.loads((directory / "manifest.json").read_text())
+    assert manifest["format"] == 2 and manifest["content_items"] == 3
+    assert manifest["files"]["content.parquet"] == sha256_file(directory / "content.parquet")
+    assert manifest["data"]["content_sha256"] == sha256_file(content)
+    assert manifest["data"]["read"]["content"]["rejected"] == {"unknown_kind": 1}
+    expected, _ = read_content(content)
+    bundle = load_bundle(tmp_path / "models")
+    assert bundle.content.equals(expected)
+    assert bundle.content["content_id"].to_pylist() == ["tea-guide", "pills", "stray"]
+    assert bundle.content["product_ids"].to_pylist()[1] == ["p006", "p007"]
+
+    # A changed content snapshot is refused, and so is a version of the older format.
+    path = directory / "content.parquet"
+    original = path.read_bytes()
+    pq.write_table(expected.slice(0, 1), path)
+    with pytest.raises(ModelError, match="content.parquet: checksum does not match"):
+        load_bundle(tmp_path / "models")
+    path.unlink()
+    with pytest.raises(ModelError, match="content.parquet: missing from model version"):
+        load_bundle(tmp_path / "models")
+    path.write_bytes(original)
+    assert load_bundle(tmp_path / "models").content.equals(expected)
+    (directory / "manifest.json").write_text(json.dumps({**manifest, "format": 1}))
+    with pytest.raises(ModelError, match="format 1, expected 2"):
+        load_bundle(tmp_path / "models")
 
 
 def test_default_consent_deny_trains_nobody(tmp_path, events_file, catalog_file, small_config):

@@ -18,6 +18,7 @@ from nextbest.config import CONSENT_DEFAULTS, Settings, load_settings
 from nextbest.data.readers import (
     read_catalog,
     read_consent,
+    read_content,
     read_customer_ids,
     read_events,
     write_table,
@@ -205,7 +206,18 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     events, catalog, meta = _load_training_inputs(args, settings)
-    bundle, report, _ = train(events, catalog, settings, progress=_progress(args))
+    content = None
+    if args.content:
+        content, ct_report = read_content(
+            args.content,
+            rejects_path=_rejects_path(args.rejects, "content"),
+            max_reject_share=settings.data.max_reject_share,
+        )
+        logger.info("%s", ct_report.summary())
+        meta["data"]["read"]["content"] = ct_report.as_dict()
+    meta["data"]["content"] = str(args.content) if args.content else None
+    meta["data"]["content_sha256"] = sha256_file(args.content) if args.content else None
+    bundle, report, _ = train(events, catalog, settings, progress=_progress(args), content=content)
     if report.validation:
         print(
             f"validation window: last {settings.train.validation_days} days of the data "
@@ -220,6 +232,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         "counts": report.counts,
         "libraries": _library_versions(),
     }
+    c = report.counts
+    print(
+        f"content snapshot: {c['content_items']:,} items linking {c['content_product_links']:,} "
+        f"product ids, {c['content_links_unknown_to_model']:,} of them unknown to the model (kept)"
+        if args.content
+        else "content snapshot: empty (no --content)"
+    )
     version = publish(bundle, args.models_dir, manifest)
     print(f"published model {version} to {args.models_dir} (CURRENT → {version})")
     return 0
@@ -353,8 +372,8 @@ def _add_inputs(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="TOML config file")
     p.add_argument(
         "--rejects",
-        help="write rejected event rows here (.csv or .parquet); catalog "
-        "and consent rejects go beside it as <name>-catalog / <name>-consent",
+        help="write rejected event rows here (.csv or .parquet); catalog, consent (and for "
+        "train content) rejects go beside it as <name>-catalog / <name>-consent / <name>-content",
     )
     p.add_argument(
         "--max-reject-share",
@@ -388,6 +407,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train, validate and publish a model version")
     _add_inputs(p)
+    p.add_argument(
+        "--content",
+        help="content file (content_id, title, kind, product_ids, categories, ...): the model's "
+        "content snapshot (empty without it)",
+    )
     p.add_argument("--models-dir", required=True, help="where model versions and CURRENT live")
     p.set_defaults(func=cmd_train)
 

@@ -1,7 +1,7 @@
 """Fit candidate models with `implicit`, learn the blend on a validation window, build the bundle,
 and run the time-split evaluation.
 
-    bundle, report = train(events, catalog, settings)        # what `nextbest train` publishes
+    bundle, report, _ = train(events, catalog, settings)     # what `nextbest train` publishes
     results = evaluate_at(events, catalog, settings, cutoff)  # what `nextbest evaluate` prints
 
 The validation window is always cut from the end of the data the model is trained on, never from a
@@ -35,6 +35,7 @@ from nextbest.data.interactions import (
     cf_matrix,
     repeat_stats,
 )
+from nextbest.data.readers import CONTENT_SCHEMA
 from nextbest.errors import DataError
 from nextbest.evaluation import evaluate_models
 from nextbest.policy import sensitive_mask
@@ -169,6 +170,7 @@ def _assemble(
     catalog: pa.Table | None,
     settings: Settings,
     manifest: dict,
+    content: pa.Table | None = None,
 ) -> ModelBundle:
     inter, rs = prep.inter, prep.repeat
     sensitive, available, repurchase = _item_arrays(inter.item_ids, catalog, settings)
@@ -191,6 +193,7 @@ def _assemble(
         catalog=catalog
         if catalog is not None
         else pa.table({"product_id": pa.array([], pa.string())}),
+        content=content if content is not None else CONTENT_SCHEMA.empty_table(),
         manifest=manifest,
     )
 
@@ -248,8 +251,12 @@ def train(
     *,
     progress: bool = False,
     fit_candidates: bool = False,
+    content: pa.Table | None = None,
 ) -> tuple[ModelBundle, TrainReport, dict[str, CFModel]]:
     """Train the served model on `events` (already consent-filtered).
+
+    `content` (CONTENT_SCHEMA) is kept in the bundle as its content snapshot, rows linking products
+    unknown to the model included; `report.counts` says how many such links there are.
 
     With `settings.train.tune`, the last `validation_days` of the data are held out: ALS
     hyperparameters are chosen by the NDCG@k of new-to-customer purchases there, and the blend is
@@ -331,12 +338,16 @@ def train(
     report.timings["fit_s"] = time.perf_counter() - clock
     report.params = {**_params(settings, als_params), "blend": blend}
     manifest = {"params": report.params}
-    bundle = _assemble(prep, final[t.cf_model], blend, catalog, settings, manifest)
+    bundle = _assemble(prep, final[t.cf_model], blend, catalog, settings, manifest, content)
+    links = pc.list_flatten(bundle.content["product_ids"]).to_numpy(zero_copy_only=False)
     report.counts = {
         "customers": bundle.shape[0],
         "products": bundle.shape[1],
         "interactions": int(prep.matrix.nnz),
         "events": int(events.num_rows),
+        "content_items": bundle.content.num_rows,
+        "content_product_links": len(links),
+        "content_links_unknown_to_model": int((bundle.item_index(links.astype(str)) < 0).sum()),
     }
     return bundle, report, final
 

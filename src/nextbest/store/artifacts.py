@@ -1,11 +1,11 @@
 """Model artifacts: atomic publication of `models/<version>/`, the `CURRENT` pointer, loading.
 
-A version directory holds plain arrays (`.npz`, read with `allow_pickle=False`), the catalog
-snapshot (`catalog.parquet`) and `manifest.json`, written last, which lists every file with its
-sha256. Publication writes into `models/.tmp-<version>-<pid>/`, fsyncs, renames the directory into
-place and only then replaces `CURRENT` (write a temporary file, fsync, `os.replace`). A crash at
-any point leaves `CURRENT` on a complete model; `load_bundle` refuses a version whose files do not
-match its manifest.
+A version directory holds plain arrays (`.npz`, read with `allow_pickle=False`), the catalog and
+content snapshots (`catalog.parquet`, `content.parquet`) and `manifest.json`, written last, which
+lists every file with its sha256. Publication writes into `models/.tmp-<version>-<pid>/`, fsyncs,
+renames the directory into place and only then replaces `CURRENT` (write a temporary file, fsync,
+`os.replace`). A crash at any point leaves `CURRENT` on a complete model; `load_bundle` refuses a
+version whose files do not match its manifest.
 """
 
 from __future__ import annotations
@@ -20,12 +20,14 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import scipy.sparse as sp
 
 from nextbest.bundle import FEATURES, ModelBundle
 from nextbest.cf import CFModel
 from nextbest.data.interactions import RepeatStats
+from nextbest.data.readers import CONTENT_SCHEMA
 from nextbest.errors import ModelError
 
 __all__ = [
@@ -43,9 +45,18 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-FORMAT = 1
+FORMAT = 2
+"""2: adds the content snapshot (`content.parquet`, manifest `content_items`)."""
 CURRENT = "CURRENT"
-_FILES = ("ids.npz", "user_items.npz", "repeat.npz", "cf.npz", "items.npz", "catalog.parquet")
+_FILES = (
+    "ids.npz",
+    "user_items.npz",
+    "repeat.npz",
+    "cf.npz",
+    "items.npz",
+    "catalog.parquet",
+    "content.parquet",
+)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -68,6 +79,13 @@ def sha256_file(path: str | Path) -> str:
 def _save_npz(path: Path, **arrays: np.ndarray) -> None:
     with open(path, "wb") as fh:
         np.savez(fh, **arrays)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _save_parquet(path: Path, table: pa.Table) -> None:
+    with open(path, "wb") as fh:
+        pq.write_table(table, fh)
         fh.flush()
         os.fsync(fh.fileno())
 
@@ -143,7 +161,9 @@ def publish(bundle: ModelBundle, models_dir: str | Path, manifest: dict) -> str:
         recent_best_sellers=bundle.recent_best_sellers,
         blend_weights=bundle.blend_weights,
     )
-    pq.write_table(bundle.catalog, tmp / "catalog.parquet")
+    _save_parquet(tmp / "catalog.parquet", bundle.catalog)
+    content = bundle.content.select(CONTENT_SCHEMA.names).cast(CONTENT_SCHEMA)
+    _save_parquet(tmp / "content.parquet", content)
     full = {
         "format": FORMAT,
         "version": version,
@@ -151,6 +171,7 @@ def publish(bundle: ModelBundle, models_dir: str | Path, manifest: dict) -> str:
         "cf_model": bundle.cf.kind,
         "customers": int(bundle.shape[0]),
         "products": int(bundle.shape[1]),
+        "content_items": content.num_rows,
         "reference_day": bundle.reference_day,
         "reference_time": _day_iso(bundle.reference_day),
         "features": list(FEATURES),
@@ -237,6 +258,14 @@ def _load_npz(path: Path) -> dict[str, np.ndarray]:
         raise ModelError(f"{path}: cannot be read ({exc})") from None
 
 
+def _load_content(path: Path) -> pa.Table:
+    try:
+        table = pq.read_table(path)
+        return table.select(CONTENT_SCHEMA.names).cast(CONTENT_SCHEMA)
+    except (OSError, KeyError, pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+        raise ModelError(f"{path}: not a content snapshot ({exc})") from None
+
+
 def load_bundle(models_dir: str | Path, version: str | None = None) -> ModelBundle:
     """Load one version (default: `CURRENT`), verifying every file against the manifest."""
     models_dir = Path(models_dir)
@@ -286,6 +315,7 @@ def load_bundle(models_dir: str | Path, version: str | None = None) -> ModelBund
         best_sellers=items["best_sellers"],
         recent_best_sellers=items["recent_best_sellers"],
         catalog=pq.read_table(directory / "catalog.parquet"),
+        content=_load_content(directory / "content.parquet"),
         manifest=manifest,
     )
 
