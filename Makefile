@@ -16,7 +16,7 @@ CJ_EVENTS := $(DATA)/complete-journey/events.parquet
 OR_CUTOFF := 2011-11-01
 CJ_CUTOFF := 2017-12-01
 
-.PHONY: install test lint train evaluate evaluate-cj bench-train prepare clean demo
+.PHONY: install test lint train evaluate evaluate-cj bench-train prepare clean demo serve proto
 
 $(VENV)/.installed: pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (Python 3.11 is required)"; exit 1; }
@@ -31,8 +31,8 @@ test: install
 	$(PY) -m pytest
 
 lint: install
-	$(VENV)/bin/ruff check src tests benchmarks
-	$(VENV)/bin/ruff format --check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks examples
+	$(VENV)/bin/ruff format --check src tests benchmarks examples
 
 # One prepare run writes both (grouped target): a data/ prepared before content existed is redone.
 $(OR_EVENTS) $(OR_CONTENT) &: | install
@@ -61,13 +61,30 @@ bench-train: install $(CJ_EVENTS)
 clean:
 	rm -rf $(VENV) $(DATA) build src/*.egg-info
 
-# The quick start: install, prepare the real Online Retail data, train and publish, then export the
-# served ranking for three real customers. (The gRPC server joins the demo with the serving issue.)
+# The quick start: install, prepare the real Online Retail data, train and publish, start the gRPC
+# server on a free port, query it with the example client (three real customers, similar products
+# for a real product, scores of generated guides), then stop the server with SIGTERM.
+DEMO_LOG := $(DATA)/demo-server.log
 demo: train
-	@printf 'customer_id\n12347\n14911\n17850\n' > $(DATA)/demo-customers.csv
-	$(NEXTBEST) recommend --models-dir $(MODELS) --customers $(DATA)/demo-customers.csv --limit 5 \
-		--output $(DATA)/demo-recommendations.csv $(DEMO_CONSENT)
-	@$(PY) -c "import pyarrow.csv as c, pyarrow.parquet as q; \
-	r = c.read_csv('$(DATA)/demo-recommendations.csv', convert_options=c.ConvertOptions(column_types={'customer_id': 'string', 'product_id': 'string'})); \
-	t = dict(zip(*q.read_table('$(DATA)/online-retail/catalog.parquet', columns=['product_id','title']).to_pydict().values())); \
-	[print(f\"{x['customer_id']}  #{x['rank']}  {x['product_id']:<7} {x['score']:.3f}  {t.get(x['product_id'], '')}\") for x in r.to_pylist()]"
+	@set -e; \
+	$(NEXTBEST) serve --models-dir $(MODELS) --port 0 $(DEMO_CONSENT) > $(DEMO_LOG) 2>&1 & pid=$$!; \
+	trap 'kill -TERM $$pid 2>/dev/null || true; wait $$pid || true' EXIT; \
+	for i in $$(seq 300); do \
+		grep -q '^nextbest serving on' $(DEMO_LOG) && break; \
+		kill -0 $$pid 2>/dev/null || { cat $(DEMO_LOG); echo "error: the server stopped"; exit 1; }; \
+		sleep 0.2; \
+	done; \
+	addr=$$(sed -n 's/^nextbest serving on //p' $(DEMO_LOG)); \
+	test -n "$$addr" || { cat $(DEMO_LOG); echo "error: the server did not start"; exit 1; }; \
+	echo "server on $$addr (log: $(DEMO_LOG))"; \
+	$(PY) examples/client.py --address $$addr --customers 12347 14911 17850 --product 85123A \
+		--content guide-mug guide-holder guide-bag guide-sign guide-candles
+
+# Run the server on the CURRENT model (settings: CONFIG=path/to/nextbest.toml; see README).
+serve: install
+	$(NEXTBEST) serve --models-dir $(MODELS) $(if $(CONFIG),--config $(CONFIG)) $(DEMO_CONSENT)
+
+# Regenerate the Python code of protos/ into src/nextbest/v1 (committed; a test checks it).
+proto: install
+	$(PY) -m grpc_tools.protoc -Iprotos --python_out=src --pyi_out=src --grpc_python_out=src \
+		protos/nextbest/v1/*.proto

@@ -59,6 +59,16 @@ def _share(text: str) -> float:
     return value
 
 
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be within 0..65535: {text!r}")
+    return value
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -437,12 +447,35 @@ def build_parser() -> argparse.ArgumentParser:
     _add_consent_default(p)
     p.set_defaults(func=cmd_recommend)
 
+    p = sub.add_parser("serve", help="run the gRPC server on the CURRENT model until SIGTERM")
+    p.add_argument("--config", help="TOML config file ([serve] section)")
+    p.add_argument("--models-dir", help="model versions and CURRENT (default serve.models_dir)")
+    p.add_argument("--host", help="address to listen on (default serve.host)")
+    p.add_argument("--port", type=_port, help="port; 0 = any free port (default serve.port)")
+    p.add_argument("--consent", help="consent file read at start (default serve.consent_file)")
+    _add_consent_default(p)
+    p.set_defaults(func=cmd_serve)
+
     p = sub.add_parser("models", help="list, promote or roll back model versions")
     p.add_argument("action", choices=("list", "promote", "rollback"))
     p.add_argument("version", nargs="?", help="the version to promote")
     p.add_argument("--models-dir", default="models")
     p.set_defaults(func=cmd_models)
     return parser
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from nextbest.server import serve
+
+    settings = _settings(args)
+    given = {
+        "models_dir": args.models_dir,
+        "host": args.host,
+        "port": args.port,
+        "consent_file": args.consent,
+    }
+    settings = settings.with_overrides("serve", **{k: v for k, v in given.items() if v is not None})
+    return serve(settings)
 
 
 def main(argv: list[str] | None = None) -> int:

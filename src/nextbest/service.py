@@ -302,8 +302,8 @@ class ServedModel:
                 days = rs.days_bought.data[at]
                 last = rs.last_day.data[at]
                 age = max(now - last, 0.0)
-                if days >= 2:
-                    every = (last - rs.first_day.data[at]) / (days - 1)
+                every = (last - rs.first_day.data[at]) / max(days - 1, 1)
+                if days >= 2 and every >= 2:
                     text = f"you buy this about every {every:.0f} days; last {age:.0f} days ago"
                 else:
                     every = interval[j] if np.isfinite(interval[j]) else age
