@@ -616,3 +616,42 @@ def test_hot_swap_under_load_drops_no_call(workdir, tmp_path):
     assert versions[0] == first and versions[-1] == second
     assert len(versions) > 50
     assert len(list_versions(models)) == 2
+
+
+def test_batch_export_and_server_give_the_same_ranking(workdir, stub, tmp_path):
+    customers = [f"c{c:03d}" for c in range(0, 80, 7)] + ["unknown-9"]
+    (tmp_path / "customers.csv").write_text("customer_id\n" + "\n".join(customers) + "\n")
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "nextbest.cli",
+            "recommend",
+            "--config",
+            str(workdir / "nextbest.toml"),
+            "--models-dir",
+            str(workdir / "models"),
+            "--consent",
+            str(workdir / "consent.csv"),
+            "--customers",
+            str(tmp_path / "customers.csv"),
+            "--limit",
+            "6",
+            "--output",
+            str(tmp_path / "out.csv"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    rows = pacsv.read_csv(
+        tmp_path / "out.csv",
+        convert_options=pacsv.ConvertOptions(
+            column_types={"customer_id": pa.string(), "product_id": pa.string()}
+        ),
+    ).to_pylist()
+    for customer in customers:
+        exported = [r["product_id"] for r in rows if r["customer_id"] == customer]
+        served = [i.product_id for i in recommend(stub, customer_id=customer, limit=6).items]
+        assert served == exported, customer
