@@ -434,7 +434,7 @@ def test_kill_during_publication_leaves_current_on_the_previous_model(
                 "--max-reject-share",
                 "2",
             ],
-            "must be within [0, 1]",
+            "must be within 0.0..1.0",
         ),
         (
             ["prepare", "online-retail", "--source", "{tmp}", "--out", "{tmp}/o"],

@@ -49,34 +49,25 @@ def _date_arg(text: str) -> tuple[str, float]:
     return text, _parse_date(text)
 
 
-def _share(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be within [0, 1]: {text!r}")
-    return value
+def _number_in(kind: type, low: float, high: float | None, what: str):
+    """An argparse type: a `kind` number within [low, high] (no upper bound when None)."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not {what}: {text!r}") from None
+        if value < low or (high is not None and value > high):
+            bounds = f">= {low}" if high is None else f"within {low}..{high}"
+            raise argparse.ArgumentTypeError(f"must be {bounds}: {text!r}")
+        return value
+
+    return parse
 
 
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"must be within 0..65535: {text!r}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1: {text!r}")
-    return value
+_share = _number_in(float, 0.0, 1.0, "a number")
+_port = _number_in(int, 0, 65535, "a port number")
+_positive_int = _number_in(int, 1, None, "an integer")
 
 
 # --- shared input handling -----------------------------------------------------------------------
