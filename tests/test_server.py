@@ -655,3 +655,19 @@ def test_batch_export_and_server_give_the_same_ranking(workdir, stub, tmp_path):
         exported = [r["product_id"] for r in rows if r["customer_id"] == customer]
         served = [i.product_id for i in recommend(stub, customer_id=customer, limit=6).items]
         assert served == exported, customer
+
+
+def test_cancelled_streams_leave_no_thread_behind(stub):
+    """A client that stops reading and cancels must not leave the server's reader waiting."""
+    for _ in range(2):
+        requests = (pb.RecommendProductsRequest(customer_id=f"c{k % 80:03d}") for k in range(5000))
+        call = stub.StreamRecommendations(requests, timeout=30)
+        time.sleep(1.5)  # reads nothing: the server's answers and read-ahead fill up
+        call.cancel()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(
+        t.name == "stream-reader" for t in threading.enumerate()
+    ):
+        time.sleep(0.1)
+    assert [t for t in threading.enumerate() if t.name == "stream-reader"] == []
+    assert recommend(stub, customer_id="c003").items

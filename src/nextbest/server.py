@@ -317,19 +317,33 @@ class RecommenderService(recommender_pb2_grpc.RecommenderServicer):
     def StreamRecommendations(self, request_iterator, context) -> Iterator:
         pending: queue.Queue = queue.Queue(maxsize=STREAM_BUFFER)
 
+        def put(item) -> bool:
+            """Queue `item`, waiting while the buffer is full; False once the call is over."""
+            while context.is_active():
+                try:
+                    pending.put(item, timeout=0.5)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
         def read() -> None:
             try:
                 for request in request_iterator:
-                    pending.put(request)
+                    if not put(request):
+                        return
             except Exception as exc:  # cancelled or broken stream: end the answers
                 logger.debug("stream reader ended: %s", exc)
             finally:
-                pending.put(_END)
+                put(_END)
 
         threading.Thread(target=read, name="stream-reader", daemon=True).start()
         done = False
         while not done and context.is_active():
-            batch = [pending.get()]
+            try:
+                batch = [pending.get(timeout=0.5)]
+            except queue.Empty:
+                continue
             while len(batch) < STREAM_BATCH and batch[-1] is not _END:
                 try:
                     batch.append(pending.get_nowait())
