@@ -16,7 +16,7 @@ CJ_EVENTS := $(DATA)/complete-journey/events.parquet
 OR_CUTOFF := 2011-11-01
 CJ_CUTOFF := 2017-12-01
 
-.PHONY: install test lint train evaluate evaluate-cj bench-train prepare clean demo serve proto
+.PHONY: install test lint train evaluate evaluate-cj bench-train bench-serve prepare clean demo serve proto
 
 $(VENV)/.installed: pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (Python 3.11 is required)"; exit 1; }
@@ -57,6 +57,11 @@ evaluate-cj: install $(CJ_EVENTS)
 
 bench-train: install $(CJ_EVENTS)
 	$(PY) benchmarks/bench_train.py --events $(CJ_EVENTS) --catalog $(DATA)/complete-journey/catalog.parquet
+
+# The server under load against a bare gRPC echo server and a bare implicit batch recommend, all in
+# one run; trains its own ALS-only model into $(DATA)/bench-serve once, updates BENCHMARKS.md.
+bench-serve: install $(CJ_EVENTS)
+	$(PY) benchmarks/bench_serve.py --events $(CJ_EVENTS) --catalog $(DATA)/complete-journey/catalog.parquet --write
 
 clean:
 	rm -rf $(VENV) $(DATA) build src/*.egg-info
