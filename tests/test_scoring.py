@@ -9,7 +9,7 @@ from conftest import synthetic_catalog, synthetic_events, write_csv
 
 from nextbest.config import load_settings
 from nextbest.data.readers import read_catalog, read_events
-from nextbest.scoring import recommend_for
+from nextbest.scoring import cf_candidates_for, recommend_for
 from nextbest.training import train
 
 
@@ -77,3 +77,23 @@ def test_identical_requests_identical_answers(bundle):
     a = serve(bundle, ["c010", "c011", "c012"], sensitive_ok=False)
     b = serve(bundle, ["c010", "c011", "c012"], sensitive_ok=False)
     assert np.array_equal(a.ids, b.ids) and np.array_equal(a.scores, b.scores)
+
+
+def test_precomputed_cf_candidates_give_the_same_ranking(bundle):
+    customers = [f"c{c:03d}" for c in range(80)] + ["unknown"]
+    ids = np.array(customers)
+    common = dict(
+        N=10,
+        now_day=bundle.reference_day,
+        personalization_ok=np.ones(len(ids), bool),
+        sensitive_ok=np.ones(len(ids), bool),
+        consumable_repeat_rate=0.3,
+        due_fraction=0.5,
+        pool=20,
+    )
+    precomputed = cf_candidates_for(bundle, 20, batch=7)
+    assert precomputed.shape == (bundle.shape[0], 20)
+    a = recommend_for(bundle, ids, **common)
+    b = recommend_for(bundle, ids, **common, cf_candidates=precomputed)
+    assert np.array_equal(a.ids, b.ids)
+    assert np.allclose(a.scores[a.ids >= 0], b.scores[b.ids >= 0])

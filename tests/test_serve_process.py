@@ -11,10 +11,10 @@ from pathlib import Path
 
 import grpc
 import pytest
+from test_server import workdir  # noqa: F401 - the trained-model fixture
 
 from nextbest.v1 import recommender_pb2 as pb
 from nextbest.v1 import recommender_pb2_grpc as rpb
-from test_server import workdir  # noqa: F401 - the trained-model fixture
 
 
 def start_server(workdir: Path) -> tuple[subprocess.Popen, str]:  # noqa: F811

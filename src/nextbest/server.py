@@ -26,6 +26,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from threadpoolctl import threadpool_limits
 
 from nextbest.config import Settings
 from nextbest.data.readers import read_consent
@@ -494,6 +495,8 @@ class Running:
 def create_server(settings: Settings, *, consent: ConsentState | None = None) -> Running:
     """Build, bind and start the server; loads CURRENT when there is one (else NOT_SERVING until
     the watcher finds one). `serve.port = 0` binds a free port (see `Running.port`)."""
+    # One BLAS / OpenMP thread per call (see ServedModel): the worker threads are the parallelism.
+    threadpool_limits(1)
     holder = ModelHolder(settings, consent if consent is not None else load_consent_state(settings))
     health_servicer = health.HealthServicer()
 

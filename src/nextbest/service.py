@@ -22,7 +22,7 @@ from nextbest.bundle import ModelBundle, lookup
 from nextbest.config import Settings
 from nextbest.errors import NotFound
 from nextbest.policy import ConsentState
-from nextbest.scoring import item_interval, recommend_for
+from nextbest.scoring import cf_candidates_for, item_interval, recommend_for
 
 __all__ = [
     "DEFAULT_LIMIT",
@@ -136,6 +136,12 @@ class ServedModel:
 
     def __post_init__(self) -> None:
         b = self.bundle
+        # Each call computes on one thread: calls run side by side on the server's worker
+        # threads, and implicit's default (every core per call) makes them fight for the cores.
+        b.cf.model.num_threads = 1
+        # The CF candidates of every known customer, once per model: a call then scores ~200
+        # candidates instead of the whole catalog.
+        self.cf_candidates = cf_candidates_for(b, self.settings.train.candidate_pool)
         catalog = b.catalog
         if catalog.num_rows:
             rows = pc.fill_null(
@@ -231,6 +237,7 @@ class ServedModel:
             pool=self.settings.train.candidate_pool,
             item_masks=[self._item_mask(q) for q in queries],
             include_purchased=np.asarray([q.include_purchased for q in queries], dtype=bool),
+            cf_candidates=self.cf_candidates,
         )
         out = []
         for r, q in enumerate(queries):
