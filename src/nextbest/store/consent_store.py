@@ -1,0 +1,957 @@
+"""The consent and event store (SPEC §5, §6): an SQLite file by default, PostgreSQL for replicas.
+
+`open_store(url)` takes `sqlite:///path.db` (SQLAlchemy spelling: `sqlite:///data/store.db` is
+relative, `sqlite:////var/lib/nextbest/store.db` absolute; a bare path ending in `.db`, `.sqlite`
+or `.sqlite3` also works) or `postgresql://user@host:port/db[?schema=NAME]` (`schema` puts the
+tables in that PostgreSQL schema, created if missing; the other query parameters go to libpq). The
+tables (`nextbest_*`) and a `nextbest_schema_version` row are created if missing.
+
+Guarantees:
+- Durable before acknowledged: every write method is one transaction, committed before it returns
+  (SQLite in WAL mode with `synchronous=FULL`; PostgreSQL's commit). A failed write leaves nothing.
+- No caching: every call reads the database, so replicas sharing one PostgreSQL store see each
+  other's committed writes on their next call. Safe to call from many threads (a small pool of
+  connections, one per concurrent call).
+- Consent: one record per customer and purpose; a purpose without a record follows
+  `policy.default_consent` (`consent_state(..., default_allow)`). The latest `updated_at` wins: a
+  change dated before the stored record is ignored. Setting the value a record already has moves
+  its `updated_at` and `source` forward and writes no audit row; every real change of value,
+  including the first set (`old_granted` None), writes one audit row (when, source, old, new).
+- Erasure (`forget`): one transaction deletes the customer's consent records, events and audit
+  rows and leaves a tombstone (customer id, `erased_at` = time of the latest erasure). A customer
+  may come back: consent and events dated after `erased_at` are stored again and the tombstone
+  stays (training excludes the customer's events at or before `erased_at`); consent and events
+  dated at or before `erased_at` are erased data replayed and are not stored.
+- Times are naive UTC datetimes, like the readers (an aware datetime is converted to UTC). SQLite
+  keeps them as integer microseconds since the epoch, PostgreSQL as `timestamp`.
+
+Errors: `InvalidRequest` names the bad field; `StoreError` (one line, naming the URL with any
+password hidden) when the database cannot be reached or fails; `ConfigError` for a bad URL.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import re
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from nextbest.data.readers import CONSENT_SCHEMA, EVENT_SCHEMA, PURPOSES
+from nextbest.errors import ConfigError, InvalidRequest, NextbestError
+from nextbest.policy import ConsentState
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "StoreError",
+    "ConsentRecord",
+    "AuditRecord",
+    "ForgetReport",
+    "Store",
+    "SqliteStore",
+    "PostgresStore",
+    "open_store",
+]
+
+SCHEMA_VERSION = 1
+_EPOCH = dt.datetime(1970, 1, 1)
+_MICRO = dt.timedelta(microseconds=1)
+_IDLE_CONNECTIONS = 16
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
+_LOCK_NAMESPACE = 0x6E627374  # PostgreSQL advisory locks: (namespace, hashtext(customer_id))
+
+
+class StoreError(NextbestError):
+    """The store's database cannot be reached or failed; the message names the URL."""
+
+
+@dataclass(frozen=True)
+class ConsentRecord:
+    """The stored consent of one customer for one purpose."""
+
+    purpose: str
+    granted: bool
+    updated_at: dt.datetime
+    source: str
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    """One consent change. `old_granted`/`new_granted` None: no record (before the first set, or
+    after an erasure). `set_consent` returns one with `old == new` when nothing changed."""
+
+    customer_id: str
+    purpose: str
+    old_granted: bool | None
+    new_granted: bool | None
+    changed_at: dt.datetime
+    source: str
+
+    @property
+    def changed(self) -> bool:
+        """Did the value change (and was an audit row written)?"""
+        return self.old_granted != self.new_granted
+
+
+@dataclass(frozen=True)
+class ForgetReport:
+    """What `forget` deleted; `already_erased`: a tombstone existed before this call."""
+
+    customer_id: str
+    consent_rows: int
+    events: int
+    audit_rows: int
+    already_erased: bool
+
+
+# --- validation and conversions ----------------------------------------------------------------
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC).replace(tzinfo=None)
+
+
+def _naive_utc(value: dt.datetime, field: str) -> dt.datetime:
+    if not isinstance(value, dt.datetime):
+        raise InvalidRequest(f"{field}: expected a datetime, got {type(value).__name__}")
+    if value.tzinfo is not None:
+        value = value.astimezone(dt.UTC).replace(tzinfo=None)
+    return value
+
+
+def _check_customer(customer_id: object, field: str = "customer_id") -> str:
+    if not isinstance(customer_id, str) or not customer_id.strip():
+        raise InvalidRequest(f"{field}: must not be empty")
+    return customer_id
+
+
+def _check_purpose(purpose: object, field: str = "purpose") -> str:
+    if purpose not in PURPOSES:
+        raise InvalidRequest(
+            f"{field}: unknown purpose {purpose!r} (expected {', '.join(PURPOSES)})"
+        )
+    return purpose  # type: ignore[return-value]
+
+
+def _check_source(source: object) -> str:
+    if not isinstance(source, str) or not source.strip():
+        raise InvalidRequest("source: must not be empty")
+    return source
+
+
+def _ts_array(arr: pa.ChunkedArray | pa.Array, field: str) -> pa.Array:
+    """Any arrow timestamp column as naive UTC microseconds (aware → UTC wall clock)."""
+    arr = arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
+    if not pa.types.is_timestamp(arr.type):
+        raise InvalidRequest(f"{field}: expected timestamps, got {arr.type}")
+    arr = arr.cast(pa.timestamp("us", tz=arr.type.tz))
+    return arr.cast(pa.int64()).cast(pa.timestamp("us")) if arr.type.tz else arr
+
+
+def _table(table: pa.Table, schema: pa.Schema, required: Sequence[str], what: str) -> pa.Table:
+    """`table` with `schema`'s columns and types; missing optional columns are null; required
+    columns may hold neither nulls nor empty strings."""
+    if not isinstance(table, pa.Table):
+        raise InvalidRequest(f"{what}: expected a pyarrow Table, got {type(table).__name__}")
+    columns = []
+    for f in schema:
+        if f.name not in table.column_names:
+            if f.name in required:
+                raise InvalidRequest(f"{f.name}: missing column in {what}")
+            columns.append(pa.nulls(table.num_rows, f.type))
+            continue
+        col = table.column(f.name)
+        try:
+            arr = _ts_array(col, f.name) if pa.types.is_timestamp(f.type) else col.cast(f.type)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as exc:
+            raise InvalidRequest(f"{f.name}: cannot be read as {f.type} ({exc})") from None
+        columns.append(arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr)
+    out = pa.Table.from_arrays(columns, schema=schema)
+    for name in required:
+        col = out[name].combine_chunks()
+        bad = pc.is_null(col)
+        if pa.types.is_string(col.type):
+            bad = pc.or_kleene(bad, pc.equal(pc.utf8_trim_whitespace(col), ""))
+        bad_np = bad.to_numpy(zero_copy_only=False)
+        if bad_np.any():
+            row = int(np.flatnonzero(bad_np)[0])
+            raise InvalidRequest(f"{name}: missing or empty in row {row} of {what}")
+    return out
+
+
+def _redact(url: str) -> str:
+    """The URL with any password replaced by `***` (for messages and logs)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0].strip() if text else type(exc).__name__
+
+
+# --- the shared store ----------------------------------------------------------------------------
+
+_TABLES = (
+    """CREATE TABLE IF NOT EXISTS nextbest_schema_version (version INTEGER NOT NULL){strict}""",
+    """CREATE TABLE IF NOT EXISTS nextbest_consent (
+        customer_id TEXT NOT NULL,
+        purpose TEXT NOT NULL,
+        granted {bool} NOT NULL,
+        updated_at {ts} NOT NULL,
+        source TEXT NOT NULL,
+        PRIMARY KEY (customer_id, purpose)
+    ){strict}""",
+    """CREATE TABLE IF NOT EXISTS nextbest_consent_audit (
+        id {id},
+        customer_id TEXT NOT NULL,
+        purpose TEXT NOT NULL,
+        old_granted {bool},
+        new_granted {bool},
+        changed_at {ts} NOT NULL,
+        source TEXT NOT NULL,
+        recorded_at {ts} NOT NULL
+    ){strict}""",
+    """CREATE INDEX IF NOT EXISTS nextbest_consent_audit_customer
+        ON nextbest_consent_audit (customer_id, changed_at)""",
+    """CREATE TABLE IF NOT EXISTS nextbest_events (
+        id {id},
+        customer_id TEXT NOT NULL,
+        product_id TEXT NOT NULL,
+        "timestamp" {ts} NOT NULL,
+        event_type TEXT NOT NULL,
+        quantity {float} NOT NULL,
+        value {float},
+        channel TEXT
+    ){strict}""",
+    """CREATE INDEX IF NOT EXISTS nextbest_events_customer
+        ON nextbest_events (customer_id, "timestamp")""",
+    """CREATE INDEX IF NOT EXISTS nextbest_events_time ON nextbest_events ("timestamp", id)""",
+    """CREATE TABLE IF NOT EXISTS nextbest_tombstones (
+        customer_id TEXT PRIMARY KEY,
+        erased_at {ts} NOT NULL,
+        source TEXT NOT NULL
+    ){strict}""",
+)
+
+_EVENT_COLUMNS = 'customer_id, product_id, "timestamp", event_type, quantity, value, channel'
+_AUDIT_INSERT = (
+    "INSERT INTO nextbest_consent_audit (customer_id, purpose, old_granted, new_granted, "
+    "changed_at, source, recorded_at) VALUES (?, ?, ?, ?, ?, ?, ?)"
+)
+_IMPORT_COLUMNS = ("customer_id", "purpose", "granted", "updated_at")
+
+
+class Store:
+    """Consent records, their audit trail, events and tombstones in one SQL database.
+
+    The SQL is shared; `SqliteStore` and `PostgresStore` supply connections, placeholders, column
+    types, time conversion and locking. `url` is the URL as given, with any password hidden.
+    """
+
+    _types: dict[str, str] = {}
+    _temp = "temp"
+
+    def __init__(self, url: str) -> None:
+        self.url = _redact(url)
+        self._idle: list[Any] = []
+        self._all: list[Any] = []
+        self._pool_lock = threading.Lock()
+        self._closed = False
+        try:
+            with self._write() as cur:
+                self._create_schema(cur)
+        except BaseException:
+            self.close()
+            raise
+
+    # -- dialect hooks -----------------------------------------------------------------------------
+
+    def _connect(self) -> Any:
+        raise NotImplementedError
+
+    def _driver_error(self) -> type[Exception]:
+        raise NotImplementedError
+
+    def _is_broken(self, conn: Any) -> bool:
+        return False
+
+    @contextmanager
+    def _transaction(self, conn: Any) -> Iterator[Any]:
+        raise NotImplementedError
+        yield
+
+    def _sql(self, sql: str) -> str:
+        """Placeholders: the shared SQL uses `?`."""
+        return sql
+
+    def _ts(self, value: dt.datetime) -> Any:
+        return value
+
+    def _dt(self, value: Any) -> dt.datetime:
+        return value
+
+    def _ts_list(self, arr: pa.Array) -> list:
+        return arr.to_pylist()
+
+    def _ts_arrow(self, values: list) -> pa.Array:
+        return pa.array(values, pa.timestamp("us"))
+
+    def _id_set(self, ids: Sequence[str]) -> tuple[str, Any]:
+        """A subquery of customer ids with one parameter (one round trip for any batch size)."""
+        raise NotImplementedError
+
+    def _lock(self, cur: Any, table: str, mode: str) -> None:
+        """Table lock (PostgreSQL); SQLite's `BEGIN IMMEDIATE` already serializes writers."""
+
+    def _lock_customer(self, cur: Any, customer_id: str) -> None:
+        """Serialize writers of one customer (PostgreSQL); a no-op for SQLite."""
+
+    def _copy(self, cur: Any, table: str, columns: str, rows: list[tuple]) -> None:
+        """Bulk insert in one call."""
+        marks = ", ".join("?" * len(rows[0]))
+        cur.executemany(self._sql(f"INSERT INTO {table} ({columns}) VALUES ({marks})"), rows)
+
+    # -- connections and transactions --------------------------------------------------------------
+
+    @contextmanager
+    def _conn(self) -> Iterator[Any]:
+        """A connection for this call, back to the pool afterwards (dropped if broken)."""
+        if self._closed:
+            raise StoreError(f"{self.url}: store is closed")
+        with self._pool_lock:
+            conn = self._idle.pop() if self._idle else None
+        if conn is None:
+            conn = self._connect()
+            with self._pool_lock:
+                self._all.append(conn)
+        try:
+            yield conn
+        except self._driver_error() as exc:
+            raise StoreError(f"{self.url}: {_first_line(exc)}") from exc
+        finally:
+            self._release(conn)
+
+    def _release(self, conn: Any) -> None:
+        with self._pool_lock:
+            keep = not self._closed and not self._is_broken(conn)
+            keep = keep and len(self._idle) < _IDLE_CONNECTIONS
+            if keep:
+                self._idle.append(conn)
+            else:
+                self._all = [c for c in self._all if c is not conn]
+        if not keep:
+            self._close_quietly(conn)
+
+    def _close_quietly(self, conn: Any) -> None:
+        try:
+            conn.close()
+        except Exception:  # noqa: BLE001 - closing a broken connection must not mask the cause
+            pass
+
+    @contextmanager
+    def _write(self) -> Iterator[Any]:
+        """One write transaction, committed (durably) when the block ends without an error."""
+        with self._conn() as conn, self._transaction(conn) as cur:
+            yield cur
+
+    @contextmanager
+    def _read(self) -> Iterator[Any]:
+        with self._conn() as conn:
+            cur = conn.cursor()
+            try:
+                yield cur
+            finally:
+                cur.close()
+
+    def close(self) -> None:
+        """Close every connection; later calls raise StoreError."""
+        with self._pool_lock:
+            self._closed = True
+            conns, self._all, self._idle = self._all, [], []
+        for conn in conns:
+            self._close_quietly(conn)
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.url!r})"
+
+    def _create_schema(self, cur: Any) -> None:
+        for ddl in _TABLES:
+            cur.execute(ddl.format(**self._types))
+        cur.execute("SELECT MAX(version) FROM nextbest_schema_version")
+        version = cur.fetchone()[0]
+        if version is None:
+            cur.execute(
+                self._sql("INSERT INTO nextbest_schema_version (version) VALUES (?)"),
+                (SCHEMA_VERSION,),
+            )
+        elif version > SCHEMA_VERSION:
+            raise StoreError(
+                f"{self.url}: store schema version {version} is newer than this nextbest "
+                f"({SCHEMA_VERSION}); upgrade nextbest"
+            )
+
+    # -- consent -----------------------------------------------------------------------------------
+
+    def set_consent(
+        self,
+        customer_id: str,
+        purpose: str,
+        granted: bool,
+        *,
+        source: str,
+        at: dt.datetime | None = None,
+    ) -> AuditRecord:
+        """Record one consent decision made at `at` (default: now) and return the change.
+
+        A decision dated before the stored record's `updated_at`, or at or before the customer's
+        erasure, is ignored: the returned record has `old == new` (the stored value, None if none)
+        and nothing is written. The same value again moves `updated_at`/`source` forward, returns
+        `old == new` and writes no audit row. A real change writes the record and one audit row.
+        """
+        _check_customer(customer_id)
+        _check_purpose(purpose)
+        _check_source(source)
+        if not isinstance(granted, bool | np.bool_):
+            raise InvalidRequest(f"granted: must be true or false, got {granted!r}")
+        granted = bool(granted)
+        at = _now() if at is None else _naive_utc(at, "at")
+        with self._write() as cur:
+            self._lock(cur, "nextbest_consent", "ROW EXCLUSIVE")
+            self._lock_customer(cur, customer_id)
+            cur.execute(
+                self._sql("SELECT erased_at FROM nextbest_tombstones WHERE customer_id = ?"),
+                (customer_id,),
+            )
+            tomb = cur.fetchone()
+            cur.execute(
+                self._sql(
+                    "SELECT granted, updated_at FROM nextbest_consent "
+                    "WHERE customer_id = ? AND purpose = ?"
+                ),
+                (customer_id, purpose),
+            )
+            row = cur.fetchone()
+            old = None if row is None else bool(row[0])
+            stale = (tomb is not None and at <= self._dt(tomb[0])) or (
+                row is not None and at < self._dt(row[1])
+            )
+            if stale:
+                return AuditRecord(customer_id, purpose, old, old, at, source)
+            if row is None:
+                cur.execute(
+                    self._sql(
+                        "INSERT INTO nextbest_consent "
+                        "(customer_id, purpose, granted, updated_at, source) VALUES (?, ?, ?, ?, ?)"
+                    ),
+                    (customer_id, purpose, granted, self._ts(at), source),
+                )
+            else:
+                cur.execute(
+                    self._sql(
+                        "UPDATE nextbest_consent SET granted = ?, updated_at = ?, source = ? "
+                        "WHERE customer_id = ? AND purpose = ?"
+                    ),
+                    (granted, self._ts(at), source, customer_id, purpose),
+                )
+            if old != granted:
+                cur.execute(
+                    self._sql(_AUDIT_INSERT),
+                    (customer_id, purpose, old, granted, self._ts(at), source, self._ts(_now())),
+                )
+        return AuditRecord(customer_id, purpose, old, granted, at, source)
+
+    def get_consent(self, customer_id: str) -> dict[str, ConsentRecord]:
+        """The customer's stored records, purpose → record (purposes without one are absent)."""
+        _check_customer(customer_id)
+        with self._read() as cur:
+            cur.execute(
+                self._sql(
+                    "SELECT purpose, granted, updated_at, source FROM nextbest_consent "
+                    "WHERE customer_id = ? ORDER BY purpose"
+                ),
+                (customer_id,),
+            )
+            rows = cur.fetchall()
+        return {p: ConsentRecord(p, bool(g), self._dt(u), s) for p, g, u, s in rows}
+
+    def consent_state(self, customer_ids: Sequence[str], default_allow: bool) -> ConsentState:
+        """The consent of a batch of customers in one query; customers or purposes without a
+        record follow `default_allow`."""
+        ids = sorted({c for c in customer_ids if isinstance(c, str) and c})
+        granted: dict[str, dict[str, bool]] = {}
+        if ids:
+            subquery, param = self._id_set(ids)
+            with self._read() as cur:
+                cur.execute(
+                    self._sql(
+                        "SELECT purpose, customer_id, granted FROM nextbest_consent "
+                        f"WHERE customer_id IN ({subquery})"
+                    ),
+                    (param,),
+                )
+                for purpose, customer, value in cur.fetchall():
+                    granted.setdefault(purpose, {})[customer] = bool(value)
+        return ConsentState(default_allow=bool(default_allow), granted=granted)
+
+    def import_consent(self, table: pa.Table, *, source: str) -> dict[str, int]:
+        """Apply a consent table (CONSENT_SCHEMA) in one transaction.
+
+        Per customer and purpose the row with the latest `updated_at` in the file wins (the later
+        row on a tie), then it wins against the store as `set_consent` would. Counts: `applied`
+        (new record or changed value, one audit row each), `unchanged` (same value, `updated_at`
+        moved forward), `older` (superseded in the file, older than the stored record, or at or
+        before the customer's erasure).
+        """
+        _check_source(source)
+        consent = _table(table, CONSENT_SCHEMA, CONSENT_SCHEMA.names, "consent table")
+        known = pc.is_in(consent["purpose"], pa.array(PURPOSES)).to_numpy(zero_copy_only=False)
+        if not known.all():
+            row = int(np.flatnonzero(~known)[0])
+            _check_purpose(consent["purpose"][row].as_py(), f"purpose (row {row})")
+        counts = {"applied": 0, "unchanged": 0, "older": 0}
+        if consent.num_rows == 0:
+            return counts
+        latest = _latest_per_key(consent)
+        counts["older"] = consent.num_rows - latest.num_rows
+        temp = f"{self._temp}.nextbest_import"
+        rows = list(
+            zip(
+                latest["customer_id"].to_pylist(),
+                latest["purpose"].to_pylist(),
+                latest["granted"].to_pylist(),
+                self._ts_list(latest["updated_at"].combine_chunks()),
+                strict=True,
+            )
+        )
+        t = self._types
+        with self._write() as cur:
+            self._lock(cur, "nextbest_consent", "SHARE ROW EXCLUSIVE")
+            cur.execute(f"DROP TABLE IF EXISTS {temp}")
+            cur.execute(
+                f"CREATE TABLE {temp} (customer_id TEXT NOT NULL, purpose TEXT NOT NULL, "
+                f"granted {t['bool']} NOT NULL, updated_at {t['ts']} NOT NULL, "
+                f"old_granted {t['bool']}, old_updated_at {t['ts']}, erased_at {t['ts']}, "
+                "outcome TEXT)"
+            )
+            self._copy(cur, temp, ", ".join(_IMPORT_COLUMNS), rows)
+            key = (
+                "c.customer_id = nextbest_import.customer_id "
+                "AND c.purpose = nextbest_import.purpose"
+            )
+            cur.execute(
+                f"UPDATE {temp} SET "
+                f"old_granted = (SELECT c.granted FROM nextbest_consent c WHERE {key}), "
+                f"old_updated_at = (SELECT c.updated_at FROM nextbest_consent c WHERE {key}), "
+                "erased_at = (SELECT t.erased_at FROM nextbest_tombstones t "
+                "WHERE t.customer_id = nextbest_import.customer_id)"
+            )
+            cur.execute(
+                f"UPDATE {temp} SET outcome = CASE "
+                "WHEN erased_at IS NOT NULL AND updated_at <= erased_at THEN 'older' "
+                "WHEN old_updated_at IS NOT NULL AND updated_at < old_updated_at THEN 'older' "
+                "WHEN old_granted IS NOT NULL AND old_granted = granted THEN 'unchanged' "
+                "ELSE 'applied' END"
+            )
+            cur.execute(f"SELECT outcome, COUNT(*) FROM {temp} GROUP BY outcome")
+            for outcome, n in cur.fetchall():
+                counts[outcome] += int(n)
+            cur.execute(
+                self._sql(
+                    "INSERT INTO nextbest_consent_audit (customer_id, purpose, old_granted, "
+                    "new_granted, changed_at, source, recorded_at) "
+                    f"SELECT customer_id, purpose, old_granted, granted, updated_at, ?, ? "
+                    f"FROM {temp} WHERE outcome = 'applied' ORDER BY updated_at"
+                ),
+                (source, self._ts(_now())),
+            )
+            cur.execute(
+                self._sql(
+                    "INSERT INTO nextbest_consent (customer_id, purpose, granted, updated_at, "
+                    f"source) SELECT customer_id, purpose, granted, updated_at, ? FROM {temp} "
+                    "WHERE outcome <> 'older' ON CONFLICT (customer_id, purpose) DO UPDATE SET "
+                    "granted = excluded.granted, updated_at = excluded.updated_at, "
+                    "source = excluded.source"
+                ),
+                (source,),
+            )
+            cur.execute(f"DROP TABLE {temp}")
+        return counts
+
+    def audit(self, customer_id: str) -> list[AuditRecord]:
+        """The customer's consent changes, oldest first."""
+        _check_customer(customer_id)
+        with self._read() as cur:
+            cur.execute(
+                self._sql(
+                    "SELECT purpose, old_granted, new_granted, changed_at, source "
+                    "FROM nextbest_consent_audit WHERE customer_id = ? ORDER BY changed_at, id"
+                ),
+                (customer_id,),
+            )
+            rows = cur.fetchall()
+        return [
+            AuditRecord(customer_id, p, _opt_bool(o), _opt_bool(n), self._dt(at), s)
+            for p, o, n, at, s in rows
+        ]
+
+    # -- erasure -----------------------------------------------------------------------------------
+
+    def forget(self, customer_id: str, *, source: str) -> ForgetReport:
+        """Erase the customer in one transaction: consent records, events and audit rows are
+        deleted and the tombstone is set to now. Idempotent (`already_erased` on a repeat)."""
+        _check_customer(customer_id)
+        _check_source(source)
+        erased_at = _now()
+        with self._write() as cur:
+            self._lock(cur, "nextbest_consent", "ROW EXCLUSIVE")
+            self._lock(cur, "nextbest_events", "SHARE ROW EXCLUSIVE")
+            self._lock_customer(cur, customer_id)
+            deleted = {}
+            for table in ("nextbest_consent", "nextbest_events", "nextbest_consent_audit"):
+                cur.execute(self._sql(f"DELETE FROM {table} WHERE customer_id = ?"), (customer_id,))
+                deleted[table] = max(cur.rowcount, 0)
+            cur.execute(
+                self._sql("SELECT erased_at FROM nextbest_tombstones WHERE customer_id = ?"),
+                (customer_id,),
+            )
+            before = cur.fetchone()
+            if before is not None:
+                erased_at = max(erased_at, self._dt(before[0]))
+            cur.execute(
+                self._sql(
+                    "INSERT INTO nextbest_tombstones (customer_id, erased_at, source) "
+                    "VALUES (?, ?, ?) ON CONFLICT (customer_id) DO UPDATE SET "
+                    "erased_at = excluded.erased_at, source = excluded.source"
+                ),
+                (customer_id, self._ts(erased_at), source),
+            )
+        return ForgetReport(
+            customer_id=customer_id,
+            consent_rows=deleted["nextbest_consent"],
+            events=deleted["nextbest_events"],
+            audit_rows=deleted["nextbest_consent_audit"],
+            already_erased=before is not None,
+        )
+
+    def tombstones(self) -> dict[str, dt.datetime]:
+        """Every erased customer → the time of their latest erasure."""
+        with self._read() as cur:
+            cur.execute("SELECT customer_id, erased_at FROM nextbest_tombstones")
+            return {c: self._dt(at) for c, at in cur.fetchall()}
+
+    # -- events ------------------------------------------------------------------------------------
+
+    def record_events(self, table: pa.Table) -> int:
+        """Store events (EVENT_SCHEMA; `value` and `channel` may be absent) in one transaction.
+
+        Returns the number stored: events of an erased customer dated at or before their erasure
+        are erased data replayed and are not stored.
+        """
+        events = _table(
+            table,
+            EVENT_SCHEMA,
+            ("customer_id", "product_id", "timestamp", "event_type", "quantity"),
+            "events table",
+        )
+        if events.num_rows == 0:
+            return 0
+        customers = sorted(set(events["customer_id"].to_pylist()))
+        subquery, param = self._id_set(customers)
+        with self._write() as cur:
+            self._lock(cur, "nextbest_events", "ROW EXCLUSIVE")
+            cur.execute(
+                self._sql(
+                    "SELECT customer_id, erased_at FROM nextbest_tombstones "
+                    f"WHERE customer_id IN ({subquery})"
+                ),
+                (param,),
+            )
+            erased = cur.fetchall()
+            if erased:
+                events = _drop_erased(events, {c: self._dt(at) for c, at in erased})
+            if events.num_rows == 0:
+                return 0
+            rows = list(
+                zip(
+                    events["customer_id"].to_pylist(),
+                    events["product_id"].to_pylist(),
+                    self._ts_list(events["timestamp"].combine_chunks()),
+                    events["event_type"].to_pylist(),
+                    events["quantity"].to_pylist(),
+                    events["value"].to_pylist(),
+                    events["channel"].to_pylist(),
+                    strict=True,
+                )
+            )
+            self._copy(cur, "nextbest_events", _EVENT_COLUMNS, rows)
+        return events.num_rows
+
+    def events(self, customer_ids: Sequence[str] | None = None) -> pa.Table:
+        """Stored events (EVENT_SCHEMA) of the given customers (default: everyone), ordered by
+        timestamp, then by insertion."""
+        sql = f"SELECT {_EVENT_COLUMNS} FROM nextbest_events"
+        params: tuple = ()
+        if customer_ids is not None:
+            ids = sorted({c for c in customer_ids if isinstance(c, str) and c})
+            if not ids:
+                return EVENT_SCHEMA.empty_table()
+            subquery, param = self._id_set(ids)
+            sql += f" WHERE customer_id IN ({subquery})"
+            params = (param,)
+        with self._read() as cur:
+            cur.execute(self._sql(sql + ' ORDER BY "timestamp", id'), params)
+            rows = cur.fetchall()
+        if not rows:
+            return EVENT_SCHEMA.empty_table()
+        cols = list(zip(*rows, strict=True))
+        arrays = [
+            pa.array(cols[0], pa.string()),
+            pa.array(cols[1], pa.string()),
+            self._ts_arrow(list(cols[2])),
+            pa.array(cols[3], pa.string()),
+            pa.array(cols[4], pa.float64()),
+            pa.array(cols[5], pa.float64()),
+            pa.array(cols[6], pa.string()),
+        ]
+        return pa.Table.from_arrays(arrays, schema=EVENT_SCHEMA)
+
+
+def _opt_bool(value: object) -> bool | None:
+    return None if value is None else bool(value)
+
+
+def _latest_per_key(consent: pa.Table) -> pa.Table:
+    """The last row per (customer_id, purpose) by `updated_at`, then by row order."""
+    rows = consent.append_column("__row", pa.array(np.arange(consent.num_rows)))
+    rows = rows.sort_by([("updated_at", "ascending"), ("__row", "ascending")])
+    latest = rows.group_by(["customer_id", "purpose"], use_threads=False).aggregate(
+        [("granted", "last"), ("updated_at", "last")]
+    )
+    return latest.rename_columns(
+        {"granted_last": "granted", "updated_at_last": "updated_at"}
+    ).select(list(_IMPORT_COLUMNS))
+
+
+def _drop_erased(events: pa.Table, erased: dict[str, dt.datetime]) -> pa.Table:
+    """Events without those of erased customers dated at or before their erasure."""
+    ids = pa.array(list(erased), pa.string())
+    times = pa.array(list(erased.values()), pa.timestamp("us"))
+    idx = pc.index_in(events["customer_id"], value_set=ids)
+    erased_at = pc.take(times, idx)  # null where the customer is not erased
+    replayed = pc.fill_null(pc.less_equal(events["timestamp"], erased_at), False)
+    return events.filter(pc.invert(replayed))
+
+
+# --- SQLite --------------------------------------------------------------------------------------
+
+
+class SqliteStore(Store):
+    """A store in one SQLite file: WAL mode, `synchronous=FULL`, writers serialized by
+    `BEGIN IMMEDIATE`, readers concurrent."""
+
+    _types = {
+        "id": "INTEGER PRIMARY KEY",
+        "ts": "INTEGER",
+        "bool": "INTEGER",
+        "float": "REAL",
+        "strict": " STRICT",
+    }
+    _temp = "temp"
+
+    def __init__(self, url: str, path: Path) -> None:
+        self.path = path
+        super().__init__(url)
+
+    def _driver_error(self) -> type[Exception]:
+        return sqlite3.Error
+
+    def _connect(self) -> sqlite3.Connection:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(
+                self.path, timeout=30.0, isolation_level=None, check_same_thread=False
+            )
+            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            conn.execute("PRAGMA synchronous=FULL")
+        except (sqlite3.Error, OSError) as exc:
+            raise StoreError(f"{self.url}: cannot open the database: {_first_line(exc)}") from None
+        if str(mode).lower() != "wal":
+            conn.close()
+            raise StoreError(f"{self.url}: cannot use WAL mode (journal mode stays {mode})")
+        return conn
+
+    @contextmanager
+    def _transaction(self, conn: sqlite3.Connection) -> Iterator[sqlite3.Cursor]:
+        cur = conn.cursor()
+        cur.execute("BEGIN IMMEDIATE")
+        try:
+            yield cur
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        finally:
+            cur.close()
+
+    def _ts(self, value: dt.datetime) -> int:
+        return (value - _EPOCH) // _MICRO
+
+    def _dt(self, value: Any) -> dt.datetime:
+        return _EPOCH + dt.timedelta(microseconds=int(value))
+
+    def _ts_list(self, arr: pa.Array) -> list:
+        return arr.cast(pa.int64()).to_pylist()
+
+    def _ts_arrow(self, values: list) -> pa.Array:
+        return pa.array(values, pa.int64()).cast(pa.timestamp("us"))
+
+    def _id_set(self, ids: Sequence[str]) -> tuple[str, Any]:
+        return "SELECT j.value FROM json_each(?) AS j", json.dumps(list(ids))
+
+
+# --- PostgreSQL ----------------------------------------------------------------------------------
+
+
+class PostgresStore(Store):
+    """A store in a PostgreSQL database (optionally one schema of it), shared by replicas.
+
+    Writers of one customer are serialized by a transaction-level advisory lock; a consent import
+    locks the consent table against other consent writers, an erasure the events table against
+    event writers, so no write can slip between an erasure's deletes and its tombstone.
+    """
+
+    _types = {
+        "id": "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY",
+        "ts": "TIMESTAMP",
+        "bool": "BOOLEAN",
+        "float": "DOUBLE PRECISION",
+        "strict": "",
+    }
+    _temp = "pg_temp"
+
+    def __init__(self, url: str) -> None:
+        parts = urlsplit(url)
+        query = parse_qsl(parts.query, keep_blank_values=True)
+        schemas = [v for k, v in query if k == "schema"]
+        self.schema = schemas[-1] if schemas else None
+        if self.schema is not None and not _IDENT.fullmatch(self.schema):
+            raise ConfigError(f"{_redact(url)}: schema {self.schema!r} is not a plain identifier")
+        query = [(k, v) for k, v in query if k != "schema"]
+        if not any(k == "connect_timeout" for k, _ in query):
+            query.append(("connect_timeout", "10"))
+        self._conninfo = urlunsplit(parts._replace(query=urlencode(query, quote_via=quote)))
+        super().__init__(url)
+
+    def _driver_error(self) -> type[Exception]:
+        import psycopg
+
+        return psycopg.Error
+
+    def _is_broken(self, conn: Any) -> bool:
+        return bool(conn.closed or conn.broken)
+
+    def _connect(self) -> Any:
+        import psycopg
+        from psycopg import sql
+
+        try:
+            conn = psycopg.connect(self._conninfo, autocommit=True)
+        except psycopg.Error as exc:
+            raise StoreError(f"{self.url}: cannot reach the database: {_first_line(exc)}") from None
+        if self.schema is not None:
+            try:
+                with conn.transaction():
+                    conn.execute("SELECT pg_advisory_xact_lock(%s, 0)", (_LOCK_NAMESPACE,))
+                    exists = conn.execute(
+                        "SELECT 1 FROM pg_namespace WHERE nspname = %s", (self.schema,)
+                    ).fetchone()
+                    if exists is None:
+                        conn.execute(
+                            sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(self.schema))
+                        )
+                conn.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(self.schema)))
+            except psycopg.Error as exc:
+                conn.close()
+                raise StoreError(
+                    f"{self.url}: cannot use schema {self.schema!r}: {_first_line(exc)}"
+                ) from None
+        return conn
+
+    @contextmanager
+    def _transaction(self, conn: Any) -> Iterator[Any]:
+        with conn.transaction(), conn.cursor() as cur:
+            yield cur
+
+    def _create_schema(self, cur: Any) -> None:
+        cur.execute("SELECT pg_advisory_xact_lock(%s, 0)", (_LOCK_NAMESPACE,))
+        super()._create_schema(cur)
+
+    def _sql(self, sql: str) -> str:
+        return sql.replace("?", "%s")
+
+    def _id_set(self, ids: Sequence[str]) -> tuple[str, Any]:
+        return "SELECT unnest(?::text[])", list(ids)
+
+    def _lock(self, cur: Any, table: str, mode: str) -> None:
+        cur.execute(f"LOCK TABLE {table} IN {mode} MODE")
+
+    def _lock_customer(self, cur: Any, customer_id: str) -> None:
+        cur.execute(
+            "SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (_LOCK_NAMESPACE, customer_id)
+        )
+
+    def _copy(self, cur: Any, table: str, columns: str, rows: list[tuple]) -> None:
+        with cur.copy(f"COPY {table} ({columns}) FROM STDIN") as copy:
+            for row in rows:
+                copy.write_row(row)
+
+
+# --- opening -------------------------------------------------------------------------------------
+
+_SQLITE_SUFFIXES = (".db", ".sqlite", ".sqlite3")
+
+
+def open_store(url: str) -> Store:
+    """Open (creating the tables if missing) the store at `url`: `sqlite:///path.db`, a bare
+    `*.db`/`*.sqlite` path, or `postgresql://user@host:port/db[?schema=NAME]`."""
+    if not isinstance(url, str) or not url.strip():
+        raise ConfigError("store URL: must not be empty")
+    url = url.strip()
+    scheme = url.split(":", 1)[0].lower() if "://" in url else ""
+    if scheme in ("postgresql", "postgres"):
+        return PostgresStore(url)
+    if scheme == "sqlite":
+        path = url.split("://", 1)[1]
+        if not path.startswith("/") or path in ("/", "/:memory:"):
+            raise ConfigError(
+                f"{url}: expected sqlite:///relative/path.db or sqlite:////absolute/path.db "
+                "(an in-memory database is not durable)"
+            )
+        return SqliteStore(url, Path(path[1:]))
+    if not scheme and url.lower().endswith(_SQLITE_SUFFIXES):
+        return SqliteStore(url, Path(url))
+    raise ConfigError(
+        f"{_redact(url)}: unknown store URL (expected sqlite:///path.db, a .db file or "
+        "postgresql://user@host:port/db)"
+    )
