@@ -10,6 +10,8 @@ MODELS ?= models
 # The public data sets carry no consent records; the demo and evaluation treat every customer as
 # having consented. Production runs keep the privacy-by-default `deny`.
 DEMO_CONSENT := --default-consent allow
+# The consent and event store of the demo and `make serve` (SQLite; see README for PostgreSQL).
+STORE ?= sqlite:///$(DATA)/store.db
 OR_EVENTS := $(DATA)/online-retail/events.parquet
 OR_CONTENT := $(DATA)/online-retail/content.parquet
 CJ_EVENTS := $(DATA)/complete-journey/events.parquet
@@ -45,7 +47,7 @@ prepare: $(OR_EVENTS) $(CJ_EVENTS)
 
 train: install $(OR_EVENTS) $(OR_CONTENT)
 	$(NEXTBEST) train --events $(OR_EVENTS) --catalog $(DATA)/online-retail/catalog.parquet \
-		--content $(OR_CONTENT) --models-dir $(MODELS) $(DEMO_CONSENT)
+		--content $(OR_CONTENT) --models-dir $(MODELS) --store $(STORE) $(DEMO_CONSENT)
 
 evaluate: install $(OR_EVENTS)
 	$(NEXTBEST) evaluate --events $(OR_EVENTS) --catalog $(DATA)/online-retail/catalog.parquet \
@@ -72,7 +74,8 @@ clean:
 DEMO_LOG := $(DATA)/demo-server.log
 demo: train
 	@set -e; \
-	$(NEXTBEST) serve --models-dir $(MODELS) --port 0 $(DEMO_CONSENT) > $(DEMO_LOG) 2>&1 & pid=$$!; \
+	$(NEXTBEST) serve --models-dir $(MODELS) --port 0 --store $(STORE) $(DEMO_CONSENT) \
+		> $(DEMO_LOG) 2>&1 & pid=$$!; \
 	trap 'kill -TERM $$pid 2>/dev/null || true; wait $$pid || true' EXIT; \
 	for i in $$(seq 300); do \
 		grep -q '^nextbest serving on' $(DEMO_LOG) && break; \
@@ -87,7 +90,8 @@ demo: train
 
 # Run the server on the CURRENT model (settings: CONFIG=path/to/nextbest.toml; see README).
 serve: install
-	$(NEXTBEST) serve --models-dir $(MODELS) $(if $(CONFIG),--config $(CONFIG)) $(DEMO_CONSENT)
+	$(NEXTBEST) serve --models-dir $(MODELS) --store $(STORE) $(if $(CONFIG),--config $(CONFIG)) \
+		$(DEMO_CONSENT)
 
 # Regenerate the Python code of protos/ into src/nextbest/v1 (committed; a test checks it).
 proto: install

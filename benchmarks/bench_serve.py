@@ -50,11 +50,6 @@ tune = false
 default_consent = "allow"
 """
 READY = re.compile(r"serving on (\S+):(\d+)\s*$")
-FALLBACK_SERVE = (
-    "from nextbest.config import load_settings; from nextbest.server import serve; import sys; "
-    "sys.exit(serve(load_settings(sys.argv[1]).with_overrides("
-    "'serve', models_dir=sys.argv[2], port=0)))"
-)
 SECTION = "## make bench-serve"
 UNKNOWN_EVERY = 50
 """Every 50th unary request names a customer the model does not know (best sellers)."""
@@ -163,13 +158,10 @@ def nextbest_cli() -> list[str]:
 
 
 def serve_command(config: Path, models_dir: Path) -> tuple[list[str], str]:
-    """`nextbest serve` when the CLI has it, else `server.serve` through `python -c`."""
-    cli = nextbest_cli()
-    probe = subprocess.run([*cli, "serve", "--help"], capture_output=True, cwd=ROOT)
-    if probe.returncode == 0:
-        cmd = [*cli, "serve", "--config", str(config), "--models-dir", str(models_dir)]
-        return [*cmd, "--port", "0"], "nextbest serve"
-    return [sys.executable, "-c", FALLBACK_SERVE, str(config), str(models_dir)], "server.serve"
+    """`nextbest serve` on the benchmark model, with its own consent store beside it."""
+    store = f"sqlite:///{(models_dir.parent / 'store.db').resolve()}"
+    cmd = [*nextbest_cli(), "serve", "--config", str(config), "--models-dir", str(models_dir)]
+    return [*cmd, "--port", "0", "--store", store], "nextbest serve"
 
 
 def ensure_model(args: argparse.Namespace, config: Path, models_dir: Path) -> None:
@@ -342,14 +334,17 @@ def profile_service(
     and stream batches (256 customers per pass, every customer). Per mode: ms per customer
     without and with cProfile, and the `top` functions by own time (ms per customer)."""
     from nextbest.config import load_settings
-    from nextbest.policy import consent_state
     from nextbest.server import STREAM_BATCH, _answer_pb, product_query
-    from nextbest.service import ServedModel
+    from nextbest.service import ServedModel, store_consent
     from nextbest.store.artifacts import load_bundle
+    from nextbest.store.consent_store import open_store
     from nextbest.v1 import recommender_pb2 as pb
 
     settings = load_settings(config)
-    model = ServedModel(load_bundle(models_dir), settings, consent_state(None, settings.policy))
+    # The consent path of the server: the store, read on every call.
+    store = open_store(f"sqlite:///{(models_dir.parent / 'store.db').resolve()}")
+    consent = store_consent(store, settings.policy.default_consent == "allow")
+    model = ServedModel(load_bundle(models_dir), settings, consent)
     requests = [pb.RecommendProductsRequest(customer_id=c) for c in customers]
 
     def answer(batch: list) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from importlib.resources import files
 from pathlib import Path
 
 from grpc_tools import protoc
@@ -19,6 +20,7 @@ def test_generated_code_is_up_to_date(tmp_path: Path):
     args = [
         "protoc",
         f"-I{PROTOS}",
+        f"-I{files('grpc_tools') / '_proto'}",  # well-known types, as `python -m grpc_tools.protoc`
         f"--python_out={tmp_path}",
         f"--pyi_out={tmp_path}",
         f"--grpc_python_out={tmp_path}",

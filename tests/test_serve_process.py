@@ -11,7 +11,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from test_server import workdir  # noqa: F401 - the trained-model fixture
+from test_server import store_url, workdir  # noqa: F401 - the trained-model fixture
 
 from nextbest.v1 import recommender_pb2 as pb
 from nextbest.v1 import recommender_pb2_grpc as rpb
@@ -30,6 +30,8 @@ def start_server(workdir: Path) -> tuple[subprocess.Popen, str]:  # noqa: F811
             str(workdir / "models"),
             "--port",
             "0",
+            "--store",
+            store_url(workdir),
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -104,11 +106,12 @@ def test_serve_bad_arguments_are_one_line_errors(args, message):
     assert "Traceback" not in done.stderr
 
 
-def test_serve_refuses_an_unreadable_consent_file(tmp_path):
+def test_consent_import_refuses_an_unreadable_consent_file(tmp_path):
     bad = tmp_path / "consent.csv"
     bad.write_text("customer_id,purpose\nc1,sensitive\n")
+    store = f"sqlite:///{tmp_path / 'store.db'}"
     done = subprocess.run(
-        [sys.executable, "-m", "nextbest.cli", "serve", "--consent", str(bad), "--port", "0"],
+        [sys.executable, "-m", "nextbest.cli", "consent", "import", str(bad), "--store", store],
         capture_output=True,
         text=True,
         timeout=60,

@@ -70,7 +70,7 @@ def _content() -> pa.Table:
     )
 
 
-def train(workdir: Path, models: Path) -> str:
+def train(workdir: Path, models: Path, *extra: str) -> str:
     """Train and publish with the real CLI; returns the new version."""
     cmd = [
         sys.executable,
@@ -87,6 +87,7 @@ def train(workdir: Path, models: Path) -> str:
         str(workdir / "content.csv"),
         "--models-dir",
         str(models),
+        *extra,
     ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
@@ -111,15 +112,26 @@ def workdir(tmp_path_factory) -> Path:
         ),
         d / "consent.csv",
     )
+    done = subprocess.run(
+        [sys.executable, "-m", "nextbest.cli", "consent", "import", str(d / "consent.csv")]
+        + ["--store", store_url(d), "--source", "test-fixture"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "2 applied" in done.stdout
     train(d, d / "models")
     return d
 
 
+def store_url(workdir: Path) -> str:
+    return f"sqlite:///{workdir / 'store.db'}"
+
+
 def _settings(workdir: Path, models: Path):
     s = load_settings(workdir / "nextbest.toml")
-    return s.with_overrides(
-        "serve", models_dir=str(models), consent_file=str(workdir / "consent.csv")
-    )
+    return s.with_overrides("serve", models_dir=str(models), store=store_url(workdir))
 
 
 @pytest.fixture(scope="module")

@@ -298,6 +298,8 @@ def test_forget_removes_every_row_and_leaves_a_tombstone(store: Store) -> None:
     tombstones = store.tombstones()
     assert list(tombstones) == ["gone"]
     assert before <= tombstones["gone"] <= now()
+    assert store.erased(["gone", "stays", "never-seen"]) == {"gone": tombstones["gone"]}
+    assert store.erased([]) == {}
     # The other customer is untouched.
     assert len(store.get_consent("stays")) == 2 and len(store.audit("stays")) == 3
     # Idempotent.

@@ -16,6 +16,7 @@ import pyarrow.compute as pc
 from nextbest import __version__
 from nextbest.config import CONSENT_DEFAULTS, Settings, load_settings
 from nextbest.data.readers import (
+    PURPOSES,
     read_catalog,
     read_consent,
     read_content,
@@ -132,6 +133,16 @@ def _load_training_inputs(args: argparse.Namespace, settings: Settings):
     if args.erased:
         erased, e_report = read_customer_ids(args.erased)
         logger.info("%s", e_report.summary())
+    if getattr(args, "store", None):
+        from nextbest.store.consent_store import open_store
+
+        store = open_store(args.store)
+        try:
+            tombstones = pa.array(sorted(store.tombstones()), pa.string())
+        finally:
+            store.close()
+        logger.info("%s: %d erased customers (tombstones) excluded", args.store, len(tombstones))
+        erased = tombstones if erased is None else pa.concat_arrays([erased, tombstones])
     state = consent_state(consent, settings.policy)
     sensitive = pa.array([], pa.string())
     if catalog is not None:
@@ -370,6 +381,11 @@ def _add_inputs(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--consent", help="consent file (customer_id, purpose, granted, updated_at)")
     p.add_argument("--erased", help="file with a customer_id column: erased customers (tombstones)")
+    p.add_argument(
+        "--store",
+        help="consent store URL (sqlite:///file.db, postgresql://...): its erased customers "
+        "(tombstones) are excluded like --erased",
+    )
     p.add_argument("--config", help="TOML config file")
     p.add_argument(
         "--rejects",
@@ -443,9 +459,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models-dir", help="model versions and CURRENT (default serve.models_dir)")
     p.add_argument("--host", help="address to listen on (default serve.host)")
     p.add_argument("--port", type=_port, help="port; 0 = any free port (default serve.port)")
-    p.add_argument("--consent", help="consent file read at start (default serve.consent_file)")
+    p.add_argument("--store", help="consent store URL (default serve.store)")
     _add_consent_default(p)
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("consent", help="import, show or forget customers' consent in the store")
+    p.add_argument("action", choices=("import", "get", "forget"))
+    p.add_argument("target", help="import: a consent file; get / forget: a customer id")
+    p.add_argument("--store", help="consent store URL (default serve.store)")
+    p.add_argument("--config", help="TOML config file")
+    p.add_argument(
+        "--source", default="cli", help="who or what makes the change (audit trail; default cli)"
+    )
+    _add_consent_default(p)
+    p.set_defaults(func=cmd_consent)
 
     p = sub.add_parser("models", help="list, promote or roll back model versions")
     p.add_argument("action", choices=("list", "promote", "rollback"))
@@ -463,10 +490,51 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "models_dir": args.models_dir,
         "host": args.host,
         "port": args.port,
-        "consent_file": args.consent,
+        "store": args.store,
     }
     settings = settings.with_overrides("serve", **{k: v for k, v in given.items() if v is not None})
     return serve(settings)
+
+
+def cmd_consent(args: argparse.Namespace) -> int:
+    from nextbest.store.consent_store import open_store
+
+    settings = _settings(args)
+    store = open_store(args.store or settings.serve.store)
+    try:
+        if args.action == "import":
+            table, report = read_consent(
+                args.target, max_reject_share=settings.data.max_reject_share
+            )
+            logger.info("%s", report.summary())
+            counts = store.import_consent(table, source=args.source)
+            print(
+                f"{args.target}: {report.rows_kept:,} records: {counts['applied']:,} applied, "
+                f"{counts['unchanged']:,} unchanged, {counts['older']:,} older than the store's"
+            )
+        elif args.action == "get":
+            stored = store.get_consent(args.target)
+            default = settings.policy.default_consent == "allow"
+            erased = " (erased: history before the erasure is never used)"
+            print(f"customer {args.target}{erased if store.erased([args.target]) else ''}")
+            for purpose in PURPOSES:
+                r = stored.get(purpose)
+                if r is None:
+                    print(f"  {purpose:<16} {'granted' if default else 'denied':<8} (default)")
+                else:
+                    state = "granted" if r.granted else "denied"
+                    print(f"  {purpose:<16} {state:<8} {r.updated_at.isoformat()} by {r.source}")
+        else:
+            done = store.forget(args.target, source=args.source)
+            print(
+                f"forgot customer {args.target}: {done.consent_rows} consent records, "
+                f"{done.events} events and {done.audit_rows} audit rows deleted"
+                + (" (already erased before)" if done.already_erased else "")
+                + "; the tombstone excludes them from every later `nextbest train --store`"
+            )
+    finally:
+        store.close()
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -117,9 +117,9 @@ class ServeSettings:
     """What "now" is when judging repurchase timing and recency: `model` (the newest training
     event of the served model; right for historic data and daily retraining) or `wall` (the
     server's clock)."""
-    consent_file: str = ""
-    """A consent export (customer_id, purpose, granted, updated_at) read at start; customers
-    without records follow policy.default_consent. Empty: the default applies to everyone."""
+    store: str = "sqlite:///nextbest-store.db"
+    """The consent and event store: `sqlite:///path.db` (a file; the default, relative to the
+    working directory) or `postgresql://user@host:port/db` for several servers sharing it."""
     max_workers: int = 16
     """Threads answering calls (and the most calls handled at once)."""
     reload_interval_s: float = 2.0

@@ -14,6 +14,7 @@ is refused (logged) and the old one keeps serving. Health is NOT_SERVING until a
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import json
 import logging
 import queue
@@ -24,26 +25,36 @@ from concurrent import futures
 from pathlib import Path
 
 import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from threadpoolctl import threadpool_limits
 
 from nextbest.config import Settings
-from nextbest.data.readers import read_consent
+from nextbest.data.readers import PURPOSES
 from nextbest.errors import InvalidRequest, ModelError, NotFound
-from nextbest.policy import ConsentState, consent_state
 from nextbest.service import (
     DEFAULT_LIMIT,
     MAX_LIMIT,
+    ConsentSource,
     ContentQuery,
     Item,
     ProductAnswer,
     ProductQuery,
     Reason,
     ServedModel,
+    store_consent,
 )
 from nextbest.store.artifacts import current_version, load_bundle
-from nextbest.v1 import admin_pb2, admin_pb2_grpc, recommender_pb2, recommender_pb2_grpc
+from nextbest.store.consent_store import Store, StoreError, open_store
+from nextbest.v1 import (
+    admin_pb2,
+    admin_pb2_grpc,
+    consent_pb2,
+    consent_pb2_grpc,
+    recommender_pb2,
+    recommender_pb2_grpc,
+)
 
 __all__ = ["ModelHolder", "Running", "create_server", "serve", "SERVICE_NAMES"]
 
@@ -63,6 +74,7 @@ pb = recommender_pb2
 SERVICE_NAMES = (
     pb.DESCRIPTOR.services_by_name["Recommender"].full_name,
     admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name,
+    consent_pb2.DESCRIPTOR.services_by_name["Consent"].full_name,
 )
 _REASON_KINDS = {
     "bought_related": pb.REASON_KIND_BOUGHT_RELATED,
@@ -77,7 +89,14 @@ _NOT_PERSONALIZED = {
     "": pb.NOT_PERSONALIZED_REASON_UNSPECIFIED,
     "no_consent": pb.NOT_PERSONALIZED_REASON_NO_CONSENT,
     "unknown_customer": pb.NOT_PERSONALIZED_REASON_UNKNOWN_CUSTOMER,
+    "erased": pb.NOT_PERSONALIZED_REASON_ERASED,
 }
+_PURPOSES = {
+    consent_pb2.PURPOSE_PERSONALIZATION: "personalization",
+    consent_pb2.PURPOSE_BEHAVIORAL: "behavioral",
+    consent_pb2.PURPOSE_SENSITIVE: "sensitive",
+}
+assert set(_PURPOSES.values()) == set(PURPOSES)
 
 
 class NoModel(Exception):
@@ -87,23 +106,13 @@ class NoModel(Exception):
 # --- the served model --------------------------------------------------------------------------
 
 
-def load_consent_state(settings: Settings) -> ConsentState:
-    """Consent records from `serve.consent_file` (if set) over `policy.default_consent`."""
-    table = None
-    if settings.serve.consent_file:
-        table, report = read_consent(
-            settings.serve.consent_file, max_reject_share=settings.data.max_reject_share
-        )
-        logger.info("%s", report.summary())
-    return consent_state(table, settings.policy)
-
-
 class ModelHolder:
     """The model being served, swapped atomically; `current` never blocks."""
 
-    def __init__(self, settings: Settings, consent: ConsentState):
+    def __init__(self, settings: Settings, consent: ConsentSource, store: Store | None = None):
         self.settings = settings
         self.consent = consent
+        self.store = store
         self.models_dir = Path(settings.serve.models_dir)
         self._current: ServedModel | None = None
         self._lock = threading.Lock()
@@ -132,7 +141,9 @@ class ModelHolder:
                 return old, False
             if not (self.models_dir / wanted).is_dir():
                 raise NotFound(f"version: {wanted!r} is not a model in {self.models_dir}")
-            model = ServedModel(load_bundle(self.models_dir, wanted), self.settings, self.consent)
+            erased = list(self.store.tombstones()) if self.store is not None else []
+            bundle = load_bundle(self.models_dir, wanted)
+            model = ServedModel(bundle, self.settings, self.consent, erased=erased)
             self._current = model
             self._refused = None
         logger.info(
@@ -278,6 +289,9 @@ def _status_of(exc: Exception) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.UNAVAILABLE, str(exc)
     if isinstance(exc, ModelError):
         return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
+    if isinstance(exc, StoreError):
+        logger.error("consent store: %s", exc)
+        return grpc.StatusCode.UNAVAILABLE, f"consent store unavailable: {exc}"
     logger.exception("unexpected error")
     return grpc.StatusCode.INTERNAL, "internal error (logged by the server)"
 
@@ -291,7 +305,7 @@ def _unary(method):
             context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before the call ran")
         try:
             return method(self, request, context)
-        except (InvalidRequest, NotFound, NoModel, ModelError) as exc:
+        except (InvalidRequest, NotFound, NoModel, ModelError, StoreError) as exc:
             context.abort(*_status_of(exc))
 
     handler.__name__ = method.__name__
@@ -473,6 +487,88 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         return admin_pb2.ReloadModelResponse(model=model_info(model), changed=changed)
 
 
+def _timestamp(value: dt.datetime | None) -> Timestamp | None:
+    if value is None:
+        return None
+    ts = Timestamp()
+    ts.FromDatetime(value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value)
+    return ts
+
+
+def _purpose(value: int) -> str:
+    if value not in _PURPOSES:
+        raise InvalidRequest(
+            f"purpose must be one of {', '.join(_PURPOSES.values())} (got {value})"
+        )
+    return _PURPOSES[value]
+
+
+class ConsentService(consent_pb2_grpc.ConsentServicer):
+    def __init__(self, holder: ModelHolder, store: Store, default_allow: bool):
+        self.holder = holder
+        self.store = store
+        self.default_allow = default_allow
+
+    def _values(self, customer_id: str) -> list:
+        stored = self.store.get_consent(customer_id)
+        out = []
+        for number, purpose in _PURPOSES.items():
+            record = stored.get(purpose)
+            if record is None:
+                out.append(
+                    consent_pb2.ConsentValue(
+                        purpose=number, granted=self.default_allow, source="default"
+                    )
+                )
+            else:
+                out.append(
+                    consent_pb2.ConsentValue(
+                        purpose=number,
+                        granted=record.granted,
+                        updated_at=_timestamp(record.updated_at),
+                        source=record.source,
+                    )
+                )
+        return out
+
+    @_unary
+    def SetConsent(self, request, context):
+        customer_id = _id(request.customer_id, "customer_id")
+        purpose = _purpose(request.purpose)
+        if not request.HasField("granted"):
+            raise InvalidRequest("granted is required (true grants, false withdraws)")
+        source = _id(request.source, "source")
+        change = self.store.set_consent(customer_id, purpose, request.granted, source=source)
+        value = next(v for v in self._values(customer_id) if v.purpose == request.purpose)
+        return consent_pb2.SetConsentResponse(
+            consent=value, changed=change.old_granted != change.new_granted
+        )
+
+    @_unary
+    def GetConsent(self, request, context):
+        customer_id = _id(request.customer_id, "customer_id")
+        return consent_pb2.GetConsentResponse(
+            customer_id=customer_id,
+            consents=self._values(customer_id),
+            erased=bool(self.store.erased([customer_id])),
+        )
+
+    @_unary
+    def ForgetCustomer(self, request, context):
+        customer_id = _id(request.customer_id, "customer_id")
+        source = _id(request.source, "source")
+        report = self.store.forget(customer_id, source=source)
+        if self.holder.loaded:
+            self.holder.current.forget(customer_id)
+        logger.info("forgot a customer (source %s)", source)
+        return consent_pb2.ForgetCustomerResponse(
+            customer_id=customer_id,
+            consent_rows_deleted=report.consent_rows,
+            events_deleted=report.events,
+            already_erased=report.already_erased,
+        )
+
+
 # --- the server --------------------------------------------------------------------------------
 
 
@@ -484,20 +580,25 @@ class Running:
     port: int
     holder: ModelHolder
     health: health.HealthServicer
+    store: Store
 
     def stop(self, grace: float | None = None) -> None:
         """Mark NOT_SERVING, let calls in flight finish for up to `grace` s, stop watching."""
         self.health.enter_graceful_shutdown()
         self.holder.stop()
         self.server.stop(grace).wait()
+        self.store.close()
 
 
-def create_server(settings: Settings, *, consent: ConsentState | None = None) -> Running:
+def create_server(settings: Settings) -> Running:
     """Build, bind and start the server; loads CURRENT when there is one (else NOT_SERVING until
-    the watcher finds one). `serve.port = 0` binds a free port (see `Running.port`)."""
+    the watcher finds one). `serve.port = 0` binds a free port (see `Running.port`). Consent
+    comes from the store at `serve.store`, read on every call."""
     # One BLAS / OpenMP thread per call (see ServedModel): the worker threads are the parallelism.
     threadpool_limits(1)
-    holder = ModelHolder(settings, consent if consent is not None else load_consent_state(settings))
+    store = open_store(settings.serve.store)
+    default_allow = settings.policy.default_consent == "allow"
+    holder = ModelHolder(settings, store_consent(store, default_allow), store)
     health_servicer = health.HealthServicer()
 
     def mark_serving(model: ServedModel) -> None:
@@ -514,6 +615,9 @@ def create_server(settings: Settings, *, consent: ConsentState | None = None) ->
     )
     recommender_pb2_grpc.add_RecommenderServicer_to_server(RecommenderService(holder), server)
     admin_pb2_grpc.add_AdminServicer_to_server(AdminService(holder), server)
+    consent_pb2_grpc.add_ConsentServicer_to_server(
+        ConsentService(holder, store, default_allow), server
+    )
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
@@ -528,7 +632,7 @@ def create_server(settings: Settings, *, consent: ConsentState | None = None) ->
     server.start()
     holder.watch(settings.serve.reload_interval_s)
     logger.info("listening on %s:%d (insecure)", settings.serve.host, port)
-    return Running(server=server, port=port, holder=holder, health=health_servicer)
+    return Running(server=server, port=port, holder=holder, health=health_servicer, store=store)
 
 
 def serve(settings: Settings) -> int:

@@ -4,7 +4,7 @@
 protobuf; everything a channel gets is decided in this module (and `scoring.py`), so the batch
 CLI, the unary calls and the stream give the same answer for the same customer and model.
 
-    served = ServedModel(load_bundle("models"), settings, consent)
+    served = ServedModel(load_bundle("models"), settings, fixed_consent(state))
     [answer] = served.recommend([ProductQuery(customer_id="12347")])
 """
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -35,6 +36,10 @@ __all__ = [
     "ScoredContent",
     "ContentAnswer",
     "ServedModel",
+    "CustomerConsent",
+    "ConsentSource",
+    "fixed_consent",
+    "store_consent",
 ]
 
 DEFAULT_LIMIT = 10
@@ -81,7 +86,7 @@ class ProductAnswer:
     items: list[Item]
     personalized: bool
     not_personalized_reason: str = ""
-    """'' when personalized, else no_consent or unknown_customer."""
+    """'' when personalized, else no_consent, erased or unknown_customer."""
 
 
 @dataclass(frozen=True)
@@ -123,13 +128,59 @@ def _texts(table: pa.Table, name: str, rows: np.ndarray) -> list[str]:
     return ["" if r < 0 or values[r] is None else str(values[r]) for r in rows]
 
 
+@dataclass(frozen=True)
+class CustomerConsent:
+    """Per customer of a request: may the history be used, may sensitive products be, erased."""
+
+    personalization: np.ndarray
+    sensitive: np.ndarray
+    erased: np.ndarray
+
+
+ConsentSource = Callable[[Sequence[str]], CustomerConsent]
+"""Where a served model reads consent, once per request (or stream batch)."""
+
+
+def fixed_consent(state: ConsentState) -> ConsentSource:
+    """Consent from a ConsentState (a consent file, or only the default); nobody erased."""
+
+    def lookup(customer_ids: Sequence[str]) -> CustomerConsent:
+        ids = pa.array(list(customer_ids), pa.string())
+        return CustomerConsent(
+            personalization=state.allowed("personalization", ids),
+            sensitive=state.allowed("sensitive", ids),
+            erased=np.zeros(len(ids), dtype=bool),
+        )
+
+    return lookup
+
+
+def store_consent(store, default_allow: bool) -> ConsentSource:
+    """Consent from the consent store (`store/consent_store.py`), read on every call: a change
+    made through any server sharing the store acts on the next request."""
+
+    def lookup(customer_ids: Sequence[str]) -> CustomerConsent:
+        ids = list(customer_ids)
+        fixed = fixed_consent(store.consent_state(ids, default_allow))(ids)
+        erased = store.erased(ids)
+        return CustomerConsent(
+            personalization=fixed.personalization,
+            sensitive=fixed.sensitive,
+            erased=np.asarray([c in erased for c in ids], dtype=bool),
+        )
+
+    return lookup
+
+
 @dataclass
 class ServedModel:
     """A model version ready to answer: the bundle plus per-item catalog fields and indexes."""
 
     bundle: ModelBundle
     settings: Settings
-    consent: ConsentState
+    consent: ConsentSource
+    erased: Sequence[str] = ()
+    """Customers forgotten before this model was loaded: dropped from it at once."""
     loaded_at: str = field(
         default_factory=lambda: dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     )
@@ -142,6 +193,8 @@ class ServedModel:
         # The CF candidates of every known customer, once per model: a call then scores ~200
         # candidates instead of the whole catalog.
         self.cf_candidates = cf_candidates_for(b, self.settings.train.candidate_pool)
+        for customer_id in self.erased:
+            self.forget(customer_id)
         catalog = b.catalog
         if catalog.num_rows:
             rows = pc.fill_null(
@@ -184,10 +237,29 @@ class ServedModel:
             return time.time() / 86400.0
         return self.bundle.reference_day
 
-    def consents(self, customer_ids: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """(personalization allowed, sensitive allowed) per customer."""
-        ids = pa.array(customer_ids, pa.string())
-        return self.consent.allowed("personalization", ids), self.consent.allowed("sensitive", ids)
+    def consents(self, customer_ids: list[str]) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        """(personalization allowed, sensitive allowed, why not personal: '' / no_consent /
+        erased) per customer; erased customers are never personalized."""
+        c = self.consent(customer_ids)
+        personal = c.personalization & ~c.erased
+        why = [
+            "erased" if e else ("" if p else "no_consent")
+            for p, e in zip(c.personalization, c.erased, strict=True)
+        ]
+        return personal, c.sensitive & ~c.erased, why
+
+    def forget(self, customer_id: str) -> bool:
+        """Drop a customer from this loaded model (their factors and CF candidates); True when
+        the model knew them. Their answers are non-personal from now on anyway (the store says
+        erased); this makes sure nothing of them is left to compute with."""
+        user = int(self.bundle.user_index(np.asarray([customer_id], dtype=str))[0])
+        if user < 0:
+            return False
+        model = self.bundle.cf.model
+        if hasattr(model, "user_factors"):
+            model.user_factors[user] = 0.0
+        self.cf_candidates[user] = -1
+        return True
 
     # --- RecommendProducts / StreamRecommendations --------------------------------------------
 
@@ -223,7 +295,7 @@ class ServedModel:
     def _recommend(self, queries: list[ProductQuery], limit: int) -> list[ProductAnswer]:
         b, serve = self.bundle, self.settings.serve
         customer_ids = [q.customer_id for q in queries]
-        personal_ok, sensitive_ok = self.consents(customer_ids)
+        personal_ok, sensitive_ok, why_not = self.consents(customer_ids)
         now = self.now_day()
         recs = recommend_for(
             b,
@@ -253,7 +325,7 @@ class ServedModel:
                         for i, s, why in zip(items, recs.scores[r][valid], reasons, strict=True)
                     ],
                     personalized=bool(recs.personalized[r]),
-                    not_personalized_reason=recs.reasons[r],
+                    not_personalized_reason=why_not[r] or recs.reasons[r],
                 )
             )
         return out
@@ -394,10 +466,11 @@ class ServedModel:
         """
         b = self.bundle
         resolved = [self._content_items(q) for q in candidates]
-        (personal_ok,), (sensitive_ok,) = self.consents([customer_id])
+        (personal_ok,), (sensitive_ok,), (why_not,) = self.consents([customer_id])
         user = int(b.user_index(np.asarray([customer_id]))[0])
         personal = bool(personal_ok) and user >= 0
-        why_not = "" if personal else ("no_consent" if not personal_ok else "unknown_customer")
+        if not personal and not why_not:
+            why_not = "unknown_customer"
         now = self.now_day()
         half_life = self.settings.serve.content_half_life_days
         if personal:

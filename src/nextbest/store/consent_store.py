@@ -653,6 +653,23 @@ class Store:
             already_erased=before is not None,
         )
 
+    def erased(self, customer_ids: Sequence[str]) -> dict[str, dt.datetime]:
+        """Those of `customer_ids` that were erased → the time of their latest erasure; one
+        query (the serving path asks on every call)."""
+        ids = sorted({c for c in customer_ids if isinstance(c, str) and c})
+        if not ids:
+            return {}
+        subquery, param = self._id_set(ids)
+        with self._read() as cur:
+            cur.execute(
+                self._sql(
+                    "SELECT customer_id, erased_at FROM nextbest_tombstones "
+                    f"WHERE customer_id IN ({subquery})"
+                ),
+                (param,),
+            )
+            return {c: self._dt(at) for c, at in cur.fetchall()}
+
     def tombstones(self) -> dict[str, dt.datetime]:
         """Every erased customer → the time of their latest erasure."""
         with self._read() as cur:

@@ -19,6 +19,7 @@ class NotPersonalizedReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     NOT_PERSONALIZED_REASON_UNSPECIFIED: _ClassVar[NotPersonalizedReason]
     NOT_PERSONALIZED_REASON_NO_CONSENT: _ClassVar[NotPersonalizedReason]
     NOT_PERSONALIZED_REASON_UNKNOWN_CUSTOMER: _ClassVar[NotPersonalizedReason]
+    NOT_PERSONALIZED_REASON_ERASED: _ClassVar[NotPersonalizedReason]
 
 class ReasonKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -36,6 +37,7 @@ CHANNEL_APP: Channel
 NOT_PERSONALIZED_REASON_UNSPECIFIED: NotPersonalizedReason
 NOT_PERSONALIZED_REASON_NO_CONSENT: NotPersonalizedReason
 NOT_PERSONALIZED_REASON_UNKNOWN_CUSTOMER: NotPersonalizedReason
+NOT_PERSONALIZED_REASON_ERASED: NotPersonalizedReason
 REASON_KIND_UNSPECIFIED: ReasonKind
 REASON_KIND_BOUGHT_RELATED: ReasonKind
 REASON_KIND_REPURCHASE_DUE: ReasonKind

@@ -1,0 +1,262 @@
+"""Consent through the real server: Consent RPCs, changes acting on the next request, erasure end
+to end (forget → non-personal → retrain → gone), and two server processes sharing PostgreSQL."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from test_server import _settings, store_url, train, workdir  # noqa: F401 - fixture
+
+from nextbest.server import create_server
+from nextbest.store.artifacts import current_version, load_bundle
+from nextbest.store.consent_store import StoreError, open_store
+from nextbest.v1 import consent_pb2 as cpb
+from nextbest.v1 import consent_pb2_grpc as crpc
+from nextbest.v1 import recommender_pb2 as pb
+from nextbest.v1 import recommender_pb2_grpc as rpb
+
+INVALID = grpc.StatusCode.INVALID_ARGUMENT
+
+
+@pytest.fixture
+def own(workdir, tmp_path):  # noqa: F811
+    """A copy of the trained model and of the store, so that changes stay in this test."""
+    shutil.copytree(workdir / "models", tmp_path / "models")
+    shutil.copy(workdir / "store.db", tmp_path / "store.db")
+    for name in ("nextbest.toml", "events.parquet", "catalog.csv", "content.csv"):
+        shutil.copy(workdir / name, tmp_path / name)
+    return tmp_path
+
+
+@pytest.fixture
+def server(own):
+    running = create_server(_settings(own, own / "models"))
+    channel = grpc.insecure_channel(f"127.0.0.1:{running.port}")
+    yield crpc.ConsentStub(channel), rpb.RecommenderStub(channel)
+    channel.close()
+    running.stop(0)
+
+
+def recommend(stub, customer_id, **fields):
+    return stub.RecommendProducts(
+        pb.RecommendProductsRequest(customer_id=customer_id, **fields), timeout=10
+    )
+
+
+def set_consent(consent, customer_id, purpose, granted, source="preference-center"):
+    return consent.SetConsent(
+        cpb.SetConsentRequest(
+            customer_id=customer_id, purpose=purpose, granted=granted, source=source
+        ),
+        timeout=10,
+    )
+
+
+def test_set_and_get_consent(server):
+    consent, _ = server
+    first = set_consent(consent, "c010", cpb.PURPOSE_SENSITIVE, False)
+    assert first.changed and not first.consent.granted
+    assert first.consent.source == "preference-center" and first.consent.updated_at.seconds > 0
+    again = set_consent(consent, "c010", cpb.PURPOSE_SENSITIVE, False)
+    assert not again.changed
+    got = consent.GetConsent(cpb.GetConsentRequest(customer_id="c010"), timeout=10)
+    values = {v.purpose: v for v in got.consents}
+    assert set(values) == {
+        cpb.PURPOSE_PERSONALIZATION,
+        cpb.PURPOSE_BEHAVIORAL,
+        cpb.PURPOSE_SENSITIVE,
+    }
+    assert not values[cpb.PURPOSE_SENSITIVE].granted
+    # No record: the configured default (allow in the test config), said to be the default.
+    assert values[cpb.PURPOSE_PERSONALIZATION].granted
+    assert values[cpb.PURPOSE_PERSONALIZATION].source == "default"
+    assert not got.erased
+
+
+def test_consent_changes_act_on_the_next_request(server):
+    consent, stub = server
+    assert recommend(stub, "c012").personalized
+    set_consent(consent, "c012", cpb.PURPOSE_PERSONALIZATION, False)
+    resp = recommend(stub, "c012")
+    assert not resp.personalized
+    assert resp.not_personalized_reason == pb.NOT_PERSONALIZED_REASON_NO_CONSENT
+    content = stub.ScoreContent(
+        pb.ScoreContentRequest(
+            customer_id="c012", candidates=[pb.ContentCandidate(content_id="guide-pantry")]
+        ),
+        timeout=10,
+    )
+    assert not content.personalized
+    set_consent(consent, "c012", cpb.PURPOSE_PERSONALIZATION, True)
+    assert recommend(stub, "c012").personalized
+
+
+def test_withdrawn_sensitive_consent_hides_sensitive_products_at_once(server):
+    consent, stub = server
+    customers = [f"c{c:03d}" for c in range(2, 40)]
+    showing = [
+        c
+        for c in customers
+        if any(i.category == "pharmacy" for i in recommend(stub, c, limit=40).items)
+    ]
+    assert showing, "some customers must be shown pharmacy products with sensitive consent"
+    for c in showing:
+        set_consent(consent, c, cpb.PURPOSE_SENSITIVE, False)
+        resp = recommend(stub, c, limit=40, include_purchased=True)
+        assert resp.personalized
+        assert all(i.category != "pharmacy" for i in resp.items)
+        assert all(r.product_id not in ("p006", "p007") for i in resp.items for r in i.reasons)
+
+
+@pytest.mark.parametrize(
+    ("method", "fields", "field"),
+    [
+        ("SetConsent", {"purpose": 3, "granted": True, "source": "s"}, "customer_id"),
+        ("SetConsent", {"customer_id": "x" * 129, "purpose": 3, "granted": True}, "customer_id"),
+        (
+            "SetConsent",
+            {"customer_id": "c1", "purpose": 0, "granted": True, "source": "s"},
+            "purpose",
+        ),
+        (
+            "SetConsent",
+            {"customer_id": "c1", "purpose": 9, "granted": True, "source": "s"},
+            "purpose",
+        ),
+        ("SetConsent", {"customer_id": "c1", "purpose": 1, "source": "s"}, "granted"),
+        ("SetConsent", {"customer_id": "c1", "purpose": 1, "granted": False}, "source"),
+        ("GetConsent", {}, "customer_id"),
+        ("GetConsent", {"customer_id": " "}, "customer_id"),
+        ("ForgetCustomer", {"customer_id": "c1"}, "source"),
+        ("ForgetCustomer", {"source": "gdpr-request"}, "customer_id"),
+    ],
+)
+def test_bad_consent_requests(server, method, fields, field):
+    consent, _ = server
+    request = {
+        "SetConsent": cpb.SetConsentRequest,
+        "GetConsent": cpb.GetConsentRequest,
+        "ForgetCustomer": cpb.ForgetCustomerRequest,
+    }[method](**fields)
+    with pytest.raises(grpc.RpcError) as info:
+        getattr(consent, method)(request, timeout=10)
+    assert info.value.code() == INVALID
+    assert info.value.details().startswith(field)
+
+
+def test_erasure_end_to_end(own, server):
+    consent, stub = server
+    customer = "c020"
+    set_consent(consent, customer, cpb.PURPOSE_SENSITIVE, True)
+    assert recommend(stub, customer).personalized
+    forgotten = consent.ForgetCustomer(
+        cpb.ForgetCustomerRequest(customer_id=customer, source="gdpr-request"), timeout=10
+    )
+    assert forgotten.consent_rows_deleted == 1 and not forgotten.already_erased
+    resp = recommend(stub, customer)
+    assert not resp.personalized
+    assert resp.not_personalized_reason == pb.NOT_PERSONALIZED_REASON_ERASED
+    assert consent.GetConsent(cpb.GetConsentRequest(customer_id=customer), timeout=10).erased
+    again = consent.ForgetCustomer(
+        cpb.ForgetCustomerRequest(customer_id=customer, source="gdpr-request"), timeout=10
+    )
+    assert again.already_erased
+
+    # Retrain from the same raw events file (which still holds the customer) with the store.
+    before = current_version(own / "models")
+    version = train(own, own / "models", "--store", store_url(own))
+    assert version != before
+    bundle = load_bundle(own / "models", version)
+    assert customer not in set(bundle.user_ids.tolist())
+    assert "c021" in set(bundle.user_ids.tolist())
+    for path in (own / "models" / version).iterdir():
+        data = path.read_bytes()
+        for encoding in ("utf-8", "utf-32-le"):  # numpy stores str arrays as UTF-32
+            assert customer.encode(encoding) not in data, (path.name, encoding)
+    assert "c021".encode("utf-32-le") in (own / "models" / version / "ids.npz").read_bytes()
+    store = open_store(store_url(own))
+    try:
+        assert customer in store.tombstones()
+        assert store.get_consent(customer) == {}
+        assert store.audit(customer) == []
+        assert store.events([customer]).num_rows == 0
+    finally:
+        store.close()
+
+
+# --- two server processes sharing one PostgreSQL store ----------------------------------------
+
+PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
+
+
+@pytest.fixture
+def pg_store_url():
+    schema = f"nextbest_test_{uuid.uuid4().hex[:10]}"
+    url = f"{PG_URL}?schema={schema}"
+    try:
+        store = open_store(url)
+    except StoreError as exc:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"PostgreSQL is required in CI: {exc}")
+        pytest.skip(f"PostgreSQL not reachable: {exc}")
+    store.close()
+    yield url
+    import psycopg
+
+    with psycopg.connect(PG_URL, autocommit=True) as conn:
+        conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+
+
+def start_server(folder: Path, store: str) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nextbest.cli", "serve", "--port", "0"]
+        + ["--config", str(folder / "nextbest.toml"), "--models-dir", str(folder / "models")]
+        + ["--store", store],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    line = proc.stdout.readline()
+    if not line.startswith("nextbest serving on "):
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+        pytest.fail(f"server did not start: {line!r}")
+    return proc, line.split()[-1]
+
+
+def test_two_servers_sharing_postgresql_honour_a_withdrawal_at_once(own, pg_store_url):
+    procs = []
+    try:
+        for _ in range(2):
+            procs.append(start_server(own, pg_store_url))
+        (_, a), (_, b) = procs
+        with grpc.insecure_channel(a) as ch_a, grpc.insecure_channel(b) as ch_b:
+            consent_a = crpc.ConsentStub(ch_a)
+            rec_b = rpb.RecommenderStub(ch_b)
+            for k, customer in enumerate(["c030", "c031", "c032"]):
+                assert recommend(rec_b, customer).personalized
+                set_consent(consent_a, customer, cpb.PURPOSE_PERSONALIZATION, False)
+                resp = recommend(rec_b, customer)  # the very next request, other server
+                assert not resp.personalized, k
+                assert resp.not_personalized_reason == pb.NOT_PERSONALIZED_REASON_NO_CONSENT
+            consent_b = crpc.ConsentStub(ch_b)
+            consent_b.ForgetCustomer(
+                cpb.ForgetCustomerRequest(customer_id="c033", source="gdpr"), timeout=10
+            )
+            erased = recommend(rpb.RecommenderStub(ch_a), "c033")
+            assert erased.not_personalized_reason == pb.NOT_PERSONALIZED_REASON_ERASED
+    finally:
+        for proc, _ in procs:
+            proc.terminate()
+            assert proc.wait(timeout=30) == 0
+            proc.stdout.close()
+    assert np.all([p.returncode == 0 for p, _ in procs])
