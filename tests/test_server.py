@@ -683,3 +683,20 @@ def test_cancelled_streams_leave_no_thread_behind(stub):
         time.sleep(0.1)
     assert [t for t in threading.enumerate() if t.name == "stream-reader"] == []
     assert recommend(stub, customer_id="c003").items
+
+
+def test_similar_products_show_sensitive_products_only_to_customers_who_allow_them(stub):
+    def similar(**fields):
+        resp = stub.SimilarProducts(
+            pb.SimilarProductsRequest(product_ids=["p002", "p003"], limit=40, **fields), timeout=10
+        )
+        return {i.product_id for i in resp.items}
+
+    sensitive = {"p006", "p007"}
+    assert not similar() & sensitive
+    assert not similar(customer_id="c000") & sensitive  # no sensitive consent
+    assert similar(customer_id="c006") & sensitive  # default allow in this config
+    code, details = _code(
+        stub.SimilarProducts, pb.SimilarProductsRequest(product_ids=["p002"], customer_id="x" * 200)
+    )
+    assert code == INVALID and details.startswith("customer_id")

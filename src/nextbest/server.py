@@ -402,8 +402,9 @@ class RecommenderService(recommender_pb2_grpc.RecommenderServicer):
             raise InvalidRequest("product_ids is required (one or more product ids)")
         product_ids = _ids(request.product_ids, "product_ids", MAX_SIMILAR_INPUTS)
         limit = _limit(request)
+        customer_id = _id(request.customer_id, "customer_id", required=False)
         model = self.holder.current
-        items, unknown = model.similar(list(product_ids), limit)
+        items, unknown = model.similar(list(product_ids), limit, customer_id)
         return pb.SimilarProductsResponse(
             items=[_item_pb(i) for i in items],
             unknown_product_ids=unknown,

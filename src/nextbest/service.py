@@ -404,9 +404,12 @@ class ServedModel:
 
     # --- SimilarProducts ----------------------------------------------------------------------
 
-    def similar(self, product_ids: list[str], limit: int) -> tuple[list[Item], list[str]]:
+    def similar(
+        self, product_ids: list[str], limit: int, customer_id: str = ""
+    ) -> tuple[list[Item], list[str]]:
         """Products similar to the set `product_ids` (mean similarity, in [0, 1]) and the ids the
-        model does not know. NotFound when it knows none of them."""
+        model does not know. NotFound when it knows none of them. Sensitive products only when
+        `customer_id` names a customer with sensitive consent."""
         b = self.bundle
         requested = list(dict.fromkeys(product_ids))
         idx = b.item_index(np.asarray(requested, dtype=str))
@@ -424,7 +427,12 @@ class ServedModel:
         sim = np.clip(sim, 0.0, 1.0)
         score = sim.mean(axis=0)
         score[known] = 0.0
-        score[~b.item_available | b.item_sensitive] = 0.0
+        sensitive_ok = False
+        if customer_id:
+            (_,), (sensitive_ok,), _ = self.consents([customer_id])
+        score[~b.item_available] = 0.0
+        if not sensitive_ok:
+            score[b.item_sensitive] = 0.0
         n = min(limit, int((score > 0).sum()))
         order = np.lexsort((np.arange(len(score)), -score))[:n]
         source = known[sim[:, order].argmax(axis=0)] if n else known[:0]

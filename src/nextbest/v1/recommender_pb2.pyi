@@ -123,12 +123,14 @@ class RecommendProductsResponse(_message.Message):
     def __init__(self, customer_id: _Optional[str] = ..., request_id: _Optional[str] = ..., items: _Optional[_Iterable[_Union[RecommendedProduct, _Mapping]]] = ..., model_version: _Optional[str] = ..., personalized: _Optional[bool] = ..., not_personalized_reason: _Optional[_Union[NotPersonalizedReason, str]] = ..., error: _Optional[_Union[RequestError, _Mapping]] = ...) -> None: ...
 
 class SimilarProductsRequest(_message.Message):
-    __slots__ = ("product_ids", "limit")
+    __slots__ = ("product_ids", "limit", "customer_id")
     PRODUCT_IDS_FIELD_NUMBER: _ClassVar[int]
     LIMIT_FIELD_NUMBER: _ClassVar[int]
+    CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
     product_ids: _containers.RepeatedScalarFieldContainer[str]
     limit: int
-    def __init__(self, product_ids: _Optional[_Iterable[str]] = ..., limit: _Optional[int] = ...) -> None: ...
+    customer_id: str
+    def __init__(self, product_ids: _Optional[_Iterable[str]] = ..., limit: _Optional[int] = ..., customer_id: _Optional[str] = ...) -> None: ...
 
 class SimilarProductsResponse(_message.Message):
     __slots__ = ("items", "unknown_product_ids", "model_version")

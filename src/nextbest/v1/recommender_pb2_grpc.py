@@ -77,7 +77,8 @@ class RecommenderServicer:
 
     def SimilarProducts(self, request, context):
         """"Bought A also bought B" for one or several products; no customer, no consent needed.
-        Sensitive and unavailable products are never returned.
+        Unavailable products are never returned, sensitive ones only for a named customer with
+        `sensitive` consent.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
