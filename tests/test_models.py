@@ -105,3 +105,30 @@ class TestCosine(CFContract):
 
 class TestBM25(CFContract):
     kind = "bm25"
+
+
+def test_als_fold_in_reproduces_a_users_factors():
+    """Folding in a known user's own row gives nearly the factors ALS learned for them (not
+    exactly: ALS's last half-step moved the item factors after the user factors)."""
+    settings = load_settings(None).with_overrides(
+        "train", als_factors=2, als_iterations=30, num_threads=1
+    )
+    matrix = tiny_matrix()
+    model = fit_cf("als", matrix, settings, als=(2, 0.01, 10.0))
+    again = CFModel.from_arrays("als", model.arrays())
+    for u in range(matrix.shape[0]):
+        row = matrix[u]
+        folded = again.fold_in(row.indices, row.data, regularization=0.01, alpha=10.0)
+        learned = np.asarray(model.model.user_factors)[u]
+        assert np.allclose(folded, learned, rtol=5e-2, atol=5e-2)
+        itf = np.asarray(model.model.item_factors)
+        assert (
+            np.argsort(-(itf @ folded))[:BLOCK].tolist()
+            == np.argsort(-(itf @ learned))[:BLOCK].tolist()
+        )
+    assert (
+        CFModel.from_arrays("cosine", fit_cf("cosine", matrix, settings).arrays()).fold_in(
+            np.array([0]), np.array([1.0]), regularization=0.01, alpha=10.0
+        )
+        is None
+    )

@@ -103,6 +103,28 @@ class CFModel:
             return (np.asarray(self.model.item_factors) @ uf).astype(np.float64)
         return np.asarray((user_items[user] @ self.model.similarity).todense()).ravel()
 
+    def fold_in(
+        self, items: np.ndarray, weights: np.ndarray, *, regularization: float, alpha: float
+    ) -> np.ndarray | None:
+        """User factors of a customer the model does not know, from their interactions (item
+        indices, weights as in training): the least-squares step ALS takes for every user, via
+        implicit's `recalculate_user`. None for models without user factors to solve (BPR,
+        item-item)."""
+        if self.kind != "als":
+            return None
+        model = self.model
+        # from_arrays builds the model with default hyperparameters: set the trained ones.
+        model.factors = model.item_factors.shape[1]
+        model.regularization = regularization
+        model.alpha = alpha
+        row = sp.csr_matrix(
+            (np.log1p(weights).astype(np.float32), items.astype(np.int32), [0, len(items)]),
+            shape=(1, self.n_items),
+        )
+        row.sum_duplicates()
+        with threadpool_limits(1, "blas"):
+            return np.asarray(model.recalculate_user(0, row), dtype=np.float32)
+
     def _unit_factors(self) -> np.ndarray:
         """Item factors scaled to unit length (zero rows stay zero), computed once."""
         if self._unit is None:

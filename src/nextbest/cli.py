@@ -94,9 +94,40 @@ def _rejects_path(base: str | None, kind: str) -> Path | None:
     return path.with_name(f"{path.name[: len(path.name) - len(suffix)]}-{kind}{suffix}")
 
 
+def _store_inputs(url: str, events: pa.Table, catalog: pa.Table | None, settings: Settings):
+    """From the consent store: its recorded events (appended; on products the catalog knows),
+    the consent records of every customer in the events, and the erased customers."""
+    from nextbest.store.consent_store import open_store
+
+    store = open_store(url)
+    try:
+        recorded = store.events()
+        if catalog is not None and recorded.num_rows:
+            known = pc.is_in(recorded["product_id"], catalog["product_id"].combine_chunks())
+            unknown = recorded.num_rows - pc.sum(known).as_py()
+            if unknown:
+                logger.info(
+                    "%s: %d recorded events on products not in the catalog skipped", url, unknown
+                )
+            recorded = recorded.filter(known)
+        events = pa.concat_tables([events, recorded.cast(events.schema)])
+        customers = pc.unique(events["customer_id"]).to_pylist()
+        consent = store.consent_state(customers, settings.policy.default_consent == "allow")
+        tombstones = pa.array(sorted(store.tombstones()), pa.string())
+    finally:
+        store.close()
+    logger.info(
+        "%s: %d recorded events added, %d erased customers (tombstones) excluded",
+        url,
+        recorded.num_rows,
+        len(tombstones),
+    )
+    return events, consent, tombstones
+
+
 def _load_training_inputs(args: argparse.Namespace, settings: Settings):
     """Read catalog, events, consent and erased customers; apply the consent gate."""
-    from nextbest.policy import consent_state, filter_training_events, sensitive_mask
+    from nextbest.policy import ConsentState, consent_state, filter_training_events, sensitive_mask
 
     share = settings.data.max_reject_share
     catalog = None
@@ -117,6 +148,10 @@ def _load_training_inputs(args: argparse.Namespace, settings: Settings):
     )
     logger.info("%s", report.summary())
     reports = {"events": report.as_dict()}
+    store_consent = None
+    tombstones = pa.array([], pa.string())
+    if getattr(args, "store", None):
+        events, store_consent, tombstones = _store_inputs(args.store, events, catalog, settings)
     consent = None
     consent_time = None
     if args.consent:
@@ -133,17 +168,15 @@ def _load_training_inputs(args: argparse.Namespace, settings: Settings):
     if args.erased:
         erased, e_report = read_customer_ids(args.erased)
         logger.info("%s", e_report.summary())
-    if getattr(args, "store", None):
-        from nextbest.store.consent_store import open_store
-
-        store = open_store(args.store)
-        try:
-            tombstones = pa.array(sorted(store.tombstones()), pa.string())
-        finally:
-            store.close()
-        logger.info("%s: %d erased customers (tombstones) excluded", args.store, len(tombstones))
+    if len(tombstones):
         erased = tombstones if erased is None else pa.concat_arrays([erased, tombstones])
     state = consent_state(consent, settings.policy)
+    if store_consent is not None:
+        # The store is the live record: its values win over the file's for the same purpose.
+        merged = {p: dict(state.granted.get(p, {})) for p in PURPOSES}
+        for purpose, records in store_consent.granted.items():
+            merged[purpose].update(records)
+        state = ConsentState(default_allow=state.default_allow, granted=merged)
     sensitive = pa.array([], pa.string())
     if catalog is not None:
         is_sensitive = pa.array(sensitive_mask(catalog, settings.policy))
@@ -383,8 +416,9 @@ def _add_inputs(p: argparse.ArgumentParser) -> None:
     p.add_argument("--erased", help="file with a customer_id column: erased customers (tombstones)")
     p.add_argument(
         "--store",
-        help="consent store URL (sqlite:///file.db, postgresql://...): its erased customers "
-        "(tombstones) are excluded like --erased",
+        help="consent and event store URL (sqlite:///file.db, postgresql://...): its recorded "
+        "events are learned from, its consent records win over --consent, and its erased "
+        "customers (tombstones) are excluded like --erased",
     )
     p.add_argument("--config", help="TOML config file")
     p.add_argument(

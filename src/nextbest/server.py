@@ -25,13 +25,15 @@ from concurrent import futures
 from pathlib import Path
 
 import grpc
+import numpy as np
+import pyarrow as pa
 from google.protobuf.timestamp_pb2 import Timestamp
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from threadpoolctl import threadpool_limits
 
 from nextbest.config import Settings
-from nextbest.data.readers import PURPOSES
+from nextbest.data.readers import EVENT_SCHEMA, PURPOSES
 from nextbest.errors import InvalidRequest, ModelError, NotFound
 from nextbest.service import (
     DEFAULT_LIMIT,
@@ -52,6 +54,8 @@ from nextbest.v1 import (
     admin_pb2_grpc,
     consent_pb2,
     consent_pb2_grpc,
+    events_pb2,
+    events_pb2_grpc,
     recommender_pb2,
     recommender_pb2_grpc,
 )
@@ -75,6 +79,7 @@ SERVICE_NAMES = (
     pb.DESCRIPTOR.services_by_name["Recommender"].full_name,
     admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name,
     consent_pb2.DESCRIPTOR.services_by_name["Consent"].full_name,
+    events_pb2.DESCRIPTOR.services_by_name["Events"].full_name,
 )
 _REASON_KINDS = {
     "bought_related": pb.REASON_KIND_BOUGHT_RELATED,
@@ -143,7 +148,8 @@ class ModelHolder:
                 raise NotFound(f"version: {wanted!r} is not a model in {self.models_dir}")
             erased = list(self.store.tombstones()) if self.store is not None else []
             bundle = load_bundle(self.models_dir, wanted)
-            model = ServedModel(bundle, self.settings, self.consent, erased=erased)
+            events = self.store.events if self.store is not None else None
+            model = ServedModel(bundle, self.settings, self.consent, erased=erased, events=events)
             self._current = model
             self._refused = None
         logger.info(
@@ -570,6 +576,93 @@ class ConsentService(consent_pb2_grpc.ConsentServicer):
         )
 
 
+MAX_EVENTS = 1000
+EVENT_TYPES = ("purchase", "return", "cart", "view", "email_click")
+BEHAVIORAL = ("cart", "view", "email_click")
+
+
+class EventsService(events_pb2_grpc.EventsServicer):
+    def __init__(self, holder: ModelHolder, store: Store, default_allow: bool):
+        self.holder = holder
+        self.store = store
+        self.default_allow = default_allow
+
+    @_unary
+    def RecordEvents(self, request, context):
+        if not request.events:
+            raise InvalidRequest("events is required (1 to 1000 events)")
+        if len(request.events) > MAX_EVENTS:
+            raise InvalidRequest(
+                f"events has {len(request.events)} entries, more than {MAX_EVENTS}"
+            )
+        now = dt.datetime.now(dt.UTC).replace(tzinfo=None)
+        rows = {name: [] for name in ("customer_id", "product_id", "event_type", "quantity")}
+        rows.update(timestamp=[], channel=[])
+        for k, e in enumerate(request.events):
+            field = f"events[{k}]"
+            rows["customer_id"].append(_id(e.customer_id, f"{field}.customer_id"))
+            rows["product_id"].append(_id(e.product_id, f"{field}.product_id"))
+            kind = e.event_type.strip().lower() or "purchase"
+            if kind not in EVENT_TYPES:
+                raise InvalidRequest(
+                    f"{field}.event_type must be one of {', '.join(EVENT_TYPES)} (got {kind!r})"
+                )
+            rows["event_type"].append(kind)
+            quantity = e.quantity if e.HasField("quantity") else 1.0
+            if not (quantity > 0 and np.isfinite(quantity)):
+                raise InvalidRequest(f"{field}.quantity must be > 0 (got {quantity})")
+            rows["quantity"].append(float(quantity))
+            if e.HasField("timestamp"):
+                try:
+                    when = e.timestamp.ToDatetime()
+                except (ValueError, OverflowError):
+                    raise InvalidRequest(f"{field}.timestamp is out of range") from None
+            else:
+                when = now
+            rows["timestamp"].append(when)
+            if len(e.channel) > 32:
+                raise InvalidRequest(f"{field}.channel is longer than 32 characters")
+            rows["channel"].append(e.channel or None)
+        state = self.store.consent_state(rows["customer_id"], self.default_allow)
+        ids = pa.array(rows["customer_id"], pa.string())
+        erased = self.store.erased(rows["customer_id"])
+        allowed = np.where(
+            np.isin(rows["event_type"], BEHAVIORAL),
+            state.allowed("behavioral", ids) & state.allowed("personalization", ids),
+            state.allowed("personalization", ids),
+        )
+        allowed &= np.asarray(
+            [
+                c not in erased or t > erased[c]
+                for c, t in zip(rows["customer_id"], rows["timestamp"], strict=True)
+            ],
+            dtype=bool,
+        )
+        table = pa.table(
+            {
+                "customer_id": pa.array(rows["customer_id"], pa.string()),
+                "product_id": pa.array(rows["product_id"], pa.string()),
+                "timestamp": pa.array(rows["timestamp"], pa.timestamp("us")),
+                "event_type": pa.array(rows["event_type"], pa.string()),
+                "quantity": pa.array(rows["quantity"], pa.float64()),
+                "value": pa.nulls(len(ids), pa.float64()),
+                "channel": pa.array(rows["channel"], pa.string()),
+            },
+            schema=EVENT_SCHEMA,
+        ).filter(pa.array(allowed))
+        recorded = self.store.record_events(table) if table.num_rows else 0
+        unknown: list[str] = []
+        if self.holder.loaded:
+            products = sorted(set(rows["product_id"]))
+            known = self.holder.current.bundle.item_index(np.asarray(products, dtype=str))
+            unknown = [p for p, i in zip(products, known, strict=True) if i < 0]
+        return events_pb2.RecordEventsResponse(
+            recorded=recorded,
+            ignored_without_consent=int((~allowed).sum()),
+            unknown_product_ids=unknown,
+        )
+
+
 # --- the server --------------------------------------------------------------------------------
 
 
@@ -618,6 +711,9 @@ def create_server(settings: Settings) -> Running:
     admin_pb2_grpc.add_AdminServicer_to_server(AdminService(holder), server)
     consent_pb2_grpc.add_ConsentServicer_to_server(
         ConsentService(holder, store, default_allow), server
+    )
+    events_pb2_grpc.add_EventsServicer_to_server(
+        EventsService(holder, store, default_allow), server
     )
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

@@ -23,7 +23,7 @@ from nextbest.bundle import ModelBundle, lookup
 from nextbest.config import Settings
 from nextbest.errors import NotFound
 from nextbest.policy import ConsentState
-from nextbest.scoring import cf_candidates_for, item_interval, recommend_for
+from nextbest.scoring import cf_candidates_for, is_due, item_interval, recommend_for
 
 __all__ = [
     "DEFAULT_LIMIT",
@@ -139,6 +139,8 @@ class CustomerConsent:
 
 ConsentSource = Callable[[Sequence[str]], CustomerConsent]
 """Where a served model reads consent, once per request (or stream batch)."""
+EventSource = Callable[[Sequence[str]], pa.Table]
+"""The recorded events (EVENT_SCHEMA) of some customers, e.g. `Store.events`."""
 
 
 def fixed_consent(state: ConsentState) -> ConsentSource:
@@ -181,6 +183,9 @@ class ServedModel:
     consent: ConsentSource
     erased: Sequence[str] = ()
     """Customers forgotten before this model was loaded: dropped from it at once."""
+    events: EventSource | None = None
+    """Recorded events (the store's): purchases after the model's newest event are excluded from
+    answers, and make customers unknown to the model personal through ALS fold-in."""
     loaded_at: str = field(
         default_factory=lambda: dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     )
@@ -297,6 +302,11 @@ class ServedModel:
         customer_ids = [q.customer_id for q in queries]
         personal_ok, sensitive_ok, why_not = self.consents(customer_ids)
         now = self.now_day()
+        recorded = self._recorded(customer_ids)
+        masks = [
+            self._without_recorded(self._item_mask(q), q, items, days, now)
+            for q, (items, _, days) in zip(queries, recorded, strict=True)
+        ]
         recs = recommend_for(
             b,
             np.asarray(customer_ids, dtype=str),
@@ -307,12 +317,18 @@ class ServedModel:
             consumable_repeat_rate=serve.consumable_repeat_rate,
             due_fraction=serve.due_fraction,
             pool=self.settings.train.candidate_pool,
-            item_masks=[self._item_mask(q) for q in queries],
+            item_masks=masks,
             include_purchased=np.asarray([q.include_purchased for q in queries], dtype=bool),
             cf_candidates=self.cf_candidates,
         )
         out = []
         for r, q in enumerate(queries):
+            items, counts, _ = recorded[r]
+            if recs.users[r] < 0 and personal_ok[r] and len(items):
+                folded = self._folded(q, items, counts, bool(sensitive_ok[r]), masks[r], limit)
+                if folded is not None:
+                    out.append(folded)
+                    continue
             valid = recs.ids[r] >= 0
             items = recs.ids[r][valid]
             popular = recs.popular[r][valid]
@@ -329,6 +345,121 @@ class ServedModel:
                 )
             )
         return out
+
+    def _recorded(self, customer_ids: list[str]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Per customer: (item indices, net purchase count, day of the last purchase) of the
+        purchases recorded after the model's newest event, on products the model knows."""
+        empty = (np.zeros(0, np.int64), np.zeros(0), np.zeros(0))
+        out = [empty] * len(customer_ids)
+        if self.events is None:
+            return out
+        table = self.events(customer_ids)
+        if table.num_rows == 0:
+            return out
+        kind = table.column("event_type").to_numpy(zero_copy_only=False)
+        day = table.column("timestamp").cast(pa.int64()).to_numpy() / 86_400e6
+        keep = np.isin(kind, ("purchase", "return")) & (day > self.bundle.reference_day)
+        if not keep.any():
+            return out
+        customers = table.column("customer_id").to_numpy(zero_copy_only=False)[keep]
+        items = self.bundle.item_index(
+            table.column("product_id").to_numpy(zero_copy_only=False)[keep]
+        )
+        sign = np.where(kind[keep] == "return", -1.0, 1.0)
+        day = day[keep]
+        position = {c: k for k, c in enumerate(customer_ids)}
+        for c in set(customers.tolist()):
+            mine = (customers == c) & (items >= 0)
+            if not mine.any():
+                continue
+            uniq, inverse = np.unique(items[mine], return_inverse=True)
+            count = np.bincount(inverse, weights=sign[mine])
+            last = np.full(len(uniq), -np.inf)
+            np.maximum.at(last, inverse, np.where(sign[mine] > 0, day[mine], -np.inf))
+            bought = count > 0
+            out[position[c]] = (uniq[bought], count[bought], last[bought])
+        return out
+
+    def _without_recorded(
+        self,
+        mask: np.ndarray | None,
+        q: ProductQuery,
+        items: np.ndarray,
+        days: np.ndarray,
+        now: float,
+    ) -> np.ndarray | None:
+        """The query's item mask without recorded purchases that are not due again: durable
+        products, and consumables bought less than `serve.due_fraction` of their interval ago."""
+        if not len(items) or q.include_purchased:
+            return mask
+        due = is_due(
+            self.bundle,
+            items,
+            np.maximum(now - days, 0.0),
+            consumable_repeat_rate=self.settings.serve.consumable_repeat_rate,
+            due_fraction=self.settings.serve.due_fraction,
+        )
+        if due.all():
+            return mask
+        mask = np.ones(self.bundle.shape[1], dtype=bool) if mask is None else mask.copy()
+        mask[items[~due]] = False
+        return mask
+
+    def _folded(
+        self,
+        q: ProductQuery,
+        items: np.ndarray,
+        counts: np.ndarray,
+        sensitive_ok: bool,
+        mask: np.ndarray | None,
+        limit: int,
+    ) -> ProductAnswer | None:
+        """A personal answer for a customer unknown to the model from their recorded purchases
+        (ALS fold-in); sensitive purchases are no evidence without sensitive consent. None when
+        the model cannot fold in (not ALS) or nothing may be used."""
+        b = self.bundle
+        if not sensitive_ok:
+            keep = ~b.item_sensitive[items]
+            items, counts = items[keep], counts[keep]
+        if not len(items):
+            return None
+        params = b.manifest.get("params", {})
+        factors = b.cf.fold_in(
+            items,
+            counts,
+            regularization=float(params.get("als_regularization", 0.05)),
+            alpha=float(params.get("als_alpha", 10.0)),
+        )
+        if factors is None:
+            return None
+        scores = np.asarray(b.cf.model.item_factors) @ factors
+        blocked = ~b.item_available.copy()
+        if not sensitive_ok:
+            blocked |= b.item_sensitive
+        if mask is not None:
+            blocked |= ~mask
+        if not q.include_purchased:
+            blocked[items] = True
+        scores = np.where(blocked, -np.inf, scores.astype(np.float64))
+        n = min(limit, int(np.isfinite(scores).sum()))
+        top = np.lexsort((np.arange(len(scores)), -scores))[:n]
+        if not n:
+            return None
+        best = scores[top[0]]
+        scaled = np.clip(scores[top] / best, 1e-6, 1.0) if best > 0 else np.full(n, 1e-6)
+        sim = b.cf.item_similarity(top, items)
+        source = items[sim.argmax(axis=1)]
+        answer = []
+        for i, score, src in zip(top.tolist(), scaled.tolist(), source.tolist(), strict=True):
+            title = self.titles[src] or str(b.item_ids[src])
+            why = Reason(
+                "bought_related",
+                f"because you bought {title}",
+                str(b.item_ids[src]),
+                self.titles[src],
+            )
+            answer.append(self._item(i, score, (why,)))
+        return ProductAnswer(customer_id=q.customer_id, items=answer, personalized=True)
 
     def _item(self, i: int, score: float, reasons: tuple[Reason, ...]) -> Item:
         return Item(

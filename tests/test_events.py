@@ -1,0 +1,160 @@
+"""Events.RecordEvents through the real server: recorded purchases leave the next answer, a new
+customer becomes personal through ALS fold-in, consent gates what is stored, bad input, and
+`nextbest train --store` learns from recorded events."""
+
+from __future__ import annotations
+
+import shutil
+
+import grpc
+import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
+from test_server import _settings, store_url, train, workdir  # noqa: F401 - fixture
+
+from nextbest.server import create_server
+from nextbest.store.artifacts import load_bundle
+from nextbest.store.consent_store import open_store
+from nextbest.v1 import events_pb2 as epb
+from nextbest.v1 import events_pb2_grpc as erpc
+from nextbest.v1 import recommender_pb2 as pb
+from nextbest.v1 import recommender_pb2_grpc as rpb
+
+
+@pytest.fixture
+def own(workdir, tmp_path):  # noqa: F811
+    shutil.copytree(workdir / "models", tmp_path / "models")
+    shutil.copy(workdir / "store.db", tmp_path / "store.db")
+    for name in ("nextbest.toml", "events.parquet", "catalog.csv", "content.csv"):
+        shutil.copy(workdir / name, tmp_path / name)
+    return tmp_path
+
+
+@pytest.fixture
+def server(own):
+    running = create_server(_settings(own, own / "models"))
+    channel = grpc.insecure_channel(f"127.0.0.1:{running.port}")
+    yield erpc.EventsStub(channel), rpb.RecommenderStub(channel)
+    channel.close()
+    running.stop(0)
+
+
+def record(events, *rows, **fields):
+    return events.RecordEvents(
+        epb.RecordEventsRequest(events=[epb.Event(**r) for r in rows], **fields), timeout=10
+    )
+
+
+def recommend(stub, customer_id, limit=10):
+    return stub.RecommendProducts(
+        pb.RecommendProductsRequest(customer_id=customer_id, limit=limit), timeout=10
+    )
+
+
+def test_a_recorded_purchase_leaves_the_next_answer(server):
+    events, stub = server
+    before = recommend(stub, "c004")
+    new = [i.product_id for i in before.items if i.reasons[0].kind == pb.REASON_KIND_BOUGHT_RELATED]
+    assert new, "the answer must hold products the customer never bought"
+    got = record(events, {"customer_id": "c004", "product_id": new[0], "channel": "web"})
+    assert (got.recorded, got.ignored_without_consent) == (1, 0)
+    after = recommend(stub, "c004")
+    assert after.personalized
+    assert new[0] not in [i.product_id for i in after.items]
+    assert [i.product_id for i in after.items if i.product_id != new[0]][:5] == [
+        i.product_id for i in before.items if i.product_id != new[0]
+    ][:5]
+
+
+def test_a_new_customer_becomes_personal_from_recorded_purchases(server):
+    events, stub = server
+    first = recommend(stub, "newcomer")
+    assert not first.personalized
+    assert first.not_personalized_reason == pb.NOT_PERSONALIZED_REASON_UNKNOWN_CUSTOMER
+    bought = ["p002", "p004", "p008", "p012"]
+    got = record(events, *({"customer_id": "newcomer", "product_id": p} for p in bought))
+    assert got.recorded == 4
+    resp = recommend(stub, "newcomer", limit=8)
+    assert resp.personalized and len(resp.items) == 8
+    ids = [i.product_id for i in resp.items]
+    assert not set(ids) & set(bought)
+    assert all(i.reasons[0].kind == pb.REASON_KIND_BOUGHT_RELATED for i in resp.items)
+    assert {i.reasons[0].product_id for i in resp.items} <= set(bought)
+    assert all(i.reasons[0].text.startswith("because you bought Product ") for i in resp.items)
+    scores = [i.score for i in resp.items]
+    assert scores == sorted(scores, reverse=True) and all(0 < s <= 1 for s in scores)
+    assert ids != [i.product_id for i in first.items]
+
+
+def test_consent_decides_what_is_stored(server, own):
+    events, _ = server
+    got = record(
+        events,
+        {"customer_id": "c001", "product_id": "p003"},  # c001: no personalization consent
+        {"customer_id": "c002", "product_id": "p003", "event_type": "view"},
+        {"customer_id": "c002", "product_id": "p005", "event_type": "return"},
+    )
+    assert (got.recorded, got.ignored_without_consent) == (2, 1)
+    store = open_store(store_url(own))
+    try:
+        assert store.events(["c001"]).num_rows == 0
+        assert store.events(["c002"]).num_rows == 2
+    finally:
+        store.close()
+
+
+def test_unknown_products_are_stored_and_reported(server):
+    events, _ = server
+    got = record(events, {"customer_id": "c003", "product_id": "brand-new-product"})
+    assert got.recorded == 1 and list(got.unknown_product_ids) == ["brand-new-product"]
+
+
+BAD = [
+    ([], "events"),
+    ([{"product_id": "p1"}], "events[0].customer_id"),
+    ([{"customer_id": "c1"}], "events[0].product_id"),
+    (
+        [{"customer_id": "c1", "product_id": "p1"}, {"customer_id": "x" * 129, "product_id": "p"}],
+        "events[1].customer_id",
+    ),
+    ([{"customer_id": "c1", "product_id": "p1", "event_type": "like"}], "events[0].event_type"),
+    ([{"customer_id": "c1", "product_id": "p1", "quantity": 0}], "events[0].quantity"),
+    ([{"customer_id": "c1", "product_id": "p1", "quantity": -2}], "events[0].quantity"),
+    ([{"customer_id": "c1", "product_id": "p1", "channel": "c" * 33}], "events[0].channel"),
+    ([{"customer_id": "c1", "product_id": "p1"}] * 1001, "events"),
+]
+
+
+@pytest.mark.parametrize(("rows", "field"), BAD)
+def test_bad_events_are_refused_whole(server, own, rows, field):
+    events, _ = server
+    with pytest.raises(grpc.RpcError) as info:
+        record(events, *rows)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details().startswith(field)
+    store = open_store(store_url(own))
+    try:
+        assert store.events(["c1"]).num_rows == 0
+    finally:
+        store.close()
+
+
+def test_timestamps_are_kept(server, own):
+    events, _ = server
+    when = Timestamp(seconds=1_800_000_000)
+    record(events, {"customer_id": "c009", "product_id": "p011", "timestamp": when})
+    store = open_store(store_url(own))
+    try:
+        table = store.events(["c009"])
+    finally:
+        store.close()
+    assert table.num_rows == 1
+    assert table["timestamp"][0].as_py() == when.ToDatetime()
+
+
+def test_training_with_the_store_learns_recorded_customers(server, own):
+    events, _ = server
+    rows = [{"customer_id": "store-only", "product_id": p} for p in ("p002", "p004", "p006")]
+    assert record(events, *rows).recorded == 3
+    version = train(own, own / "models", "--store", store_url(own))
+    bundle = load_bundle(own / "models", version)
+    assert "store-only" in set(bundle.user_ids.tolist())
