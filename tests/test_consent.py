@@ -105,13 +105,17 @@ def test_withdrawn_sensitive_consent_hides_sensitive_products_at_once(server):
     showing = [
         c
         for c in customers
-        if any(i.category == "pharmacy" for i in recommend(stub, c, limit=40).items)
+        if any(
+            i.category == "pharmacy"
+            for i in recommend(stub, c, limit=40, channel=pb.CHANNEL_WEB).items
+        )
     ]
     assert showing, "some customers must be shown pharmacy products with sensitive consent"
     for c in showing:
         set_consent(consent, c, cpb.PURPOSE_SENSITIVE, False)
-        resp = recommend(stub, c, limit=40, include_purchased=True)
+        resp = recommend(stub, c, limit=40, include_purchased=True, channel=pb.CHANNEL_WEB)
         assert resp.personalized
+        assert any("no sensitive consent" in d for d in resp.decisions)
         assert all(i.category != "pharmacy" for i in resp.items)
         assert all(r.product_id not in ("p006", "p007") for i in resp.items for r in i.reasons)
 

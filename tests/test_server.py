@@ -221,8 +221,35 @@ def test_sensitive_products_only_with_sensitive_consent(stub, bundle):
     assert c0.personalized
     assert all(i.category != "pharmacy" for i in c0.items)
     assert all(r.product_id not in ("p006", "p007") for i in c0.items for r in i.reasons)
-    others = [recommend(stub, customer_id=f"c{c:03d}", limit=40) for c in range(2, 20)]
+    # A logged-in page is less exposed than an email: sensitive products may show there.
+    others = [
+        recommend(stub, customer_id=f"c{c:03d}", limit=40, channel=pb.CHANNEL_WEB)
+        for c in range(2, 20)
+    ]
     assert any(i.category == "pharmacy" for r in others for i in r.items)
+
+
+def test_the_privacy_rule_weighs_sensitive_products_by_channel_exposure(stub):
+    """value = (relevance × timeliness − sensitivity × exposure) × trust: the same sensitive
+    product is worth 0.2 less in an email (exposure 0.3) than on a web page (0.1), trust 1."""
+    seen = 0
+    for c in range(2, 40):
+        customer = f"c{c:03d}"
+        web = recommend(stub, customer_id=customer, limit=40, channel=pb.CHANNEL_WEB)
+        email = recommend(stub, customer_id=customer, limit=40, channel=pb.CHANNEL_EMAIL)
+        on_email = {i.product_id: i.score for i in email.items}
+        for item in web.items:
+            if item.category == "pharmacy":
+                seen += 1
+                if item.product_id in on_email:
+                    assert on_email[item.product_id] == pytest.approx(item.score - 0.2)
+                else:
+                    assert item.score - 0.2 < 0.01  # withheld from the email
+                    assert email.withheld >= 1
+                    assert any("withheld" in d and "email" in d for d in email.decisions)
+        if not any(i.category == "pharmacy" for i in web.items):
+            assert email.withheld == 0 or any("withheld" in d for d in email.decisions)
+    assert seen
 
 
 def test_durables_not_offered_again_unless_include_purchased(stub, bundle):

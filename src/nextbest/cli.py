@@ -9,7 +9,6 @@ import logging
 import sys
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -331,51 +330,49 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_recommend(args: argparse.Namespace) -> int:
     from nextbest.policy import consent_state
-    from nextbest.scoring import recommend_for
+    from nextbest.service import ProductQuery, ServedModel, fixed_consent
     from nextbest.store.artifacts import load_bundle
 
     settings = _settings(args)
+    if not str(args.output).lower().endswith(".csv"):
+        raise DataError(f"{args.output}: --output must be a .csv file")
     bundle = load_bundle(args.models_dir)
     customers, report = read_customer_ids(args.customers)
     logger.info("%s", report.summary())
-    customers = pc.unique(customers)
+    ids = pc.unique(customers).to_pylist()
     consent = None
     if args.consent:
         consent, c_report = read_consent(
             args.consent, max_reject_share=settings.data.max_reject_share
         )
         logger.info("%s", c_report.summary())
-    state = consent_state(consent, settings.policy)
-    now_day = args.as_of if args.as_of is not None else bundle.reference_day
-    ids = customers.to_numpy(zero_copy_only=False).astype(str)
-    recs = recommend_for(
-        bundle,
-        ids,
-        N=args.limit,
-        now_day=now_day,
-        personalization_ok=state.allowed("personalization", customers),
-        sensitive_ok=state.allowed("sensitive", customers),
-        consumable_repeat_rate=settings.serve.consumable_repeat_rate,
-        due_fraction=settings.serve.due_fraction,
-        pool=settings.train.candidate_pool,
+    # The server's answer path (email channel), so that the export and every channel agree.
+    served = ServedModel(
+        bundle, settings, fixed_consent(consent_state(consent, settings.policy)), as_of=args.as_of
     )
-    valid = recs.ids >= 0
-    row = np.repeat(np.arange(len(ids)), valid.sum(axis=1))
-    rank = (np.cumsum(valid, axis=1) * valid)[valid]
+    rows: dict[str, list] = {"customer_id": [], "rank": [], "product_id": [], "score": []}
+    personalized = 0
+    for start in range(0, len(ids), 1024):
+        queries = [ProductQuery(customer_id=c, limit=args.limit) for c in ids[start : start + 1024]]
+        for answer in served.recommend(queries):
+            personalized += answer.personalized
+            for rank, item in enumerate(answer.items, 1):
+                rows["customer_id"].append(answer.customer_id)
+                rows["rank"].append(rank)
+                rows["product_id"].append(item.product_id)
+                rows["score"].append(round(item.score, 6))
     table = pa.table(
         {
-            "customer_id": pa.array(ids[row]),
-            "rank": pa.array(rank.astype(np.int32)),
-            "product_id": pa.array(bundle.item_ids[recs.ids[valid]]),
-            "score": pa.array(np.round(recs.scores[valid], 6)),
+            "customer_id": pa.array(rows["customer_id"], pa.string()),
+            "rank": pa.array(rows["rank"], pa.int32()),
+            "product_id": pa.array(rows["product_id"], pa.string()),
+            "score": pa.array(rows["score"], pa.float64()),
         }
     )
-    if not str(args.output).lower().endswith(".csv"):
-        raise DataError(f"{args.output}: --output must be a .csv file")
     write_table(table, args.output)
     print(
         f"wrote {table.num_rows:,} rows for {len(ids):,} customers to {args.output} "
-        f"({int(recs.personalized.sum()):,} personalized, model {bundle.version})"
+        f"({personalized:,} personalized, model {bundle.version})"
     )
     return 0
 

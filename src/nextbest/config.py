@@ -98,6 +98,18 @@ class PolicySettings:
     """Catalog categories treated as sensitive (exact, case-insensitive match)."""
     sensitive_departments: tuple[str, ...] = ()
     """Catalog departments treated as sensitive (exact, case-insensitive match)."""
+    channel_exposure: dict[str, float] = field(
+        default_factory=lambda: {"email": 0.3, "app": 0.2, "web": 0.1}
+    )
+    """How exposed an answer is on each channel (an email is read where others may see it, a
+    logged-in page less so): privacy_loss = item sensitivity × exposure."""
+    trust_full: float = 1.0
+    """Trust of a customer who granted personalization, behavioral and sensitive consent."""
+    trust_step: float = 0.1
+    """Trust lost for each of behavioral and sensitive consent not granted."""
+    min_value: float = 0.01
+    """Personalized items whose value (relevance × timeliness − privacy_loss) × trust falls
+    below this are withheld; the list is filled with best sellers."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -226,6 +238,16 @@ def _validate(section: str, s: object) -> None:
             parse_als_spec(spec)
     elif isinstance(s, PolicySettings):
         need(s.default_consent in CONSENT_DEFAULTS, "default_consent", "must be allow or deny")
+        channels = ("email", "app", "web")
+        need(set(s.channel_exposure) == set(channels), "channel_exposure", f"must set {channels}")
+        need(
+            all(0 <= v <= 1 for v in s.channel_exposure.values()),
+            "channel_exposure",
+            "values must be within [0, 1]",
+        )
+        need(0 < s.trust_full <= 1, "trust_full", "must be within (0, 1]")
+        need(0 <= s.trust_step < s.trust_full / 2, "trust_step", "must be >= 0, < trust_full / 2")
+        need(0 < s.min_value < 1, "min_value", "must be within (0, 1)")
     elif isinstance(s, ServeSettings):
         need(0 <= s.port <= 65535, "port", "must be within [0, 65535]")
         need(0.0 <= s.consumable_repeat_rate <= 1.0, "consumable_repeat_rate", "must be in [0, 1]")

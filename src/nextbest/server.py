@@ -225,8 +225,16 @@ def _limit(request) -> int:
     return request.limit
 
 
+_CHANNELS = {
+    pb.CHANNEL_UNSPECIFIED: "email",
+    pb.CHANNEL_EMAIL: "email",
+    pb.CHANNEL_WEB: "web",
+    pb.CHANNEL_APP: "app",
+}
+
+
 def _channel(value: int) -> None:
-    if value not in pb.Channel.values():
+    if value not in _CHANNELS:
         raise InvalidRequest(f"channel has an unknown value {value}")
 
 
@@ -241,6 +249,7 @@ def product_query(request: pb.RecommendProductsRequest) -> ProductQuery:
         exclude_categories=_ids(request.exclude_categories, "exclude_categories", MAX_CATEGORIES),
         exclude_product_ids=_ids(request.exclude_product_ids, "exclude_product_ids", MAX_EXCLUDED),
         include_purchased=request.include_purchased,
+        channel=_CHANNELS[request.channel],
     )
 
 
@@ -280,6 +289,8 @@ def _answer_pb(
         model_version=version,
         personalized=answer.personalized,
         not_personalized_reason=_NOT_PERSONALIZED[answer.not_personalized_reason],
+        decisions=answer.decisions,
+        withheld=answer.withheld,
     )
 
 

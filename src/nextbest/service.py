@@ -23,7 +23,13 @@ from nextbest.bundle import ModelBundle, lookup
 from nextbest.config import Settings
 from nextbest.errors import NotFound
 from nextbest.policy import ConsentState
-from nextbest.scoring import cf_candidates_for, is_due, item_interval, recommend_for
+from nextbest.scoring import (
+    best_sellers_for,
+    cf_candidates_for,
+    is_due,
+    item_interval,
+    recommend_for,
+)
 
 __all__ = [
     "DEFAULT_LIMIT",
@@ -78,6 +84,8 @@ class ProductQuery:
     exclude_categories: tuple[str, ...] = ()
     exclude_product_ids: tuple[str, ...] = ()
     include_purchased: bool = False
+    channel: str = "email"
+    """email, web or app: sets the exposure in the privacy rule."""
 
 
 @dataclass(frozen=True)
@@ -87,6 +95,10 @@ class ProductAnswer:
     personalized: bool
     not_personalized_reason: str = ""
     """'' when personalized, else no_consent, erased or unknown_customer."""
+    decisions: tuple[str, ...] = ()
+    """What the consent and privacy rules did to this answer, in words."""
+    withheld: int = 0
+    """Personalized items the privacy rule withheld (value below policy.min_value)."""
 
 
 @dataclass(frozen=True)
@@ -135,6 +147,8 @@ class CustomerConsent:
     personalization: np.ndarray
     sensitive: np.ndarray
     erased: np.ndarray
+    behavioral: np.ndarray | None = None
+    """None: as personalization."""
 
 
 ConsentSource = Callable[[Sequence[str]], CustomerConsent]
@@ -152,6 +166,7 @@ def fixed_consent(state: ConsentState) -> ConsentSource:
             personalization=state.allowed("personalization", ids),
             sensitive=state.allowed("sensitive", ids),
             erased=np.zeros(len(ids), dtype=bool),
+            behavioral=state.allowed("behavioral", ids),
         )
 
     return lookup
@@ -169,6 +184,7 @@ def store_consent(store, default_allow: bool) -> ConsentSource:
             personalization=fixed.personalization,
             sensitive=fixed.sensitive,
             erased=np.asarray([c in erased for c in ids], dtype=bool),
+            behavioral=fixed.behavioral,
         )
 
     return lookup
@@ -183,6 +199,9 @@ class ServedModel:
     consent: ConsentSource
     erased: Sequence[str] = ()
     """Customers forgotten before this model was loaded: dropped from it at once."""
+    as_of: float | None = None
+    """Days since the epoch to judge repurchase timing at, overriding serve.clock (batch
+    exports of historic data)."""
     events: EventSource | None = None
     """Recorded events (the store's): purchases after the model's newest event are excluded from
     answers, and make customers unknown to the model personal through ALS fold-in."""
@@ -232,12 +251,23 @@ class ServedModel:
         if buyers.max(initial=0) <= 0:
             buyers = b.repeat.item_buyers.astype(np.float64)
         self.popularity = buyers / max(buyers.max(initial=0), 1.0)
+        # Sensitivity level per item for the privacy rule: the catalog's, or 1 for products
+        # sensitive by a listed category or department.
+        level = np.zeros(len(b.item_ids))
+        if "sensitivity" in catalog.column_names and catalog.num_rows:
+            values = np.nan_to_num(
+                catalog.column("sensitivity").to_numpy(zero_copy_only=False).astype(np.float64)
+            )
+            level[rows >= 0] = values[rows[rows >= 0]]
+        self.sensitivity = np.where(b.item_sensitive & (level <= 0), 1.0, level)
 
     @property
     def version(self) -> str:
         return self.bundle.version
 
     def now_day(self) -> float:
+        if self.as_of is not None:
+            return self.as_of
         if self.settings.serve.clock == "wall":
             return time.time() / 86400.0
         return self.bundle.reference_day
@@ -245,13 +275,25 @@ class ServedModel:
     def consents(self, customer_ids: list[str]) -> tuple[np.ndarray, np.ndarray, list[str]]:
         """(personalization allowed, sensitive allowed, why not personal: '' / no_consent /
         erased) per customer; erased customers are never personalized."""
+        personal, sensitive, why, _ = self.consent_details(customer_ids)
+        return personal, sensitive, why
+
+    def consent_details(
+        self, customer_ids: list[str]
+    ) -> tuple[np.ndarray, np.ndarray, list[str], np.ndarray]:
+        """`consents` plus each customer's trust for the privacy rule: policy.trust_full less
+        policy.trust_step for each of behavioral and sensitive consent not granted."""
         c = self.consent(customer_ids)
         personal = c.personalization & ~c.erased
         why = [
             "erased" if e else ("" if p else "no_consent")
             for p, e in zip(c.personalization, c.erased, strict=True)
         ]
-        return personal, c.sensitive & ~c.erased, why
+        sensitive = c.sensitive & ~c.erased
+        behavioral = c.personalization if c.behavioral is None else c.behavioral
+        policy = self.settings.policy
+        trust = policy.trust_full - policy.trust_step * ((~behavioral).astype(float) + ~sensitive)
+        return personal, sensitive, why, trust
 
     def forget(self, customer_id: str) -> bool:
         """Drop a customer from this loaded model (their factors and CF candidates); True when
@@ -300,17 +342,18 @@ class ServedModel:
     def _recommend(self, queries: list[ProductQuery], limit: int) -> list[ProductAnswer]:
         b, serve = self.bundle, self.settings.serve
         customer_ids = [q.customer_id for q in queries]
-        personal_ok, sensitive_ok, why_not = self.consents(customer_ids)
+        personal_ok, sensitive_ok, why_not, trust = self.consent_details(customer_ids)
         now = self.now_day()
         recorded = self._recorded(customer_ids)
         masks = [
             self._without_recorded(self._item_mask(q), q, items, days, now)
             for q, (items, _, days) in zip(queries, recorded, strict=True)
         ]
+        fetch = limit + max(5, limit // 2)  # spare candidates for items the privacy rule withholds
         recs = recommend_for(
             b,
             np.asarray(customer_ids, dtype=str),
-            N=limit,
+            N=fetch,
             now_day=now,
             personalization_ok=personal_ok,
             sensitive_ok=sensitive_ok,
@@ -324,27 +367,143 @@ class ServedModel:
         out = []
         for r, q in enumerate(queries):
             items, counts, _ = recorded[r]
-            if recs.users[r] < 0 and personal_ok[r] and len(items):
-                folded = self._folded(q, items, counts, bool(sensitive_ok[r]), masks[r], limit)
+            user = int(recs.users[r])
+            if user < 0 and personal_ok[r] and len(items):
+                folded = self._folded(q, items, counts, bool(sensitive_ok[r]), masks[r], fetch)
                 if folded is not None:
-                    out.append(folded)
-                    continue
-            valid = recs.ids[r] >= 0
-            items = recs.ids[r][valid]
-            popular = recs.popular[r][valid]
-            reasons = self._reasons(int(recs.users[r]), items, popular, bool(sensitive_ok[r]), now)
-            out.append(
-                ProductAnswer(
+                    chosen, relevance, evidence = folded
+                    popular = np.zeros(len(chosen), dtype=bool)
+                    reasons = self._reasons(-1, chosen, popular, False, now, cited=evidence)
+                    timely = np.ones(len(chosen))
+                    bought = items
+            else:
+                folded = None
+            if folded is None:
+                valid = recs.ids[r] >= 0
+                chosen, relevance = recs.ids[r][valid], recs.scores[r][valid]
+                popular = recs.popular[r][valid]
+                reasons = self._reasons(user, chosen, popular, bool(sensitive_ok[r]), now)
+                timely = self._timeliness(user, chosen, now)
+                bought = self._history(user)
+            if not (folded is not None or recs.personalized[r]):
+                answer = ProductAnswer(
                     customer_id=q.customer_id,
                     items=[
                         self._item(int(i), float(s), why)
-                        for i, s, why in zip(items, recs.scores[r][valid], reasons, strict=True)
+                        for i, s, why in zip(
+                            chosen[:limit], relevance[:limit], reasons, strict=False
+                        )
                     ],
-                    personalized=bool(recs.personalized[r]),
+                    personalized=False,
                     not_personalized_reason=why_not[r] or recs.reasons[r],
+                    decisions=(f"not personalized: {why_not[r] or recs.reasons[r]}",),
                 )
-            )
+            else:
+                answer = self._privacy_rule(
+                    q,
+                    chosen,
+                    relevance,
+                    timely,
+                    popular,
+                    reasons,
+                    float(trust[r]),
+                    bool(sensitive_ok[r]),
+                    masks[r],
+                    np.union1d(bought, items),
+                    limit,
+                )
+            out.append(answer)
         return out
+
+    def _history(self, user: int) -> np.ndarray:
+        if user < 0:
+            return np.zeros(0, dtype=np.int64)
+        rs = self.bundle.repeat.days_bought
+        return rs.indices[rs.indptr[user] : rs.indptr[user + 1]]
+
+    def _timeliness(self, user: int, items: np.ndarray, now: float) -> np.ndarray:
+        """In (0, 1]: 1 for products the customer never bought; for bought ones how close the
+        last purchase is to one repurchase interval ago (the customer's own interval when they
+        bought it on two or more days, else the product's; 1 when neither is known)."""
+        out = np.ones(len(items))
+        if user < 0 or not len(items):
+            return out
+        rs = self.bundle.repeat
+        start, stop = rs.days_bought.indptr[user], rs.days_bought.indptr[user + 1]
+        row = rs.days_bought.indices[start:stop]
+        if not len(row):
+            return out
+        pos = np.minimum(np.searchsorted(row, items), len(row) - 1)
+        hit = row[pos] == items
+        at = start + pos[hit]
+        days = rs.days_bought.data[at]
+        last = rs.last_day.data[at]
+        own = (last - rs.first_day.data[at]) / np.maximum(days - 1, 1)
+        interval = np.where(days >= 2, own, item_interval(self.bundle, items[hit]))
+        age = np.maximum(now - last, 0.0)
+        known = np.isfinite(interval)
+        out[np.flatnonzero(hit)[known]] = np.exp(
+            -np.abs(np.log((age[known] + 1.0) / (interval[known] + 1.0)))
+        )
+        return out
+
+    def _privacy_rule(
+        self,
+        q: ProductQuery,
+        items: np.ndarray,
+        relevance: np.ndarray,
+        timely: np.ndarray,
+        popular: np.ndarray,
+        reasons: list[tuple[Reason, ...]],
+        trust: float,
+        sensitive_ok: bool,
+        mask: np.ndarray | None,
+        bought: np.ndarray,
+        limit: int,
+    ) -> ProductAnswer:
+        """SPEC §5 on a personalized candidate list: value = (relevance × timeliness −
+        privacy_loss) × trust, privacy_loss = sensitivity × the channel's exposure; items below
+        policy.min_value are withheld, the rest ranked by value, the list filled with best
+        sellers (never sensitive), and the decisions said."""
+        policy = self.settings.policy
+        b = self.bundle
+        loss = self.sensitivity[items] * policy.channel_exposure[q.channel]
+        value = (relevance * timely - loss) * trust
+        keep = value >= policy.min_value
+        withheld = int((~keep & ~popular).sum())
+        order = np.flatnonzero(keep)[np.argsort(-value[keep], kind="stable")][:limit]
+        chosen = [self._item(int(items[k]), float(value[k]), reasons[k]) for k in order]
+        decisions = []
+        if not sensitive_ok:
+            decisions.append("sensitive products neither used nor shown: no sensitive consent")
+        if withheld:
+            decisions.append(
+                f"{withheld} items withheld: value below {policy.min_value:g} on the "
+                f"{q.channel} channel"
+            )
+        if len(chosen) < limit:
+            exclude = ~b.item_available | b.item_sensitive
+            if mask is not None:
+                exclude = exclude | ~mask
+            exclude = exclude.copy()
+            exclude[items[order]] = True
+            if not q.include_purchased:
+                exclude[bought] = True
+            fill, _ = best_sellers_for(b, 1, limit - len(chosen), exclude)
+            fill = fill[0][fill[0] >= 0]
+            low = chosen[-1].score if chosen else policy.min_value
+            for k, i in enumerate(fill.tolist(), 1):
+                score = low * (1.0 - k / (len(fill) + 1) * 1e-3)
+                chosen.append(self._item(i, score, (self._popular_reason(i),)))
+            if len(fill):
+                decisions.append(f"{len(fill)} best sellers added to fill the list")
+        return ProductAnswer(
+            customer_id=q.customer_id,
+            items=chosen,
+            personalized=True,
+            decisions=tuple(decisions),
+            withheld=withheld,
+        )
 
     def _recorded(self, customer_ids: list[str]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """Per customer: (item indices, net purchase count, day of the last purchase) of the
@@ -413,10 +572,11 @@ class ServedModel:
         sensitive_ok: bool,
         mask: np.ndarray | None,
         limit: int,
-    ) -> ProductAnswer | None:
-        """A personal answer for a customer unknown to the model from their recorded purchases
-        (ALS fold-in); sensitive purchases are no evidence without sensitive consent. None when
-        the model cannot fold in (not ALS) or nothing may be used."""
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """Candidates for a customer unknown to the model from their recorded purchases (ALS
+        fold-in): (items, relevance in (0, 1] relative to the best, the purchases used as
+        evidence — without sensitive ones unless sensitive consent). None when the model cannot
+        fold in (not ALS) or nothing may be used."""
         b = self.bundle
         if not sensitive_ok:
             keep = ~b.item_sensitive[items]
@@ -447,19 +607,7 @@ class ServedModel:
             return None
         best = scores[top[0]]
         scaled = np.clip(scores[top] / best, 1e-6, 1.0) if best > 0 else np.full(n, 1e-6)
-        sim = b.cf.item_similarity(top, items)
-        source = items[sim.argmax(axis=1)]
-        answer = []
-        for i, score, src in zip(top.tolist(), scaled.tolist(), source.tolist(), strict=True):
-            title = self.titles[src] or str(b.item_ids[src])
-            why = Reason(
-                "bought_related",
-                f"because you bought {title}",
-                str(b.item_ids[src]),
-                self.titles[src],
-            )
-            answer.append(self._item(i, score, (why,)))
-        return ProductAnswer(customer_id=q.customer_id, items=answer, personalized=True)
+        return top, scaled, items
 
     def _item(self, i: int, score: float, reasons: tuple[Reason, ...]) -> Item:
         return Item(
@@ -484,19 +632,30 @@ class ServedModel:
         return bought
 
     def _reasons(
-        self, user: int, items: np.ndarray, popular: np.ndarray, sensitive_ok: bool, now: float
+        self,
+        user: int,
+        items: np.ndarray,
+        popular: np.ndarray,
+        sensitive_ok: bool,
+        now: float,
+        cited: np.ndarray | None = None,
     ) -> list[tuple[Reason, ...]]:
         """One reason per item: repurchase due (a bought product), bought related (the bought
-        product closest to it in the model), else popular."""
-        if user < 0 or popular.all():
+        product closest to it in the model), else popular. `cited`: the purchases that may be
+        cited for a customer the model does not know (recorded ones)."""
+        if (user < 0 and cited is None) or popular.all():
             return [(self._popular_reason(int(i)),) for i in items]
         b, rs = self.bundle, self.bundle.repeat
-        start, stop = rs.days_bought.indptr[user], rs.days_bought.indptr[user + 1]
+        if user >= 0:
+            start, stop = rs.days_bought.indptr[user], rs.days_bought.indptr[user + 1]
+        else:
+            start = stop = 0
         row_items = rs.days_bought.indices[start:stop]
         pos = np.minimum(np.searchsorted(row_items, items), max(len(row_items) - 1, 0))
         is_bought = row_items[pos] == items if len(row_items) else np.zeros(len(items), bool)
         is_bought &= ~popular
-        cited = self._bought(user, sensitive_ok)
+        if cited is None:
+            cited = self._bought(user, sensitive_ok)
         new = np.flatnonzero(~popular & ~is_bought)
         best_src = np.full(len(items), -1, dtype=np.int64)
         if len(new) and len(cited):

@@ -105,7 +105,7 @@ class RecommendedProduct(_message.Message):
     def __init__(self, product_id: _Optional[str] = ..., score: _Optional[float] = ..., reasons: _Optional[_Iterable[_Union[Reason, _Mapping]]] = ..., title: _Optional[str] = ..., category: _Optional[str] = ..., price: _Optional[float] = ...) -> None: ...
 
 class RecommendProductsResponse(_message.Message):
-    __slots__ = ("customer_id", "request_id", "items", "model_version", "personalized", "not_personalized_reason", "error")
+    __slots__ = ("customer_id", "request_id", "items", "model_version", "personalized", "not_personalized_reason", "error", "decisions", "withheld")
     CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     ITEMS_FIELD_NUMBER: _ClassVar[int]
@@ -113,6 +113,8 @@ class RecommendProductsResponse(_message.Message):
     PERSONALIZED_FIELD_NUMBER: _ClassVar[int]
     NOT_PERSONALIZED_REASON_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    DECISIONS_FIELD_NUMBER: _ClassVar[int]
+    WITHHELD_FIELD_NUMBER: _ClassVar[int]
     customer_id: str
     request_id: str
     items: _containers.RepeatedCompositeFieldContainer[RecommendedProduct]
@@ -120,7 +122,9 @@ class RecommendProductsResponse(_message.Message):
     personalized: bool
     not_personalized_reason: NotPersonalizedReason
     error: RequestError
-    def __init__(self, customer_id: _Optional[str] = ..., request_id: _Optional[str] = ..., items: _Optional[_Iterable[_Union[RecommendedProduct, _Mapping]]] = ..., model_version: _Optional[str] = ..., personalized: _Optional[bool] = ..., not_personalized_reason: _Optional[_Union[NotPersonalizedReason, str]] = ..., error: _Optional[_Union[RequestError, _Mapping]] = ...) -> None: ...
+    decisions: _containers.RepeatedScalarFieldContainer[str]
+    withheld: int
+    def __init__(self, customer_id: _Optional[str] = ..., request_id: _Optional[str] = ..., items: _Optional[_Iterable[_Union[RecommendedProduct, _Mapping]]] = ..., model_version: _Optional[str] = ..., personalized: _Optional[bool] = ..., not_personalized_reason: _Optional[_Union[NotPersonalizedReason, str]] = ..., error: _Optional[_Union[RequestError, _Mapping]] = ..., decisions: _Optional[_Iterable[str]] = ..., withheld: _Optional[int] = ...) -> None: ...
 
 class SimilarProductsRequest(_message.Message):
     __slots__ = ("product_ids", "limit", "customer_id")
