@@ -18,7 +18,7 @@ CJ_EVENTS := $(DATA)/complete-journey/events.parquet
 OR_CUTOFF := 2011-11-01
 CJ_CUTOFF := 2017-12-01
 
-.PHONY: install test lint train evaluate evaluate-cj bench-train bench-serve prepare clean demo serve proto
+.PHONY: install test lint train evaluate evaluate-cj bench-train bench-serve audit-privacy prepare clean demo serve proto
 
 $(VENV)/.installed: pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (Python 3.11 is required)"; exit 1; }
@@ -64,6 +64,18 @@ bench-train: install $(CJ_EVENTS)
 # one run; trains its own ALS-only model into $(DATA)/bench-serve once, updates BENCHMARKS.md.
 bench-serve: install $(CJ_EVENTS)
 	$(PY) benchmarks/bench_serve.py --events $(CJ_EVENTS) --catalog $(DATA)/complete-journey/catalog.parquet --write
+
+# The privacy rules (SPEC §5) through the running server on Complete Journey: baby, health and
+# tobacco categories and the SPIRITS department sensitive, half the households without sensitive
+# consent; trains its own model into $(DATA)/audit-privacy, prints the counts, fails on a leak.
+# The content is written by the same `nextbest prepare` as the events (redone for a
+# data/complete-journey prepared before content existed).
+audit-privacy: install $(CJ_EVENTS)
+	@test -f $(DATA)/complete-journey/content.parquet || $(NEXTBEST) prepare complete-journey \
+		--source $(SHARED)/dunnhumby_complete_journey --out $(DATA)/complete-journey
+	$(PY) benchmarks/audit_privacy.py --events $(CJ_EVENTS) \
+		--catalog $(DATA)/complete-journey/catalog.parquet \
+		--content $(DATA)/complete-journey/content.parquet
 
 clean:
 	rm -rf $(VENV) $(DATA) build src/*.egg-info

@@ -1,0 +1,741 @@
+"""make audit-privacy: the privacy rules of SPEC §5 checked through the running server (issue #4).
+
+On Complete Journey, with nine product categories (baby, infant care, diapers, feminine hygiene,
+laxatives, analgesics, cold and flu, cigarettes) and the SPIRITS department set sensitive and
+`policy.default_consent = "deny"`:
+
+1. The households are split by the parity of their rank in id order: even ranks give
+   `personalization` consent only, odd ranks `personalization` and `sensitive`. The consent file
+   is imported into a fresh SQLite store (`nextbest consent import`) and given to `nextbest train
+   --consent ... --store ...` (ALS only, no tuning), so training drops the sensitive purchases of
+   the households without sensitive consent.
+2. `nextbest serve` runs on that model and store as a subprocess; this process is its client.
+3. What is sensitive is computed here from the catalog and the config (`policy.sensitive_mask`,
+   cross-checked against a plain category / department match), never read from the answers.
+4. Every household, channel CHANNEL_EMAIL: StreamRecommendations (limit 20; also with
+   include_purchased, with include_categories naming the sensitive ones, and on CHANNEL_WEB; a
+   sample also as unary RecommendProducts, which must give the same items and reasons),
+   ScoreContent with the generated guides of the sensitive categories, inline sensitive
+   candidates and non-sensitive guides, and SimilarProducts for samples of sensitive and
+   non-sensitive products without a customer and with a customer of each group.
+
+It prints the counts with pass / FAIL per invariant and exits 1 when an invariant fails.
+
+    python benchmarks/audit_privacy.py --events data/complete-journey/events.parquet \\
+        --catalog data/complete-journey/catalog.parquet \\
+        --content data/complete-journey/content.parquet
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import queue
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+ROOT = Path(__file__).resolve().parent.parent
+SENSITIVE_CATEGORIES = (
+    "BABY HBC",
+    "INFANT CARE PRODUCTS",
+    "BABY FOODS",
+    "DIAPERS & DISPOSABLES",
+    "FEMININE HYGIENE",
+    "LAXATIVES",
+    "ANALGESICS",
+    "COLD AND FLU",
+    "CIGARETTES",
+)
+SENSITIVE_DEPARTMENTS = ("SPIRITS",)
+READY = re.compile(r"serving on (\S+):(\d+)\s*$")
+LIMIT = 20
+UNARY_SAMPLE = 100
+"""Households per group also asked through unary RecommendProducts (same answers expected)."""
+UNKNOWN = 50
+"""Customer ids unknown to the model and without consent records (default deny)."""
+OTHER_GUIDES = 20
+"""Non-sensitive guides among the ScoreContent candidates (and the LIQUOR guide, mixed)."""
+IN_FLIGHT = 8
+"""Concurrent unary calls of the ScoreContent and SimilarProducts checks."""
+CONSENT_TIME = "2024-01-01T00:00:00"
+
+
+def toml_list(values: Iterable[str]) -> str:
+    return "[" + ", ".join('"' + v.replace('"', '\\"') + '"' for v in values) + "]"
+
+
+CONFIG = f"""# Written by benchmarks/audit_privacy.py (make audit-privacy).
+[policy]
+default_consent = "deny"
+sensitive_categories = {toml_list(SENSITIVE_CATEGORIES)}
+sensitive_departments = {toml_list(SENSITIVE_DEPARTMENTS)}
+
+[train]
+candidates = ["als"]
+tune = false
+"""
+
+
+# --- results -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    section: str
+    what: str
+    population: str
+    count: int
+    expect: str = ""
+    """'= 0', '> 0' or '' (reported only)."""
+
+    @property
+    def result(self) -> str:
+        if self.expect == "= 0":
+            return "pass" if self.count == 0 else "FAIL"
+        if self.expect == "> 0":
+            return "pass" if self.count > 0 else "FAIL"
+        return "info"
+
+
+@dataclass
+class Audit:
+    rows: list[Row] = field(default_factory=list)
+    section: str = ""
+
+    def add(self, what: str, population: str, count: int, expect: str = "") -> None:
+        self.rows.append(Row(self.section, what, population, int(count), expect))
+
+    @property
+    def failed(self) -> list[Row]:
+        return [r for r in self.rows if r.result == "FAIL"]
+
+    def table(self) -> str:
+        width = max(len(r.what) for r in self.rows) + 4
+        pop = max(len(r.population) for r in self.rows) + 2
+        lines, section = [], None
+        header = f"{'check':<{width}}{'population':<{pop}}{'count':>9}  {'invariant':<10}result"
+        lines.append(header)
+        lines.append("-" * len(header))
+        for r in self.rows:
+            if r.section != section:
+                section = r.section
+                lines.append(section)
+            lines.append(
+                f"  {r.what:<{width - 2}}{r.population:<{pop}}{r.count:>9,}  "
+                f"{r.expect or '':<10}{r.result}"
+            )
+        return "\n".join(lines)
+
+
+# --- the server --------------------------------------------------------------------------------
+
+
+class ServerProcess:
+    """`nextbest serve` as a subprocess: ready when it prints `nextbest serving on HOST:PORT`."""
+
+    def __init__(self, cmd: Sequence[str], log_path: Path):
+        self.log_path = log_path
+        self._log = open(log_path, "w")  # closed in stop()
+        self.proc = subprocess.Popen(
+            list(cmd), stdout=subprocess.PIPE, stderr=self._log, text=True, cwd=ROOT
+        )
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._drain, daemon=True).start()
+
+    def _drain(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self._lines.put(line)
+        self._lines.put(None)
+
+    def wait_ready(self, timeout: float = 180.0) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self._lines.get(timeout=max(deadline - time.monotonic(), 0.01))
+            except queue.Empty:
+                raise SystemExit(f"nextbest serve: not ready after {timeout:.0f} s") from None
+            if line is None:
+                self.proc.wait()
+                tail = self.log_path.read_text()[-3000:]
+                raise SystemExit(f"nextbest serve exited ({self.proc.returncode}):\n{tail}")
+            match = READY.search(line)
+            if match:
+                return f"{match.group(1)}:{match.group(2)}"
+
+    def stop(self) -> None:
+        """SIGTERM, then kill after 20 s."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+
+def wait_serving(channel, timeout: float = 180.0) -> None:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    stub = health_pb2_grpc.HealthStub(channel)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+            if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                return
+        except grpc.RpcError:
+            pass
+        if time.monotonic() > deadline:
+            raise SystemExit(f"health not SERVING after {timeout:.0f} s")
+        time.sleep(0.2)
+
+
+def nextbest_cli() -> list[str]:
+    exe = Path(sys.executable).parent / "nextbest"
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "nextbest.cli"]
+
+
+def run(cmd: list[str], log: Path, show: str = "") -> None:
+    """Run a nextbest command, its output to `log`; print its lines containing `show`."""
+    t0 = time.perf_counter()
+    with open(log, "w") as fh:
+        done = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT, text=True)
+    text = log.read_text()
+    if done.returncode:
+        raise SystemExit(f"{' '.join(cmd[:2])} failed ({done.returncode}):\n{text[-3000:]}")
+    for line in text.splitlines():
+        if show and show in line:
+            print("  " + (line.split(": ", 1)[-1] if line.startswith("INFO") else line))
+    print(f"  ({time.perf_counter() - t0:.1f} s; log {log.relative_to(ROOT)})", flush=True)
+
+
+# --- inputs ------------------------------------------------------------------------------------
+
+
+def sensitive_products(catalog: pa.Table, config: Path) -> np.ndarray:
+    """Sensitive product ids (sorted) by `policy.sensitive_mask`, as the trainer computes them,
+    checked against a plain match of the listed categories and departments."""
+    from nextbest.config import load_settings
+    from nextbest.policy import sensitive_mask
+
+    mask = sensitive_mask(catalog, load_settings(config).policy)
+    cats = {c.upper() for c in SENSITIVE_CATEGORIES}
+    deps = {d.upper() for d in SENSITIVE_DEPARTMENTS}
+    columns = [catalog[c].to_pylist() for c in ("category", "department", "sensitivity")]
+    plain = np.array(
+        [
+            (c or "").upper() in cats or (d or "").upper() in deps or (s or 0) > 0
+            for c, d, s in zip(*columns, strict=True)
+        ]
+    )
+    if not np.array_equal(mask, plain):
+        raise SystemExit("policy.sensitive_mask disagrees with a plain category/department match")
+    return np.sort(np.asarray(catalog["product_id"].filter(pa.array(mask)).to_pylist(), dtype=str))
+
+
+def check_catalog(catalog: pa.Table) -> None:
+    """Every listed category and department exists in the catalog (case-insensitive); print how
+    many products each makes sensitive."""
+    missing = []
+    for column, listed in (
+        ("category", SENSITIVE_CATEGORIES),
+        ("department", SENSITIVE_DEPARTMENTS),
+    ):
+        values = pc.utf8_upper(pc.fill_null(catalog[column], ""))
+        for name in listed:
+            n = pc.sum(pc.equal(values, name.upper())).as_py() or 0
+            print(f"  {column} {name!r}: {n:,} products")
+            if not n:
+                missing.append(f"{column} {name!r}")
+    if missing:
+        raise SystemExit(f"not in the catalog: {', '.join(missing)}")
+
+
+def write_consent(path: Path, no_sensitive: list[str], with_sensitive: list[str]) -> None:
+    with open(path, "w", newline="") as fh:
+        out = csv.writer(fh)
+        out.writerow(["customer_id", "purpose", "granted", "updated_at"])
+        for ids, sensitive in ((no_sensitive, "false"), (with_sensitive, "true")):
+            for c in ids:
+                out.writerow([c, "personalization", "true", CONSENT_TIME])
+                out.writerow([c, "sensitive", sensitive, CONSENT_TIME])
+
+
+# --- the checks --------------------------------------------------------------------------------
+
+
+def stream(stub, requests: list) -> list:
+    """One StreamRecommendations call; answers checked for order and errors."""
+    answers = list(stub.StreamRecommendations(iter(requests), timeout=600))
+    if len(answers) != len(requests):
+        raise SystemExit(f"stream: {len(answers)} answers to {len(requests)} requests")
+    for request, answer in zip(requests, answers, strict=True):
+        if answer.request_id != request.request_id or answer.HasField("error"):
+            raise SystemExit(f"stream answer for {request.customer_id} is wrong: {answer}")
+    return answers
+
+
+def evidence(answer) -> list:
+    """Items and their reasons (kind, cited product) of a RecommendProducts answer."""
+    return [(i.product_id, [(r.kind, r.product_id) for r in i.reasons]) for i in answer.items]
+
+
+def count_items(answers: list, sensitive: set[str]) -> dict[str, int]:
+    """Items, sensitive items, reasons citing a sensitive product, households with a sensitive
+    item, personalized answers."""
+    out = dict(items=0, sensitive=0, reasons=0, households=0, personalized=0)
+    for a in answers:
+        bad = sum(i.product_id in sensitive for i in a.items)
+        out["items"] += len(a.items)
+        out["sensitive"] += bad
+        out["households"] += bad > 0
+        out["personalized"] += a.personalized
+        out["reasons"] += sum(r.product_id in sensitive for i in a.items for r in i.reasons)
+    return out
+
+
+def audit_recommend(
+    audit: Audit,
+    stub,
+    pb,
+    groups: dict[str, list[str]],
+    buyers: set[str],
+    sensitive: set[str],
+) -> None:
+    def requests(ids: list[str], channel: int = pb.CHANNEL_EMAIL, **kw) -> list:
+        return [
+            pb.RecommendProductsRequest(
+                customer_id=c, limit=LIMIT, channel=channel, request_id=str(k), **kw
+            )
+            for k, c in enumerate(ids)
+        ]
+
+    no, yes = groups["no"], groups["yes"]
+    pop_no, pop_yes = f"{len(no):,} households", f"{len(yes):,} households"
+    listed = [*SENSITIVE_CATEGORIES, *SENSITIVE_DEPARTMENTS]
+
+    audit.section = (
+        f"RecommendProducts via StreamRecommendations (email, limit {LIMIT}), without sensitive "
+        "consent"
+    )
+    t0 = time.perf_counter()
+    answers = stream(stub, requests(no))
+    c = count_items(answers, sensitive)
+    audit.add("personalized answers", pop_no, c["personalized"])
+    audit.add("items returned", pop_no, c["items"])
+    audit.add("households that bought sensitive products", pop_no, len(buyers & set(no)))
+    audit.add("sensitive items", pop_no, c["sensitive"], "= 0")
+    audit.add("reasons citing a sensitive product", pop_no, c["reasons"], "= 0")
+    for name, kw in (
+        ("include_purchased=true", {"include_purchased": True}),
+        ("include_categories=the sensitive ones", {"include_categories": listed}),
+    ):
+        c = count_items(stream(stub, requests(no, **kw)), sensitive)
+        audit.add(f"{name}: items returned", pop_no, c["items"])
+        audit.add(f"{name}: sensitive items", pop_no, c["sensitive"], "= 0")
+        audit.add(f"{name}: sensitive reasons", pop_no, c["reasons"], "= 0")
+
+    audit.section = "RecommendProducts, customers unknown to the model, no consent records"
+    unknown = [f"audit-unknown-{k}" for k in range(UNKNOWN)]
+    c = count_items(stream(stub, requests(unknown)), sensitive)
+    audit.add("sensitive items", f"{UNKNOWN} customers", c["sensitive"], "= 0")
+    audit.add("reasons citing a sensitive product", f"{UNKNOWN} customers", c["reasons"], "= 0")
+
+    audit.section = "RecommendProducts, with sensitive consent"
+    answers_yes = stream(stub, requests(yes))
+    c = count_items(answers_yes, sensitive)
+    got = {a.customer_id for a in answers_yes if any(i.product_id in sensitive for i in a.items)}
+    cited = {
+        a.customer_id
+        for a in answers_yes
+        if any(r.product_id in sensitive for i in a.items for r in i.reasons)
+    }
+    audit.add("personalized answers", pop_yes, c["personalized"])
+    audit.add("sensitive items", pop_yes, c["sensitive"])
+    audit.add("households that bought sensitive products", pop_yes, len(buyers & set(yes)))
+    audit.add("households with a sensitive item", pop_yes, len(got))
+    audit.add("... of which bought sensitive products", pop_yes, len(got & buyers), "> 0")
+    audit.add("households with a reason citing one", pop_yes, len(cited))
+    c = count_items(stream(stub, requests(yes, include_purchased=True)), sensitive)
+    audit.add("include_purchased=true: sensitive items", pop_yes, c["sensitive"])
+
+    audit.section = "RecommendProducts on CHANNEL_WEB (less exposed than email), for comparison"
+    for ids, pop, label, expect in (
+        (no, pop_no, "without", "= 0"),
+        (yes, pop_yes, "with", ""),
+    ):
+        web = stream(stub, requests(ids, pb.CHANNEL_WEB))
+        c = count_items(web, sensitive)
+        audit.add(f"{label} sensitive consent: sensitive items", pop, c["sensitive"], expect)
+        audit.add(f"{label} sensitive consent: sensitive reasons", pop, c["reasons"], expect)
+        audit.add(f"{label} sensitive consent: households with one", pop, c["households"])
+
+    audit.section = (
+        f"RecommendProducts unary against the stream's answer ({UNARY_SAMPLE} per group)"
+    )
+    by_customer = {a.customer_id: a for a in [*answers, *answers_yes]}
+    differ = scores = 0
+    delta = 0.0
+    for ids in (no[:UNARY_SAMPLE], yes[:UNARY_SAMPLE]):
+        for r in requests(ids):
+            unary = stub.RecommendProducts(r, timeout=30)
+            streamed = by_customer[r.customer_id]
+            same = evidence(unary) == evidence(streamed)
+            differ += not same or unary.personalized != streamed.personalized
+            pairs = list(zip(unary.items, streamed.items, strict=False))
+            scores += any(u.score != s.score for u, s in pairs)
+            delta = max([delta, *(abs(u.score - s.score) for u, s in pairs)])
+    pop = f"{2 * UNARY_SAMPLE} households"
+    audit.add("answers with other items or reasons", pop, differ, "= 0")
+    audit.add(f"answers with other scores (max |diff| {delta:.1g})", pop, scores)
+    print(f"  RecommendProducts checks: {time.perf_counter() - t0:.1f} s", flush=True)
+
+
+def guide_sets(content: pa.Table, catalog: pa.Table, model_items: np.ndarray, sensitive: set[str]):
+    """Guides whose products the server can link (their products and the model's products of
+    their categories, matched as category or department) are all sensitive, some, or none."""
+    cat_up = [(c or "").upper() for c in catalog["category"].to_pylist()]
+    dep_up = [(d or "").upper() for d in catalog["department"].to_pylist()]
+    ids = catalog["product_id"].to_pylist()
+    in_model = set(model_items.tolist())
+    by_group: dict[str, set[str]] = {}
+    for p, c, d in zip(ids, cat_up, dep_up, strict=True):
+        if p in in_model:
+            for key in {c, d} - {""}:
+                by_group.setdefault(key, set()).add(p)
+    all_s, mixed, none = [], [], []
+    for cid, products, categories in zip(
+        content["content_id"].to_pylist(),
+        content["product_ids"].to_pylist(),
+        content["categories"].to_pylist(),
+        strict=True,
+    ):
+        linked = {p for p in products or [] if p in in_model}
+        for c in categories or []:
+            linked |= by_group.get(c.upper(), set())
+        if not linked:
+            continue
+        n = len(linked & sensitive)
+        (all_s if n == len(linked) else mixed if n else none).append(cid)
+    return all_s, mixed, none
+
+
+def unary_all(method, requests: list) -> Iterable:
+    """The replies of a unary RPC to each request, in order, IN_FLIGHT calls at a time."""
+    for lo in range(0, len(requests), IN_FLIGHT):
+        calls = [method.future(r, timeout=60) for r in requests[lo : lo + IN_FLIGHT]]
+        for call in calls:
+            yield call.result()
+
+
+def audit_content(
+    audit: Audit,
+    stub,
+    pb,
+    groups: dict[str, list[str]],
+    content: pa.Table,
+    guides: tuple[list[str], list[str], list[str]],
+    sensitive: set[str],
+    sensitive_in_model: np.ndarray,
+) -> None:
+    all_s, mixed, none = guides
+    rng = np.random.default_rng(11)
+    others = sorted(rng.choice(none, size=min(OTHER_GUIDES, len(none)), replace=False).tolist())
+    inline = [
+        pb.ContentCandidate(content_id=f"inline-{name}", title=name, categories=[name])
+        for name in (*SENSITIVE_CATEGORIES, *SENSITIVE_DEPARTMENTS)
+    ]
+    inline.append(
+        pb.ContentCandidate(
+            content_id="inline-sensitive-products",
+            title="sensitive products",
+            product_ids=sensitive_in_model[:50].tolist(),
+        )
+    )
+    candidates = [pb.ContentCandidate(content_id=c) for c in [*all_s, *mixed, *others]] + inline
+    sensitive_ids = set(all_s) | {c.content_id for c in inline}
+    marked = dict(
+        zip(content["content_id"].to_pylist(), content["sensitivity"].to_pylist(), strict=True)
+    )
+    audit.section = (
+        f"ScoreContent (email): {len(all_s)} guides linking only sensitive products, "
+        f"{len(mixed)} mixed, {len(others)} others, {len(inline)} inline sensitive candidates"
+    )
+    audit.add(
+        "sensitive guides marked sensitive in the snapshot",
+        f"{len(all_s)} guides",
+        sum((marked.get(c) or 0) > 0 for c in all_s),
+    )
+    t0 = time.perf_counter()
+    for group, label in (("no", "without"), ("yes", "with")):
+        ids = groups[group]
+        counts = dict(reasons=0, sens_relevant=0, other_relevant=0, personalized=0, households=0)
+        requests = [
+            pb.ScoreContentRequest(customer_id=c, candidates=candidates, channel=pb.CHANNEL_EMAIL)
+            for c in ids
+        ]
+        for reply in unary_all(stub.ScoreContent, requests):
+            counts["personalized"] += reply.personalized
+            leak = False
+            for item in reply.items:
+                bad = sum(r.product_id in sensitive for r in item.reasons)
+                counts["reasons"] += bad
+                if item.content_id in sensitive_ids:
+                    counts["sens_relevant"] += item.relevance > 0
+                    leak |= item.relevance > 0
+                else:
+                    counts["other_relevant"] += item.relevance > 0
+                leak |= bad > 0
+            counts["households"] += leak
+        pop = f"{len(ids):,} households"
+        zero = "= 0" if group == "no" else ""
+        audit.add(f"{label} sensitive consent: personalized answers", pop, counts["personalized"])
+        audit.add(
+            f"{label} sensitive consent: other content, relevance > 0",
+            pop,
+            counts["other_relevant"],
+        )
+        audit.add(
+            f"{label} sensitive consent: sensitive content, relevance > 0",
+            pop,
+            counts["sens_relevant"],
+            zero,
+        )
+        audit.add(
+            f"{label} sensitive consent: reasons citing a sensitive product",
+            pop,
+            counts["reasons"],
+            zero,
+        )
+        audit.add(
+            f"{label} sensitive consent: households with either", pop, counts["households"], zero
+        )
+    print(f"  ScoreContent checks: {time.perf_counter() - t0:.1f} s", flush=True)
+
+
+def audit_similar(
+    audit: Audit,
+    stub,
+    pb,
+    groups: dict[str, list[str]],
+    model_items: np.ndarray,
+    sensitive: set[str],
+    buyers: set[str],
+    sample: int,
+) -> None:
+    is_s = np.array([p in sensitive for p in model_items.tolist()])
+    rng = np.random.default_rng(5)
+    inputs = {
+        kind: np.sort(rng.choice(pool, size=min(sample, len(pool)), replace=False))
+        for kind, pool in (("sensitive", model_items[is_s]), ("other", model_items[~is_s]))
+    }
+    no = groups["no"]
+    yes = [c for c in groups["yes"] if c in buyers] or groups["yes"]
+    audit.section = (
+        f"SimilarProducts (limit {LIMIT}), one product per call; the customer_id cycles through "
+        "the group (with consent: its households that bought sensitive products)"
+    )
+    t0 = time.perf_counter()
+    for kind, products in inputs.items():
+        pop = f"{len(products)} {kind} products"
+        for who, customers in (("no customer", None), ("without", no), ("with", yes)):
+            bad = items = 0
+            requests = [
+                pb.SimilarProductsRequest(
+                    product_ids=[product],
+                    limit=LIMIT,
+                    customer_id="" if customers is None else customers[k % len(customers)],
+                )
+                for k, product in enumerate(products.tolist())
+            ]
+            for reply in unary_all(stub.SimilarProducts, requests):
+                items += len(reply.items)
+                bad += sum(i.product_id in sensitive for i in reply.items)
+            what, expect = f"customer {who} sensitive consent", "= 0"
+            if who == "with":
+                expect = "> 0" if kind == "sensitive" else ""
+            elif customers is None:
+                what = "no customer_id"
+            audit.add(f"{what}: items returned", pop, items)
+            audit.add(f"{what}: sensitive items", pop, bad, expect)
+    print(f"  SimilarProducts checks: {time.perf_counter() - t0:.1f} s", flush=True)
+
+
+def audit_consent(audit: Audit, channel, groups: dict[str, list[str]]) -> None:
+    """Consent.GetConsent agrees with the file for a sample of each group."""
+    from nextbest.v1 import consent_pb2 as cpb
+    from nextbest.v1 import consent_pb2_grpc
+
+    stub = consent_pb2_grpc.ConsentStub(channel)
+    audit.section = "Consent in the store (Consent.GetConsent), 20 households per group"
+    wrong = 0
+    for group, sensitive in (("no", False), ("yes", True)):
+        for customer in groups[group][:20]:
+            reply = stub.GetConsent(cpb.GetConsentRequest(customer_id=customer), timeout=10)
+            got = {v.purpose: v.granted for v in reply.consents}
+            wrong += got.get(cpb.PURPOSE_PERSONALIZATION) is not True
+            wrong += got.get(cpb.PURPOSE_SENSITIVE) is not sensitive
+    audit.add("values that differ from the consent file", "40 households", wrong, "= 0")
+
+
+# --- main --------------------------------------------------------------------------------------
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--events", required=True)
+    parser.add_argument("--catalog", required=True)
+    parser.add_argument("--content", required=True, help="content.parquet of nextbest prepare")
+    parser.add_argument("--work-dir", default="data/audit-privacy", help="config, model, store")
+    parser.add_argument("--similar-sample", type=int, default=200, help="products per kind")
+    args = parser.parse_args()
+    # SIGTERM stops the audit like Ctrl-C: the `finally` below stops the server.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    t_start = time.perf_counter()
+
+    import grpc
+
+    from nextbest.store.artifacts import load_bundle
+    from nextbest.v1 import recommender_pb2 as pb
+    from nextbest.v1 import recommender_pb2_grpc
+
+    work = (ROOT / args.work_dir).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    config = work / "audit.toml"
+    config.write_text(CONFIG)
+    print(f"config: {config.relative_to(ROOT)}")
+
+    catalog = pq.read_table(args.catalog)
+    check_catalog(catalog)
+    sensitive_ids = sensitive_products(catalog, config)
+    sensitive = set(sensitive_ids.tolist())
+    print(f"  {len(sensitive):,} of {catalog.num_rows:,} catalog products are sensitive")
+
+    events = pq.read_table(args.events, columns=["customer_id", "product_id", "event_type"])
+    events = events.filter(pc.equal(events["event_type"], "purchase"))
+    households = sorted(pc.unique(events["customer_id"]).to_pylist())
+    on_sensitive = pc.is_in(events["product_id"], pa.array(sensitive_ids))
+    buyers = set(pc.unique(events["customer_id"].filter(on_sensitive)).to_pylist())
+    groups = {"no": households[0::2], "yes": households[1::2]}
+    print(
+        f"{len(households):,} households: {len(groups['no']):,} personalization only (even rank "
+        f"in id order), {len(groups['yes']):,} personalization + sensitive (odd rank); "
+        f"{len(buyers):,} bought sensitive products "
+        f"({pc.sum(on_sensitive).as_py():,} of {events.num_rows:,} purchases)"
+    )
+
+    consent = work / "consent.csv"
+    write_consent(consent, groups["no"], groups["yes"])
+    db = work / "store.db"
+    for path in (db, db.with_name("store.db-wal"), db.with_name("store.db-shm")):
+        path.unlink(missing_ok=True)
+    store = f"sqlite:///{db}"
+    cli = nextbest_cli()
+    print(f"consent import into a fresh store {db.relative_to(ROOT)}:", flush=True)
+    run(
+        [*cli, "consent", "import", str(consent), "--store", store, "--source", "audit"],
+        work / "consent-import.log",
+        show="records",
+    )
+    models_dir = work / "models"
+    shutil.rmtree(models_dir, ignore_errors=True)
+    print("training (ALS only, no tuning):", flush=True)
+    run(
+        [
+            *cli,
+            "train",
+            "--config",
+            str(config),
+            "--events",
+            args.events,
+            "--catalog",
+            args.catalog,
+            "--content",
+            args.content,
+            "--consent",
+            str(consent),
+            "--store",
+            store,
+            "--models-dir",
+            str(models_dir),
+            "--no-progress",
+        ],
+        work / "train.log",
+        show="consent:",
+    )
+    bundle = load_bundle(models_dir)
+    model_items = np.asarray(bundle.item_ids, dtype=str)
+    in_model = np.isin(model_items, sensitive_ids)
+    sensitive_in_model = np.sort(model_items[in_model])
+    content = bundle.content
+    users = set(np.asarray(bundle.user_ids, dtype=str).tolist())
+    print(
+        f"model {bundle.version}: {len(users):,} customers, {len(model_items):,} products "
+        f"({len(sensitive_in_model):,} sensitive), {content.num_rows:,} content items"
+    )
+    guides = guide_sets(content, catalog, model_items, sensitive)
+    del bundle
+
+    audit = Audit()
+    audit.section = "Inputs"
+    audit.add("sensitive catalog products", f"{catalog.num_rows:,} products", len(sensitive), "> 0")
+    audit.add("sensitive products in the model", f"{len(model_items):,} products", in_model.sum())
+    for name in ("no", "yes"):
+        missing = sum(c not in users for c in groups[name])
+        label = "without" if name == "no" else "with"
+        audit.add(
+            f"households {label} sensitive consent not in the model",
+            f"{len(groups[name]):,} households",
+            missing,
+        )
+
+    serve = [*cli, "serve", "--config", str(config), "--models-dir", str(models_dir)]
+    serve += ["--store", store, "--port", "0"]
+    server = ServerProcess(serve, work / "server.log")
+    try:
+        address = server.wait_ready()
+        with grpc.insecure_channel(address) as channel:
+            wait_serving(channel)
+            print(f"nextbest serve on {address} (log {server.log_path.relative_to(ROOT)})")
+            stub = recommender_pb2_grpc.RecommenderStub(channel)
+            audit_consent(audit, channel, groups)
+            audit_recommend(audit, stub, pb, groups, buyers, sensitive)
+            audit_content(audit, stub, pb, groups, content, guides, sensitive, sensitive_in_model)
+            audit_similar(
+                audit, stub, pb, groups, model_items, sensitive, buyers, args.similar_sample
+            )
+    finally:
+        server.stop()
+
+    print()
+    print(audit.table())
+    failed = audit.failed
+    checked = sum(r.result != "info" for r in audit.rows)
+    print(
+        f"\n{checked - len(failed)} of {checked} invariants hold"
+        + (f"; FAILED: {', '.join(r.what for r in failed)}" if failed else "")
+        + f" ({time.perf_counter() - t_start:.0f} s)"
+    )
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    os.chdir(ROOT)
+    sys.exit(main())
