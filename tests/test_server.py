@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
@@ -727,3 +728,21 @@ def test_similar_products_show_sensitive_products_only_to_customers_who_allow_th
         stub.SimilarProducts, pb.SimilarProductsRequest(product_ids=["p002"], customer_id="x" * 200)
     )
     assert code == INVALID and details.startswith("customer_id")
+
+
+def test_customers_without_sensitive_consent_are_refolded_without_sensitive_history(
+    running, bundle
+):
+    model = running.holder.current
+    ui = bundle.user_items
+    has = [
+        u
+        for u in range(bundle.shape[0])
+        if bundle.item_sensitive[ui.indices[ui.indptr[u] : ui.indptr[u + 1]]].any()
+    ]
+    assert has and len(has) < bundle.shape[0]
+    learned = np.asarray(bundle.cf.model.user_factors)
+    refolded = model._without_sensitive(has[0])
+    assert refolded is not None and not np.allclose(refolded, learned[has[0]])
+    clean = next(u for u in range(bundle.shape[0]) if u not in has)
+    assert model._without_sensitive(clean) is None

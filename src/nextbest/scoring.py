@@ -113,6 +113,7 @@ def candidate_features(
     now_day: float,
     pool: int,
     cf_candidates: np.ndarray | None = None,
+    user_factors: dict[int, np.ndarray] | None = None,
 ) -> Candidates:
     """Candidates and their FEATURES for the user indices `users` (all known to the model).
 
@@ -127,6 +128,8 @@ def candidate_features(
 
     `cf_candidates` (one row of CF product indices per user, -1 padded), when given, replaces the
     CF model's top `pool` new products (see `cf_candidates_for`, which computes them).
+    `user_factors` (batch position → factors, ALS) replaces the model's factors of some users
+    for their CF candidates and scores: their history without what may not be used (fold-in).
     """
     users = np.asarray(users, dtype=np.int64)
     n = len(users)
@@ -138,6 +141,21 @@ def candidate_features(
         )
     else:
         ids = cf_candidates
+    if user_factors:
+        ids = ids.copy()
+        itf = np.asarray(bundle.cf.model.item_factors)
+        for j, factors in user_factors.items():
+            scores = itf @ factors
+            u = users[j]
+            scores[
+                bundle.user_items.indices[
+                    bundle.user_items.indptr[u] : bundle.user_items.indptr[u + 1]
+                ]
+            ] = -np.inf
+            k = min(ids.shape[1], int(np.isfinite(scores).sum()))
+            top = np.argpartition(-scores, k - 1)[:k] if k else np.zeros(0, np.int64)
+            ids[j] = -1
+            ids[j, :k] = top[np.argsort(-scores[top], kind="stable")]
     cf_pos = np.repeat(np.arange(n), ids.shape[1])
     cf_item = ids.ravel()
     ok = cf_item >= 0
@@ -178,6 +196,9 @@ def candidate_features(
     share = days / np.maximum(rs.user_days[users[pos]], 1.0)
 
     cf = bundle.cf.pair_scores(users[pos], item, bundle.user_items)
+    for j, factors in (user_factors or {}).items():
+        mine = pos == j
+        cf[mine] = np.asarray(bundle.cf.model.item_factors)[item[mine]] @ factors
     starts = np.flatnonzero(np.r_[True, pos[1:] != pos[:-1]])
     top = np.maximum.reduceat(cf, starts)
     top_per = np.repeat(np.where(top > 0, top, 1.0), np.diff(np.r_[starts, len(pos)]))
@@ -249,10 +270,16 @@ def rank_blend(
     pool: int,
     allow: callable | None = None,
     cf_candidates: np.ndarray | None = None,
+    user_factors: dict[int, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The blend's top N for known user indices; `allow(candidates) -> bool mask` filters first."""
     cands = candidate_features(
-        bundle, users, now_day=now_day, pool=pool, cf_candidates=cf_candidates
+        bundle,
+        users,
+        now_day=now_day,
+        pool=pool,
+        cf_candidates=cf_candidates,
+        user_factors=user_factors,
     )
     score = blend_scores(bundle, cands.features)
     keep = np.ones(len(score), dtype=bool) if allow is None else allow(cands)
@@ -326,6 +353,7 @@ def recommend_for(
     item_masks: list[np.ndarray | None] | None = None,
     include_purchased: np.ndarray | None = None,
     cf_candidates: np.ndarray | None = None,
+    user_factors: dict[int, np.ndarray] | None = None,
 ) -> Recommendations:
     """The served ranking for a batch of customers (every channel gets the same).
 
@@ -337,6 +365,7 @@ def recommend_for(
     `item_masks[r]`, when given, is a bool mask over items: only those may be returned to
     customer r (category filters, excluded products). `cf_candidates`: the CF candidates of
     every user of the model, precomputed by `cf_candidates_for` (else computed per call).
+    `user_factors` (request row → ALS factors) replaces some customers' factors.
     """
     n = len(customer_ids)
     masks = item_masks if item_masks is not None else [None] * n
@@ -391,6 +420,9 @@ def recommend_for(
             pool=pool,
             allow=allow,
             cf_candidates=None if cf_candidates is None else cf_candidates[users[rows]],
+            user_factors={
+                j: user_factors[r] for j, r in enumerate(rows) if r in (user_factors or {})
+            },
         )
         p_popular = np.zeros_like(p_ids, dtype=bool)
         # Fill short lists with best sellers the customer may see and has not been given.

@@ -350,6 +350,12 @@ class ServedModel:
             for q, (items, _, days) in zip(queries, recorded, strict=True)
         ]
         fetch = limit + max(5, limit // 2)  # spare candidates for items the privacy rule withholds
+        users = b.user_index(np.asarray(customer_ids, dtype=str))
+        refolded = {
+            r: f
+            for r in np.flatnonzero(personal_ok & ~sensitive_ok & (users >= 0)).tolist()
+            if (f := self._without_sensitive(int(users[r]))) is not None
+        }
         recs = recommend_for(
             b,
             np.asarray(customer_ids, dtype=str),
@@ -363,6 +369,7 @@ class ServedModel:
             item_masks=masks,
             include_purchased=np.asarray([q.include_purchased for q in queries], dtype=bool),
             cf_candidates=self.cf_candidates,
+            user_factors=refolded,
         )
         out = []
         for r, q in enumerate(queries):
@@ -414,6 +421,28 @@ class ServedModel:
                 )
             out.append(answer)
         return out
+
+    def _without_sensitive(self, user: int) -> np.ndarray | None:
+        """ALS factors of a known customer from their history without sensitive products (the
+        model learned them with it: sensitive consent was given then, or the default allowed
+        it), or None when the history has none (or the model cannot fold in)."""
+        b = self.bundle
+        ui = b.user_items
+        items = ui.indices[ui.indptr[user] : ui.indptr[user + 1]]
+        sensitive = b.item_sensitive[items]
+        if not sensitive.any():
+            return None
+        keep = ~sensitive
+        if not keep.any():
+            return np.zeros(b.cf.model.item_factors.shape[1], dtype=np.float32)
+        weights = ui.data[ui.indptr[user] : ui.indptr[user + 1]][keep]
+        params = b.manifest.get("params", {})
+        return b.cf.fold_in(
+            items[keep],
+            weights,
+            regularization=float(params.get("als_regularization", 0.05)),
+            alpha=float(params.get("als_alpha", 10.0)),
+        )
 
     def _history(self, user: int) -> np.ndarray:
         if user < 0:
