@@ -467,18 +467,27 @@ def test_content_for_unknown_customers_is_popularity_based(stub):
     assert resp.items[0].content_id == "guide-pantry"  # p000/p001 are bought by everyone
 
 
-def test_sensitive_content_needs_sensitive_consent(stub):
+@pytest.mark.parametrize(
+    "candidate",
+    [
+        {"content_id": "guide-pharmacy"},  # marked sensitive in the content snapshot
+        {"content_id": "inline-1", "categories": ["Pharmacy"]},  # a sensitive category
+        {"content_id": "inline-2", "product_ids": ["p006", "p002"]},  # links a sensitive product
+    ],
+)
+def test_sensitive_content_needs_sensitive_consent(stub, candidate):
     def score(customer):
         resp = stub.ScoreContent(
             pb.ScoreContentRequest(
-                customer_id=customer, candidates=[pb.ContentCandidate(content_id="guide-pharmacy")]
+                customer_id=customer, candidates=[pb.ContentCandidate(**candidate)]
             ),
             timeout=10,
         )
         return resp.items[0]
 
-    assert score("c000").relevance == 0.0
-    assert "p006" not in score("c000").reasons[0].product_id
+    hidden = score("c000")
+    assert hidden.relevance == 0.0
+    assert hidden.reasons[0].product_id == "" and "consent" in hidden.reasons[0].text
     assert score("c006").relevance > 0.0
 
 

@@ -766,8 +766,11 @@ class ServedModel:
 
     # --- ScoreContent -------------------------------------------------------------------------
 
-    def _content_items(self, q: ContentQuery) -> tuple[str, str, np.ndarray]:
-        """(title, kind, linked item indices) of a candidate; NotFound for unknown ids."""
+    def _content_items(self, q: ContentQuery) -> tuple[str, str, np.ndarray, bool]:
+        """(title, kind, linked item indices, sensitive) of a candidate; NotFound for unknown
+        ids. Content is sensitive when the snapshot says so (sensitivity > 0), when it names a
+        sensitive category or department of the config, or links a sensitive product."""
+        sensitive = False
         if q.inline:
             title, kind, products, categories = q.title, "inline", q.product_ids, q.categories
         else:
@@ -777,10 +780,16 @@ class ServedModel:
             row = {c: self.content.column(c)[int(at)].as_py() for c in self.content.column_names}
             title, kind = row["title"] or "", row["kind"] or "article"
             products, categories = row["product_ids"] or [], row["categories"] or []
+            sensitive = float(row["sensitivity"] or 0.0) > 0
         linked = self.bundle.item_index(np.asarray(list(products), dtype=str))
-        parts = [linked[linked >= 0]]
+        linked = linked[linked >= 0]
+        policy = self.settings.policy
+        listed = {c.lower() for c in (*policy.sensitive_categories, *policy.sensitive_departments)}
+        sensitive |= bool(self.bundle.item_sensitive[linked].any())
+        sensitive |= any(c.lower() in listed for c in categories)
+        parts = [linked]
         parts += [self.by_category.get(c.lower(), np.zeros(0, np.int64)) for c in categories]
-        return title, kind, np.unique(np.concatenate(parts))
+        return title, kind, np.unique(np.concatenate(parts)), sensitive
 
     def score_content(self, customer_id: str, candidates: list[ContentQuery]) -> ContentAnswer:
         """Relevance in [0, 1] of each candidate for the customer, ranked (ties: request order).
@@ -807,11 +816,8 @@ class ServedModel:
             bought_last = rs.last_day.data[start:stop]
             cf_all = b.cf.user_scores(user, b.user_items)
             cf_top = max(float(cf_all.max(initial=0.0)), 1e-12)
-        sensitive_content = self._sensitive_content(candidates)
         scored = []
-        for q, (title, kind, items), sensitive in zip(
-            candidates, resolved, sensitive_content, strict=True
-        ):
+        for q, (title, kind, items, sensitive) in zip(candidates, resolved, strict=True):
             if not sensitive_ok:
                 items = items[~b.item_sensitive[items]]
             relevance, reason = 0.0, Reason("none", "links no product the model knows")
@@ -851,14 +857,3 @@ class ServedModel:
             scored.append(ScoredContent(q.content_id, title, kind, relevance, (reason,)))
         order = sorted(range(len(scored)), key=lambda k: -scored[k].relevance)
         return ContentAnswer(customer_id, [scored[k] for k in order], personal, why_not)
-
-    def _sensitive_content(self, candidates: list[ContentQuery]) -> list[bool]:
-        """Snapshot content marked sensitive (sensitivity > 0); inline content never is."""
-        if not len(self.content_ids):
-            return [False] * len(candidates)
-        sens = self.content.column("sensitivity").to_numpy(zero_copy_only=False)
-        out = []
-        for q in candidates:
-            at = -1 if q.inline else lookup(self.content_ids, np.asarray([q.content_id]))[0]
-            out.append(bool(at >= 0 and np.nan_to_num(sens[at]) > 0))
-        return out
