@@ -15,6 +15,7 @@ STORE ?= sqlite:///$(DATA)/store.db
 OR_EVENTS := $(DATA)/online-retail/events.parquet
 OR_CONTENT := $(DATA)/online-retail/content.parquet
 CJ_EVENTS := $(DATA)/complete-journey/events.parquet
+CJ_CONTENT := $(DATA)/complete-journey/content.parquet
 OR_CUTOFF := 2011-11-01
 CJ_CUTOFF := 2017-12-01
 
@@ -40,7 +41,7 @@ lint: install
 $(OR_EVENTS) $(OR_CONTENT) &: | install
 	$(NEXTBEST) prepare online-retail --source $(SHARED)/online_retail_uci --out $(DATA)/online-retail
 
-$(CJ_EVENTS): | install
+$(CJ_EVENTS) $(CJ_CONTENT) &: | install
 	$(NEXTBEST) prepare complete-journey --source $(SHARED)/dunnhumby_complete_journey --out $(DATA)/complete-journey
 
 prepare: $(OR_EVENTS) $(CJ_EVENTS)
@@ -70,12 +71,9 @@ bench-serve: install $(CJ_EVENTS)
 # consent; trains its own model into $(DATA)/audit-privacy, prints the counts, fails on a leak.
 # The content is written by the same `nextbest prepare` as the events (redone for a
 # data/complete-journey prepared before content existed).
-audit-privacy: install $(CJ_EVENTS)
-	@test -f $(DATA)/complete-journey/content.parquet || $(NEXTBEST) prepare complete-journey \
-		--source $(SHARED)/dunnhumby_complete_journey --out $(DATA)/complete-journey
+audit-privacy: install $(CJ_EVENTS) $(CJ_CONTENT)
 	$(PY) benchmarks/audit_privacy.py --events $(CJ_EVENTS) \
-		--catalog $(DATA)/complete-journey/catalog.parquet \
-		--content $(DATA)/complete-journey/content.parquet
+		--catalog $(DATA)/complete-journey/catalog.parquet --content $(CJ_CONTENT)
 
 clean:
 	rm -rf $(VENV) $(DATA) build src/*.egg-info

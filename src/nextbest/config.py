@@ -99,7 +99,7 @@ class PolicySettings:
     sensitive_departments: tuple[str, ...] = ()
     """Catalog departments treated as sensitive (exact, case-insensitive match)."""
     channel_exposure: dict[str, float] = field(
-        default_factory=lambda: {"email": 0.3, "app": 0.2, "web": 0.1}
+        default_factory=lambda: {"email": 0.15, "app": 0.1, "web": 0.05}
     )
     """How exposed an answer is on each channel (an email is read where others may see it, a
     logged-in page less so): privacy_loss = item sensitivity × exposure."""

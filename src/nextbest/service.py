@@ -641,7 +641,8 @@ class ServedModel:
     def _item(self, i: int, score: float, reasons: tuple[Reason, ...]) -> Item:
         return Item(
             product_id=str(self.bundle.item_ids[i]),
-            score=score,
+            # Rounded: a batch of 256 and a single call may differ in the last bits of a float.
+            score=round(score, 9),
             reasons=reasons,
             title=self.titles[i],
             category=self.categories[i],
