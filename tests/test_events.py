@@ -158,3 +158,60 @@ def test_training_with_the_store_learns_recorded_customers(server, own):
     version = train(own, own / "models", "--store", store_url(own))
     bundle = load_bundle(own / "models", version)
     assert "store-only" in set(bundle.user_ids.tolist())
+
+
+def test_fatigue_demotes_products_shown_again_and_again_until_answered(own):
+    settings = _settings(own, own / "models").with_overrides(
+        "policy", fatigue_demotion=0.5, fatigue_impressions=2, fatigue_days=7.0
+    )
+    running = create_server(settings)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            stub = rpb.RecommenderStub(channel)
+            first = stub.RecommendProducts(
+                pb.RecommendProductsRequest(customer_id="c004", limit=5), timeout=10
+            )
+            assert not any("fatigue" in d for d in first.decisions)
+            running.impressions.flush()
+            second = stub.RecommendProducts(
+                pb.RecommendProductsRequest(customer_id="c004", limit=5, channel=pb.CHANNEL_WEB),
+                timeout=10,
+            )
+            assert [i.product_id for i in second.items] == [i.product_id for i in first.items]
+            running.impressions.flush()
+            # Shown twice (email, web): demoted on any channel, with the reason said.
+            third = stub.RecommendProducts(
+                pb.RecommendProductsRequest(customer_id="c004", limit=5, channel=pb.CHANNEL_APP),
+                timeout=10,
+            )
+            assert any("demoted for fatigue" in d for d in third.decisions)
+            tired = {
+                i.product_id: i
+                for i in third.items
+                if any(r.kind == pb.REASON_KIND_FATIGUE for r in i.reasons)
+            }
+            fresh = [i.product_id for i in third.items if i.product_id not in tired]
+            assert fresh, "new products must come up while the shown ones are demoted"
+            assert not set(fresh) & {i.product_id for i in first.items}
+            for item in tired.values():
+                fatigue = next(r for r in item.reasons if r.kind == pb.REASON_KIND_FATIGUE)
+                assert fatigue.text.startswith("shown 2 times in 7 days")
+            # A click answers the impressions: the clicked product is no longer demoted.
+            clicked = first.items[0].product_id
+            erpc.EventsStub(channel).RecordEvents(
+                epb.RecordEventsRequest(
+                    events=[
+                        epb.Event(customer_id="c004", product_id=clicked, event_type="email_click")
+                    ]
+                ),
+                timeout=10,
+            )
+            running.impressions.flush()
+            fourth = stub.RecommendProducts(
+                pb.RecommendProductsRequest(customer_id="c004", limit=10), timeout=10
+            )
+            again = next((i for i in fourth.items if i.product_id == clicked), None)
+            assert again is not None
+            assert not any(r.kind == pb.REASON_KIND_FATIGUE for r in again.reasons)
+    finally:
+        running.stop(0)

@@ -43,6 +43,8 @@ num_threads = 1
 [policy]
 default_consent = "allow"
 sensitive_categories = ["pharmacy"]
+# Fatigue off: these tests ask for the same customers again and again (test_events turns it on).
+fatigue_demotion = 1.0
 
 [serve]
 host = "127.0.0.1"

@@ -592,3 +592,27 @@ def _raw_cursor(url: str) -> Iterator:
 
 def test_numpy_bool_is_accepted(store: Store) -> None:
     assert store.set_consent("c1", "behavioral", np.bool_(True), source="t").new_granted is True
+
+
+def test_impressions_count_until_the_customer_answers(store: Store) -> None:
+    shown = [
+        ("c1", "p1", "email", day(1)),
+        ("c1", "p1", "web", day(2)),
+        ("c1", "p1", "app", day(3)),
+        ("c1", "p2", "email", day(1)),
+        ("c2", "p1", "email", day(3)),
+        ("c1", "p3", "email", day(-30)),  # before the window
+    ]
+    assert store.record_impressions(shown) == 6
+    assert store.unanswered_impressions(["c1", "c2", "c9"], since=day(0)) == {
+        "c1": {"p1": 3, "p2": 1},
+        "c2": {"p1": 1},
+    }
+    # A click on p2 after it was shown answers that impression; a later showing counts again.
+    store.record_events(events_table([("c1", "p2", day(1.5), "email_click", 1.0)]))
+    store.record_impressions([("c1", "p2", "web", day(4))])
+    assert store.unanswered_impressions(["c1"], since=day(0)) == {"c1": {"p1": 3, "p2": 1}}
+    # Erasure deletes impressions too.
+    store.forget("c1", source="dsar")
+    assert store.unanswered_impressions(["c1"], since=day(0)) == {}
+    assert store.unanswered_impressions([], since=day(0)) == {}

@@ -110,6 +110,12 @@ class PolicySettings:
     min_value: float = 0.01
     """Personalized items whose value (relevance × timeliness − privacy_loss) × trust falls
     below this are withheld; the list is filled with best sellers."""
+    fatigue_impressions: int = 3
+    """Cross-channel fatigue: a product shown to a customer this many times (any channel)..."""
+    fatigue_days: float = 7.0
+    """...within this many days, without a click, view, cart or purchase of it since..."""
+    fatigue_demotion: float = 0.5
+    """...has its value multiplied by this (1 = fatigue off)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -248,6 +254,9 @@ def _validate(section: str, s: object) -> None:
         need(0 < s.trust_full <= 1, "trust_full", "must be within (0, 1]")
         need(0 <= s.trust_step < s.trust_full / 2, "trust_step", "must be >= 0, < trust_full / 2")
         need(0 < s.min_value < 1, "min_value", "must be within (0, 1)")
+        need(s.fatigue_impressions >= 1, "fatigue_impressions", "must be >= 1")
+        need(s.fatigue_days > 0, "fatigue_days", "must be > 0")
+        need(0 <= s.fatigue_demotion <= 1, "fatigue_demotion", "must be within [0, 1]")
     elif isinstance(s, ServeSettings):
         need(0 <= s.port <= 65535, "port", "must be within [0, 65535]")
         need(0.0 <= s.consumable_repeat_rate <= 1.0, "consumable_repeat_rate", "must be in [0, 1]")

@@ -88,6 +88,7 @@ _REASON_KINDS = {
     "bought_recently": pb.REASON_KIND_BOUGHT_RECENTLY,
     "predicted_interest": pb.REASON_KIND_PREDICTED_INTEREST,
     "similar_to": pb.REASON_KIND_SIMILAR_TO,
+    "fatigue": pb.REASON_KIND_FATIGUE,
     "none": pb.REASON_KIND_UNSPECIFIED,
 }
 _NOT_PERSONALIZED = {
@@ -109,6 +110,49 @@ class NoModel(Exception):
 
 
 # --- the served model --------------------------------------------------------------------------
+
+
+class ImpressionRecorder:
+    """Records what the server returned as impressions (for the fatigue rule), written in
+    batches by a background thread: a call never waits for this write, and a crash loses at
+    most the last `interval_s` of impressions (they are not acknowledged writes)."""
+
+    def __init__(self, store: Store, interval_s: float = 0.5):
+        self.store = store
+        self.interval_s = interval_s
+        self._pending: list[tuple[str, str, str, dt.datetime]] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="impressions", daemon=True)
+        self._thread.start()
+
+    def add(self, answers: list[ProductAnswer], channels: list[str]) -> None:
+        at = dt.datetime.now(dt.UTC).replace(tzinfo=None)
+        rows = [
+            (a.customer_id, item.product_id, channel, at)
+            for a, channel in zip(answers, channels, strict=True)
+            for item in a.items
+        ]
+        with self._lock:
+            self._pending.extend(rows)
+
+    def flush(self) -> None:
+        with self._lock:
+            rows, self._pending = self._pending, []
+        if rows:
+            try:
+                self.store.record_impressions(rows)
+            except StoreError as exc:  # fatigue is best effort: answers never fail for it
+                logger.error("impressions not recorded (%d rows): %s", len(rows), exc)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.flush()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.flush()
 
 
 class ModelHolder:
@@ -148,8 +192,15 @@ class ModelHolder:
                 raise NotFound(f"version: {wanted!r} is not a model in {self.models_dir}")
             erased = list(self.store.tombstones()) if self.store is not None else []
             bundle = load_bundle(self.models_dir, wanted)
-            events = self.store.events if self.store is not None else None
-            model = ServedModel(bundle, self.settings, self.consent, erased=erased, events=events)
+            store = self.store
+            model = ServedModel(
+                bundle,
+                self.settings,
+                self.consent,
+                erased=erased,
+                events=store.events if store is not None else None,
+                impressions=store.unanswered_impressions if store is not None else None,
+            )
             self._current = model
             self._refused = None
         logger.info(
@@ -336,14 +387,16 @@ _END = object()
 
 
 class RecommenderService(recommender_pb2_grpc.RecommenderServicer):
-    def __init__(self, holder: ModelHolder):
+    def __init__(self, holder: ModelHolder, impressions: ImpressionRecorder):
         self.holder = holder
+        self.impressions = impressions
 
     @_unary
     def RecommendProducts(self, request, context):
         query = product_query(request)
         model = self.holder.current
         [answer] = model.recommend([query])
+        self.impressions.add([answer], [query.channel])
         return _answer_pb(answer, request, model.version)
 
     def StreamRecommendations(self, request_iterator, context) -> Iterator:
@@ -398,7 +451,10 @@ class RecommenderService(recommender_pb2_grpc.RecommenderServicer):
                 errors.append(_status_of(exc))
         try:
             model = self.holder.current
-            answers = iter(model.recommend([q for q in queries if q is not None]))
+            valid = [q for q in queries if q is not None]
+            answered = model.recommend(valid)
+            self.impressions.add(answered, [q.channel for q in valid])
+            answers = iter(answered)
         except NoModel as exc:
             errors = [e or _status_of(exc) for e in errors]
             answers = iter(())
@@ -686,12 +742,14 @@ class Running:
     holder: ModelHolder
     health: health.HealthServicer
     store: Store
+    impressions: ImpressionRecorder
 
     def stop(self, grace: float | None = None) -> None:
         """Mark NOT_SERVING, let calls in flight finish for up to `grace` s, stop watching."""
         self.health.enter_graceful_shutdown()
         self.holder.stop()
         self.server.stop(grace).wait()
+        self.impressions.close()
         self.store.close()
 
 
@@ -718,7 +776,10 @@ def create_server(settings: Settings) -> Running:
             max_workers=settings.serve.max_workers, thread_name_prefix="grpc"
         ),
     )
-    recommender_pb2_grpc.add_RecommenderServicer_to_server(RecommenderService(holder), server)
+    impressions = ImpressionRecorder(store)
+    recommender_pb2_grpc.add_RecommenderServicer_to_server(
+        RecommenderService(holder, impressions), server
+    )
     admin_pb2_grpc.add_AdminServicer_to_server(AdminService(holder), server)
     consent_pb2_grpc.add_ConsentServicer_to_server(
         ConsentService(holder, store, default_allow), server
@@ -740,7 +801,14 @@ def create_server(settings: Settings) -> Running:
     server.start()
     holder.watch(settings.serve.reload_interval_s)
     logger.info("listening on %s:%d (insecure)", settings.serve.host, port)
-    return Running(server=server, port=port, holder=holder, health=health_servicer, store=store)
+    return Running(
+        server=server,
+        port=port,
+        holder=holder,
+        health=health_servicer,
+        store=store,
+        impressions=impressions,
+    )
 
 
 def serve(settings: Settings) -> int:

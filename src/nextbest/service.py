@@ -155,6 +155,9 @@ ConsentSource = Callable[[Sequence[str]], CustomerConsent]
 """Where a served model reads consent, once per request (or stream batch)."""
 EventSource = Callable[[Sequence[str]], pa.Table]
 """The recorded events (EVENT_SCHEMA) of some customers, e.g. `Store.events`."""
+ImpressionSource = Callable[[Sequence[str], dt.datetime], dict[str, dict[str, int]]]
+"""customer → product → unanswered impressions since a time, e.g.
+`Store.unanswered_impressions`."""
 
 
 def fixed_consent(state: ConsentState) -> ConsentSource:
@@ -205,6 +208,9 @@ class ServedModel:
     events: EventSource | None = None
     """Recorded events (the store's): purchases after the model's newest event are excluded from
     answers, and make customers unknown to the model personal through ALS fold-in."""
+    impressions: ImpressionSource | None = None
+    """What each customer was already shown: the fatigue rule demotes products shown too often
+    without an answer."""
     loaded_at: str = field(
         default_factory=lambda: dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     )
@@ -344,6 +350,14 @@ class ServedModel:
         customer_ids = [q.customer_id for q in queries]
         personal_ok, sensitive_ok, why_not, trust = self.consent_details(customer_ids)
         now = self.now_day()
+        policy = self.settings.policy
+        shown: dict[str, dict[str, int]] = {}
+        if self.impressions is not None and policy.fatigue_demotion < 1:
+            since = dt.datetime.now(dt.UTC).replace(tzinfo=None) - dt.timedelta(
+                days=policy.fatigue_days
+            )
+            personal_ids = [c for c, ok in zip(customer_ids, personal_ok, strict=True) if ok]
+            shown = self.impressions(personal_ids, since) if personal_ids else {}
         recorded = self._recorded(customer_ids)
         masks = [
             self._without_recorded(self._item_mask(q), q, items, days, now)
@@ -407,6 +421,7 @@ class ServedModel:
                 )
             else:
                 answer = self._privacy_rule(
+                    shown.get(q.customer_id, {}),
                     q,
                     chosen,
                     relevance,
@@ -478,6 +493,7 @@ class ServedModel:
 
     def _privacy_rule(
         self,
+        shown: dict[str, int],
         q: ProductQuery,
         items: np.ndarray,
         relevance: np.ndarray,
@@ -498,6 +514,19 @@ class ServedModel:
         b = self.bundle
         loss = self.sensitivity[items] * policy.channel_exposure[q.channel]
         value = (relevance * timely - loss) * trust
+        times = np.asarray([shown.get(str(b.item_ids[i]), 0) for i in items], dtype=np.int64)
+        tired = times >= policy.fatigue_impressions
+        if tired.any():
+            value = np.where(tired, value * policy.fatigue_demotion, value)
+            reasons = list(reasons)
+            for k in np.flatnonzero(tired):
+                note = Reason(
+                    "fatigue",
+                    f"shown {times[k]} times in {policy.fatigue_days:g} days without a click or "
+                    "purchase: demoted",
+                    days=policy.fatigue_days,
+                )
+                reasons[k] = (*reasons[k], note)
         keep = value >= policy.min_value
         withheld = int((~keep & ~popular).sum())
         order = np.flatnonzero(keep)[np.argsort(-value[keep], kind="stable")][:limit]
@@ -505,6 +534,8 @@ class ServedModel:
         decisions = []
         if not sensitive_ok:
             decisions.append("sensitive products neither used nor shown: no sensitive consent")
+        if tired.any():
+            decisions.append(f"{int(tired.sum())} items demoted for fatigue")
         if withheld:
             decisions.append(
                 f"{withheld} items withheld: value below {policy.min_value:g} on the "

@@ -240,6 +240,14 @@ _TABLES = (
     """CREATE INDEX IF NOT EXISTS nextbest_events_customer
         ON nextbest_events (customer_id, "timestamp")""",
     """CREATE INDEX IF NOT EXISTS nextbest_events_time ON nextbest_events ("timestamp", id)""",
+    """CREATE TABLE IF NOT EXISTS nextbest_impressions (
+        customer_id TEXT NOT NULL,
+        product_id TEXT NOT NULL,
+        channel TEXT NOT NULL,
+        shown_at {ts} NOT NULL
+    ){strict}""",
+    """CREATE INDEX IF NOT EXISTS nextbest_impressions_customer
+        ON nextbest_impressions (customer_id, shown_at)""",
     """CREATE TABLE IF NOT EXISTS nextbest_tombstones (
         customer_id TEXT PRIMARY KEY,
         erased_at {ts} NOT NULL,
@@ -627,7 +635,13 @@ class Store:
             self._lock(cur, "nextbest_events", "SHARE ROW EXCLUSIVE")
             self._lock_customer(cur, customer_id)
             deleted = {}
-            for table in ("nextbest_consent", "nextbest_events", "nextbest_consent_audit"):
+            tables = (
+                "nextbest_consent",
+                "nextbest_events",
+                "nextbest_consent_audit",
+                "nextbest_impressions",
+            )
+            for table in tables:
                 cur.execute(self._sql(f"DELETE FROM {table} WHERE customer_id = ?"), (customer_id,))
                 deleted[table] = max(cur.rowcount, 0)
             cur.execute(
@@ -722,6 +736,47 @@ class Store:
             )
             self._copy(cur, "nextbest_events", _EVENT_COLUMNS, rows)
         return events.num_rows
+
+    # -- impressions (cross-channel fatigue) ---------------------------------------------------
+
+    def record_impressions(self, rows: Sequence[tuple[str, str, str, dt.datetime]]) -> int:
+        """Store what was shown: (customer_id, product_id, channel, shown_at naive UTC) rows, in
+        one transaction."""
+        if not rows:
+            return 0
+        with self._write() as cur:
+            self._copy(
+                cur,
+                "nextbest_impressions",
+                "customer_id, product_id, channel, shown_at",
+                [(c, p, ch, self._ts(at)) for c, p, ch, at in rows],
+            )
+        return len(rows)
+
+    def unanswered_impressions(
+        self, customer_ids: Sequence[str], since: dt.datetime
+    ) -> dict[str, dict[str, int]]:
+        """customer → product → times shown since `since` (on any channel) after the customer's
+        last event on that product (a click, view, cart, purchase ... answers an impression)."""
+        ids = sorted({c for c in customer_ids if isinstance(c, str) and c})
+        if not ids:
+            return {}
+        subquery, param = self._id_set(ids)
+        out: dict[str, dict[str, int]] = {}
+        with self._read() as cur:
+            cur.execute(
+                self._sql(
+                    "SELECT i.customer_id, i.product_id, COUNT(*) FROM nextbest_impressions i "
+                    f"WHERE i.customer_id IN ({subquery}) AND i.shown_at >= ? AND NOT EXISTS ("
+                    "SELECT 1 FROM nextbest_events e WHERE e.customer_id = i.customer_id "
+                    'AND e.product_id = i.product_id AND e."timestamp" >= i.shown_at) '
+                    "GROUP BY i.customer_id, i.product_id"
+                ),
+                (param, self._ts(since)),
+            )
+            for customer, product, count in cur.fetchall():
+                out.setdefault(customer, {})[product] = int(count)
+        return out
 
     def events(self, customer_ids: Sequence[str] | None = None) -> pa.Table:
         """Stored events (EVENT_SCHEMA) of the given customers (default: everyone), ordered by

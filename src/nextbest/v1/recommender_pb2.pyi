@@ -30,6 +30,7 @@ class ReasonKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     REASON_KIND_BOUGHT_RECENTLY: _ClassVar[ReasonKind]
     REASON_KIND_PREDICTED_INTEREST: _ClassVar[ReasonKind]
     REASON_KIND_SIMILAR_TO: _ClassVar[ReasonKind]
+    REASON_KIND_FATIGUE: _ClassVar[ReasonKind]
 CHANNEL_UNSPECIFIED: Channel
 CHANNEL_EMAIL: Channel
 CHANNEL_WEB: Channel
@@ -45,6 +46,7 @@ REASON_KIND_POPULAR: ReasonKind
 REASON_KIND_BOUGHT_RECENTLY: ReasonKind
 REASON_KIND_PREDICTED_INTEREST: ReasonKind
 REASON_KIND_SIMILAR_TO: ReasonKind
+REASON_KIND_FATIGUE: ReasonKind
 
 class Reason(_message.Message):
     __slots__ = ("kind", "product_id", "product_title", "days", "text")
