@@ -264,3 +264,37 @@ def test_two_servers_sharing_postgresql_honour_a_withdrawal_at_once(own, pg_stor
             assert proc.wait(timeout=30) == 0
             proc.stdout.close()
     assert np.all([p.returncode == 0 for p, _ in procs])
+
+
+def test_consent_cli_import_get_audit_forget(tmp_path):
+    store = f"sqlite:///{tmp_path / 'store.db'}"
+
+    def cli(*args):
+        done = subprocess.run(
+            [sys.executable, "-m", "nextbest.cli", "consent", *args, "--store", store],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    (tmp_path / "consent.csv").write_text(
+        "customer_id,purpose,granted,updated_at\n"
+        "k1,personalization,true,2025-01-01\n"
+        "k1,sensitive,false,2025-01-01\n"
+        "k1,sensitive,true,2025-02-01\n"
+        "k2,personalization,true,2025-01-01\n"
+    )
+    out = cli("import", str(tmp_path / "consent.csv"), "--source", "crm")
+    assert "4 records: 3 applied, 0 unchanged, 1 older" in out
+    got = cli("get", "k1", "--default-consent", "deny")
+    assert "personalization  granted  2025-01-01T00:00:00 by crm" in got
+    assert "sensitive        granted  2025-02-01T00:00:00 by crm" in got
+    assert "behavioral       denied   (default)" in got
+    audit = cli("audit", "k1")
+    assert "2 consent changes" in audit and "-> granted by crm" in audit
+    gone = cli("forget", "k1", "--source", "dsar-7")
+    assert "2 consent records, 0 events and 2 audit rows deleted" in gone
+    assert "(erased" in cli("get", "k1")
+    assert "0 consent changes" in cli("audit", "k1")

@@ -495,8 +495,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("consent", help="import, show or forget customers' consent in the store")
-    p.add_argument("action", choices=("import", "get", "forget"))
-    p.add_argument("target", help="import: a consent file; get / forget: a customer id")
+    p.add_argument("action", choices=("import", "get", "audit", "forget"))
+    p.add_argument("target", help="import: a consent file; get / audit / forget: a customer id")
     p.add_argument("--store", help="consent store URL (default serve.store)")
     p.add_argument("--config", help="TOML config file")
     p.add_argument(
@@ -555,6 +555,18 @@ def cmd_consent(args: argparse.Namespace) -> int:
                 else:
                     state = "granted" if r.granted else "denied"
                     print(f"  {purpose:<16} {state:<8} {r.updated_at.isoformat()} by {r.source}")
+        elif args.action == "audit":
+            trail = store.audit(args.target)
+            print(f"customer {args.target}: {len(trail)} consent changes")
+            for r in trail:
+
+                def state(v):
+                    return "-" if v is None else ("granted" if v else "denied")
+
+                print(
+                    f"  {r.changed_at.isoformat()}  {r.purpose:<16} {state(r.old_granted):>7} -> "
+                    f"{state(r.new_granted):<7} by {r.source}"
+                )
         else:
             done = store.forget(args.target, source=args.source)
             print(

@@ -846,7 +846,11 @@ class ServedModel:
             start, stop = rs.days_bought.indptr[user], rs.days_bought.indptr[user + 1]
             bought_items = rs.days_bought.indices[start:stop]
             bought_last = rs.last_day.data[start:stop]
-            cf_all = b.cf.user_scores(user, b.user_items)
+            refolded = None if sensitive_ok else self._without_sensitive(user)
+            if refolded is None:
+                cf_all = b.cf.user_scores(user, b.user_items)
+            else:  # interest from the history without sensitive products
+                cf_all = (np.asarray(b.cf.model.item_factors) @ refolded).astype(np.float64)
             cf_top = max(float(cf_all.max(initial=0.0)), 1e-12)
         scored = []
         for q, (title, kind, items, sensitive) in zip(candidates, resolved, strict=True):
