@@ -564,3 +564,60 @@ def test_similar_shows_sensitive_products_only_to_a_consenting_customer(world: W
         for item in items:
             assert len(item.reasons) >= 1, where
             assert {r.product_id for r in item.reasons} <= set(requested), where
+
+
+@st.composite
+def twin_worlds(draw) -> World:
+    """A world plus two customers without sensitive consent whose histories differ only in when
+    they bought one sensitive product (on a shopping day they share, or on a day of its own)."""
+    world = draw(worlds())
+    sensitive = world.sensitive(fast_settings().policy)
+    s_pos = [k for k, p in enumerate(world.products) if p.product_id in sensitive]
+    n_pos = [k for k, p in enumerate(world.products) if p.product_id not in sensitive]
+    assume(s_pos and n_pos)
+    base = tuple(
+        draw(
+            st.lists(
+                st.tuples(
+                    st.sampled_from(n_pos), st.integers(0, 60), st.just(12), st.just("purchase")
+                ),
+                min_size=1,
+                max_size=6,
+            )
+        )
+    )
+    product = draw(st.sampled_from(s_pos))
+    other_day = draw(st.integers(61, 89))
+    twins = (
+        Customer("t1", (*base, (product, base[0][1], 13, "purchase")), True, False, None, False),
+        Customer("t2", (*base, (product, other_day, 13, "purchase")), True, False, None, False),
+    )
+    return dataclasses.replace(world, customers=world.customers + twins)
+
+
+@PROPERTY_SETTINGS
+@given(
+    world=twin_worlds(),
+    channel=st.sampled_from(CHANNELS),
+    limit=st.integers(1, 20),
+    include_purchased=st.booleans(),
+)
+def test_sensitive_history_is_no_evidence_without_consent(
+    world: World, channel: str, limit: int, include_purchased: bool
+) -> None:
+    """Two customers without sensitive consent whose histories differ only in a sensitive
+    purchase get the same answer: the model learned it (training consent allowed it), but
+    serving may not use it (found: shopping days counted sensitive-only days in log_share)."""
+    served, _ = serve(world)
+    queries = [
+        ProductQuery(
+            customer_id=c, limit=limit, channel=channel, include_purchased=include_purchased
+        )
+        for c in ("t1", "t2")
+    ]
+    a, b = served.recommend(queries)
+
+    def strip(answer):
+        return [(i.product_id, i.score, i.reasons) for i in answer.items]
+
+    assert strip(a) == strip(b)

@@ -114,6 +114,7 @@ def candidate_features(
     pool: int,
     cf_candidates: np.ndarray | None = None,
     user_factors: dict[int, np.ndarray] | None = None,
+    plain: np.ndarray | None = None,
 ) -> Candidates:
     """Candidates and their FEATURES for the user indices `users` (all known to the model).
 
@@ -130,6 +131,8 @@ def candidate_features(
     CF model's top `pool` new products (see `cf_candidates_for`, which computes them).
     `user_factors` (batch position → factors, ALS) replaces the model's factors of some users
     for their CF candidates and scores: their history without what may not be used (fold-in).
+    `plain` (bool per user, customers without sensitive consent): no sensitive candidates, and
+    only days with a non-sensitive purchase count in log_share.
     """
     users = np.asarray(users, dtype=np.int64)
     n = len(users)
@@ -175,6 +178,11 @@ def candidate_features(
     key = key[np.r_[True, key[1:] != key[:-1]]] if len(key) else key
     pos = key // n_items
     item = key % n_items
+    if plain is not None and plain.any():
+        # Sensitive products are not even candidates: nothing about them may shape the others'
+        # features (the per-customer CF normalisation takes the best candidate's score).
+        keep = ~(plain[pos] & bundle.item_sensitive[item])
+        pos, item = pos[keep], item[keep]
 
     # One search serves the four repeat matrices: they share one sparsity pattern.
     index, bought = _pair_index(rs.days_bought, users, pos, item)
@@ -193,7 +201,10 @@ def candidate_features(
     repeated = days >= 2
     own_interval = np.where(repeated, (last - first) / np.maximum(days - 1.0, 1.0), 0.0)
     own_timeliness = np.where(repeated, timeliness(age, own_interval), 0.0)
-    share = days / np.maximum(rs.user_days[users[pos]], 1.0)
+    shop_days = rs.user_days[users[pos]]
+    if plain is not None and plain.any() and rs.user_days_plain is not None:
+        shop_days = np.where(plain[pos], rs.user_days_plain[users[pos]], shop_days)
+    share = days / np.maximum(shop_days, 1.0)
 
     cf = bundle.cf.pair_scores(users[pos], item, bundle.user_items)
     for j, factors in (user_factors or {}).items():
@@ -271,6 +282,7 @@ def rank_blend(
     allow: callable | None = None,
     cf_candidates: np.ndarray | None = None,
     user_factors: dict[int, np.ndarray] | None = None,
+    plain: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The blend's top N for known user indices; `allow(candidates) -> bool mask` filters first."""
     cands = candidate_features(
@@ -280,6 +292,7 @@ def rank_blend(
         pool=pool,
         cf_candidates=cf_candidates,
         user_factors=user_factors,
+        plain=plain,
     )
     score = blend_scores(bundle, cands.features)
     keep = np.ones(len(score), dtype=bool) if allow is None else allow(cands)
@@ -423,6 +436,7 @@ def recommend_for(
             user_factors={
                 j: user_factors[r] for j, r in enumerate(rows) if r in (user_factors or {})
             },
+            plain=~sens_ok,
         )
         p_popular = np.zeros_like(p_ids, dtype=bool)
         # Fill short lists with best sellers the customer may see and has not been given.

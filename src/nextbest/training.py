@@ -10,6 +10,7 @@ test period: `evaluate_at` trains on the events before the cutoff exactly as `tr
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 import warnings
@@ -33,6 +34,7 @@ from nextbest.data.interactions import (
     RepeatStats,
     build_interactions,
     cf_matrix,
+    purchase_days,
     repeat_stats,
 )
 from nextbest.data.readers import CONTENT_SCHEMA
@@ -174,6 +176,7 @@ def _assemble(
 ) -> ModelBundle:
     inter, rs = prep.inter, prep.repeat
     sensitive, available, repurchase = _item_arrays(inter.item_ids, catalog, settings)
+    rs = dataclasses.replace(rs, user_days_plain=purchase_days(inter, ~sensitive))
     best = np.lexsort((np.arange(len(rs.item_buyers)), -rs.item_buyers))
     recent = np.lexsort((-rs.item_buyers, -rs.item_recent_buyers))
     return ModelBundle(

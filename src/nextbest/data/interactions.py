@@ -161,6 +161,9 @@ class RepeatStats:
     """Per product: distinct buyers in the last 30 days before the reference day."""
     user_days: np.ndarray
     """Per customer: distinct days with a purchase."""
+    user_days_plain: np.ndarray | None = None
+    """Per customer: distinct days with a purchase of a product that is not sensitive (what
+    customers without sensitive consent are scored with); None = as user_days."""
 
 
 def repeat_stats(
@@ -213,8 +216,18 @@ def repeat_stats(
         item_interval_days=interval,
         item_buyers=buyers,
         item_recent_buyers=recent_buyers,
-        user_days=np.bincount(
-            _unique(inter.user[p].astype(np.int64) * 100_000 + day_int) // 100_000,
-            minlength=n_users,
-        ).astype(np.float64),
+        user_days=purchase_days(inter),
     )
+
+
+def purchase_days(inter: Interactions, items: np.ndarray | None = None) -> np.ndarray:
+    """Per customer: distinct days with a purchase (of the products where `items`, a bool mask
+    over products, is true; all products when None)."""
+    p = inter.is_purchase
+    if items is not None:
+        p = p & items[inter.item]
+    day_int = np.floor(inter.day[p]).astype(np.int64)
+    return np.bincount(
+        _unique(inter.user[p].astype(np.int64) * 100_000 + day_int) // 100_000,
+        minlength=inter.shape[0],
+    ).astype(np.float64)
