@@ -83,6 +83,9 @@ CONFIG = f"""# Written by benchmarks/audit_privacy.py (make audit-privacy).
 default_consent = "deny"
 sensitive_categories = {toml_list(SENSITIVE_CATEGORIES)}
 sensitive_departments = {toml_list(SENSITIVE_DEPARTMENTS)}
+# Fatigue off: the audit asks for every household several times (channels, filters, unary
+# against stream) and compares the answers; fatigue would rightly change them.
+fatigue_demotion = 1.0
 
 [train]
 candidates = ["als"]
