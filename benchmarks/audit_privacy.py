@@ -31,15 +31,12 @@ from __future__ import annotations
 import argparse
 import csv
 import os
-import queue
-import re
 import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,6 +46,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from bench_serve import ServerProcess, nextbest_cli  # noqa: E402 - shared server handling
+
 SENSITIVE_CATEGORIES = (
     "BABY HBC",
     "INFANT CARE PRODUCTS",
@@ -61,7 +61,6 @@ SENSITIVE_CATEGORIES = (
     "CIGARETTES",
 )
 SENSITIVE_DEPARTMENTS = ("SPIRITS",)
-READY = re.compile(r"serving on (\S+):(\d+)\s*$")
 LIMIT = 20
 UNARY_SAMPLE = 100
 """Households per group also asked through unary RecommendProducts (same answers expected)."""
@@ -147,51 +146,6 @@ class Audit:
 # --- the server --------------------------------------------------------------------------------
 
 
-class ServerProcess:
-    """`nextbest serve` as a subprocess: ready when it prints `nextbest serving on HOST:PORT`."""
-
-    def __init__(self, cmd: Sequence[str], log_path: Path):
-        self.log_path = log_path
-        self._log = open(log_path, "w")  # closed in stop()
-        self.proc = subprocess.Popen(
-            list(cmd), stdout=subprocess.PIPE, stderr=self._log, text=True, cwd=ROOT
-        )
-        self._lines: queue.Queue[str | None] = queue.Queue()
-        threading.Thread(target=self._drain, daemon=True).start()
-
-    def _drain(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self._lines.put(line)
-        self._lines.put(None)
-
-    def wait_ready(self, timeout: float = 180.0) -> str:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                line = self._lines.get(timeout=max(deadline - time.monotonic(), 0.01))
-            except queue.Empty:
-                raise SystemExit(f"nextbest serve: not ready after {timeout:.0f} s") from None
-            if line is None:
-                self.proc.wait()
-                tail = self.log_path.read_text()[-3000:]
-                raise SystemExit(f"nextbest serve exited ({self.proc.returncode}):\n{tail}")
-            match = READY.search(line)
-            if match:
-                return f"{match.group(1)}:{match.group(2)}"
-
-    def stop(self) -> None:
-        """SIGTERM, then kill after 20 s."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-
-
 def wait_serving(channel, timeout: float = 180.0) -> None:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -208,11 +162,6 @@ def wait_serving(channel, timeout: float = 180.0) -> None:
         if time.monotonic() > deadline:
             raise SystemExit(f"health not SERVING after {timeout:.0f} s")
         time.sleep(0.2)
-
-
-def nextbest_cli() -> list[str]:
-    exe = Path(sys.executable).parent / "nextbest"
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "nextbest.cli"]
 
 
 def run(cmd: list[str], log: Path, show: str = "") -> None:
@@ -711,7 +660,7 @@ def main() -> int:
 
     serve = [*cli, "serve", "--config", str(config), "--models-dir", str(models_dir)]
     serve += ["--store", store, "--port", "0"]
-    server = ServerProcess(serve, work / "server.log")
+    server = ServerProcess("nextbest serve", serve, work / "server.log")
     try:
         address = server.wait_ready()
         with grpc.insecure_channel(address) as channel:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import datetime as dt
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +13,9 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
+
+from nextbest.config import load_settings
+from nextbest.store.artifacts import current_version
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -99,3 +105,124 @@ num_threads = 1
 """
     )
     return path
+
+
+# --- a served model: trained once per session by the real CLI, with a consent store -----------
+
+SERVED_CONFIG = """
+[train]
+validation_days = 20
+als_factors = 8
+als_grid = ["8:0.05:10"]
+candidates = ["als"]
+bpr_factors = 8
+bpr_iterations = 10
+item_neighbours = 10
+candidate_pool = 20
+num_threads = 1
+
+[policy]
+default_consent = "allow"
+sensitive_categories = ["pharmacy"]
+# Fatigue off: these tests ask for the same customers again and again (test_events turns it on).
+fatigue_demotion = 1.0
+
+[serve]
+host = "127.0.0.1"
+port = 0
+reload_interval_s = 0.2
+"""
+UNAVAILABLE_PRODUCT = "p010"
+
+
+def served_catalog() -> pa.Table:
+    cat = synthetic_catalog()
+    available = [p != UNAVAILABLE_PRODUCT for p in cat["product_id"].to_pylist()]
+    return cat.append_column("available", pa.array(available))
+
+
+def served_content() -> pa.Table:
+    return pa.table(
+        {
+            "content_id": ["guide-pantry", "guide-home", "guide-pharmacy", "news-p020"],
+            "title": ["Pantry guide", "Home guide", "Pharmacy guide", "About product 20"],
+            "kind": ["guide", "guide", "guide", "article"],
+            "product_ids": ["", "", "", "p020"],
+            "categories": ["pantry", "home", "pharmacy", ""],
+            "sensitivity": [0.0, 0.0, 1.0, 0.0],
+        }
+    )
+
+
+def train(workdir: Path, models: Path, *extra: str) -> str:
+    """Train and publish with the real CLI; returns the new version."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "nextbest.cli",
+        "train",
+        "--config",
+        str(workdir / "nextbest.toml"),
+        "--events",
+        str(workdir / "events.parquet"),
+        "--catalog",
+        str(workdir / "catalog.csv"),
+        "--content",
+        str(workdir / "content.csv"),
+        "--models-dir",
+        str(models),
+        *extra,
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return current_version(models)
+
+
+@pytest.fixture(scope="session")
+def workdir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("serve")
+    (d / "nextbest.toml").write_text(SERVED_CONFIG)
+    pq.write_table(synthetic_events(), d / "events.parquet")
+    pacsv.write_csv(served_catalog(), d / "catalog.csv")
+    pacsv.write_csv(served_content(), d / "content.csv")
+    pacsv.write_csv(
+        pa.table(
+            {
+                "customer_id": ["c000", "c001"],
+                "purpose": ["sensitive", "personalization"],
+                "granted": ["false", "false"],
+                "updated_at": ["2024-01-01", "2024-01-01"],
+            }
+        ),
+        d / "consent.csv",
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "nextbest.cli", "consent", "import", str(d / "consent.csv")]
+        + ["--store", store_url(d), "--source", "test-fixture"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "2 applied" in done.stdout
+    train(d, d / "models")
+    return d
+
+
+def store_url(workdir: Path) -> str:
+    return f"sqlite:///{workdir / 'store.db'}"
+
+
+@pytest.fixture
+def own(workdir, tmp_path):
+    """A copy of the trained model and of the store, so that changes stay in this test."""
+    shutil.copytree(workdir / "models", tmp_path / "models")
+    shutil.copy(workdir / "store.db", tmp_path / "store.db")
+    for name in ("nextbest.toml", "events.parquet", "catalog.csv", "content.csv"):
+        shutil.copy(workdir / name, tmp_path / name)
+    return tmp_path
+
+
+def served_settings(workdir: Path, models: Path):
+    s = load_settings(workdir / "nextbest.toml")
+    return s.with_overrides("serve", models_dir=str(models), store=store_url(workdir))

@@ -4,7 +4,6 @@ to end (forget → non-personal → retrain → gone), and two server processes 
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import uuid
@@ -13,7 +12,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from test_server import _settings, store_url, train, workdir  # noqa: F401 - fixture
+from conftest import served_settings, store_url, train
 
 from nextbest.server import create_server
 from nextbest.store.artifacts import current_version, load_bundle
@@ -27,18 +26,8 @@ INVALID = grpc.StatusCode.INVALID_ARGUMENT
 
 
 @pytest.fixture
-def own(workdir, tmp_path):  # noqa: F811
-    """A copy of the trained model and of the store, so that changes stay in this test."""
-    shutil.copytree(workdir / "models", tmp_path / "models")
-    shutil.copy(workdir / "store.db", tmp_path / "store.db")
-    for name in ("nextbest.toml", "events.parquet", "catalog.csv", "content.csv"):
-        shutil.copy(workdir / name, tmp_path / name)
-    return tmp_path
-
-
-@pytest.fixture
 def server(own):
-    running = create_server(_settings(own, own / "models"))
+    running = create_server(served_settings(own, own / "models"))
     channel = grpc.insecure_channel(f"127.0.0.1:{running.port}")
     yield crpc.ConsentStub(channel), rpb.RecommenderStub(channel)
     channel.close()

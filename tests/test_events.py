@@ -4,12 +4,10 @@ customer becomes personal through ALS fold-in, consent gates what is stored, bad
 
 from __future__ import annotations
 
-import shutil
-
 import grpc
 import pytest
+from conftest import served_settings, store_url, train
 from google.protobuf.timestamp_pb2 import Timestamp
-from test_server import _settings, store_url, train, workdir  # noqa: F401 - fixture
 
 from nextbest.server import create_server
 from nextbest.store.artifacts import load_bundle
@@ -21,17 +19,8 @@ from nextbest.v1 import recommender_pb2_grpc as rpb
 
 
 @pytest.fixture
-def own(workdir, tmp_path):  # noqa: F811
-    shutil.copytree(workdir / "models", tmp_path / "models")
-    shutil.copy(workdir / "store.db", tmp_path / "store.db")
-    for name in ("nextbest.toml", "events.parquet", "catalog.csv", "content.csv"):
-        shutil.copy(workdir / name, tmp_path / name)
-    return tmp_path
-
-
-@pytest.fixture
 def server(own):
-    running = create_server(_settings(own, own / "models"))
+    running = create_server(served_settings(own, own / "models"))
     channel = grpc.insecure_channel(f"127.0.0.1:{running.port}")
     yield erpc.EventsStub(channel), rpb.RecommenderStub(channel)
     channel.close()
@@ -161,7 +150,7 @@ def test_training_with_the_store_learns_recorded_customers(server, own):
 
 
 def test_fatigue_demotes_products_shown_again_and_again_until_answered(own):
-    settings = _settings(own, own / "models").with_overrides(
+    settings = served_settings(own, own / "models").with_overrides(
         "policy", fatigue_demotion=0.5, fatigue_impressions=2, fatigue_days=7.0
     )
     running = create_server(settings)

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import grpc
 import pytest
-from test_server import store_url, workdir  # noqa: F401 - the trained-model fixture
+from conftest import store_url
 
 from nextbest.v1 import recommender_pb2 as pb
 from nextbest.v1 import recommender_pb2_grpc as rpb
 
 
-def start_server(workdir: Path) -> tuple[subprocess.Popen, str]:  # noqa: F811
+def start_server(workdir: Path) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -52,7 +52,7 @@ def stop(proc: subprocess.Popen) -> None:
     proc.stderr.close()
 
 
-def test_sigterm_drains_a_stream_in_flight(workdir):  # noqa: F811
+def test_sigterm_drains_a_stream_in_flight(workdir):
     proc, address = start_server(workdir)
     sent = threading.Event()
 

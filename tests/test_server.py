@@ -9,137 +9,26 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import grpc
 import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
-import pyarrow.parquet as pq
 import pytest
-from conftest import synthetic_catalog, synthetic_events
+from conftest import UNAVAILABLE_PRODUCT, served_catalog, served_settings, train
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from nextbest.config import load_settings
 from nextbest.server import create_server
 from nextbest.store.artifacts import current_version, list_versions
 from nextbest.v1 import admin_pb2, admin_pb2_grpc
 from nextbest.v1 import recommender_pb2 as pb
 from nextbest.v1 import recommender_pb2_grpc as rpb
 
-CONFIG = """
-[train]
-validation_days = 20
-als_factors = 8
-als_grid = ["8:0.05:10"]
-candidates = ["als"]
-bpr_factors = 8
-bpr_iterations = 10
-item_neighbours = 10
-candidate_pool = 20
-num_threads = 1
-
-[policy]
-default_consent = "allow"
-sensitive_categories = ["pharmacy"]
-# Fatigue off: these tests ask for the same customers again and again (test_events turns it on).
-fatigue_demotion = 1.0
-
-[serve]
-host = "127.0.0.1"
-port = 0
-reload_interval_s = 0.2
-"""
-UNAVAILABLE_PRODUCT = "p010"
-
-
-def _catalog() -> pa.Table:
-    cat = synthetic_catalog()
-    available = [p != UNAVAILABLE_PRODUCT for p in cat["product_id"].to_pylist()]
-    return cat.append_column("available", pa.array(available))
-
-
-def _content() -> pa.Table:
-    return pa.table(
-        {
-            "content_id": ["guide-pantry", "guide-home", "guide-pharmacy", "news-p020"],
-            "title": ["Pantry guide", "Home guide", "Pharmacy guide", "About product 20"],
-            "kind": ["guide", "guide", "guide", "article"],
-            "product_ids": ["", "", "", "p020"],
-            "categories": ["pantry", "home", "pharmacy", ""],
-            "sensitivity": [0.0, 0.0, 1.0, 0.0],
-        }
-    )
-
-
-def train(workdir: Path, models: Path, *extra: str) -> str:
-    """Train and publish with the real CLI; returns the new version."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "nextbest.cli",
-        "train",
-        "--config",
-        str(workdir / "nextbest.toml"),
-        "--events",
-        str(workdir / "events.parquet"),
-        "--catalog",
-        str(workdir / "catalog.csv"),
-        "--content",
-        str(workdir / "content.csv"),
-        "--models-dir",
-        str(models),
-        *extra,
-    ]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    return current_version(models)
-
-
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("serve")
-    (d / "nextbest.toml").write_text(CONFIG)
-    pq.write_table(synthetic_events(), d / "events.parquet")
-    pacsv.write_csv(_catalog(), d / "catalog.csv")
-    pacsv.write_csv(_content(), d / "content.csv")
-    pacsv.write_csv(
-        pa.table(
-            {
-                "customer_id": ["c000", "c001"],
-                "purpose": ["sensitive", "personalization"],
-                "granted": ["false", "false"],
-                "updated_at": ["2024-01-01", "2024-01-01"],
-            }
-        ),
-        d / "consent.csv",
-    )
-    done = subprocess.run(
-        [sys.executable, "-m", "nextbest.cli", "consent", "import", str(d / "consent.csv")]
-        + ["--store", store_url(d), "--source", "test-fixture"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert done.returncode == 0, done.stderr
-    assert "2 applied" in done.stdout
-    train(d, d / "models")
-    return d
-
-
-def store_url(workdir: Path) -> str:
-    return f"sqlite:///{workdir / 'store.db'}"
-
-
-def _settings(workdir: Path, models: Path):
-    s = load_settings(workdir / "nextbest.toml")
-    return s.with_overrides("serve", models_dir=str(models), store=store_url(workdir))
-
 
 @pytest.fixture(scope="module")
 def running(workdir):
-    running = create_server(_settings(workdir, workdir / "models"))
+    running = create_server(served_settings(workdir, workdir / "models"))
     yield running
     running.stop(0)
 
@@ -181,7 +70,7 @@ def test_known_customer_gets_a_personal_ranked_list_with_reasons_and_catalog_fie
     assert len(resp.items) == 8
     scores = [i.score for i in resp.items]
     assert scores == sorted(scores, reverse=True) and all(0 < s <= 1 for s in scores)
-    catalog = {r["product_id"]: r for r in _catalog().to_pylist()}
+    catalog = {r["product_id"]: r for r in served_catalog().to_pylist()}
     for item in resp.items:
         assert item.reasons and item.reasons[0].text
         assert item.title == catalog[item.product_id]["title"]
@@ -560,7 +449,7 @@ def test_model_info(channel, bundle):
 
 def test_not_serving_until_a_model_is_published(workdir, tmp_path):
     models = tmp_path / "models"
-    running = create_server(_settings(workdir, models))
+    running = create_server(served_settings(workdir, models))
     try:
         with grpc.insecure_channel(f"127.0.0.1:{running.port}") as ch:
             health = health_pb2_grpc.HealthStub(ch)
@@ -592,7 +481,7 @@ def test_broken_model_is_refused_and_the_old_one_keeps_serving(workdir, tmp_path
     models = tmp_path / "models"
     shutil.copytree(workdir / "models", models)
     good = current_version(models)
-    running = create_server(_settings(workdir, models))
+    running = create_server(served_settings(workdir, models))
     try:
         broken = "29990101T000000000Z-badbad"
         shutil.copytree(models / good, models / broken)
@@ -626,7 +515,7 @@ def test_hot_swap_under_load_drops_no_call(workdir, tmp_path):
     models = tmp_path / "models"
     shutil.copytree(workdir / "models", models)
     first = current_version(models)
-    running = create_server(_settings(workdir, models))
+    running = create_server(served_settings(workdir, models))
     failures: list[str] = []
     versions: list[str] = []
     stop = threading.Event()
