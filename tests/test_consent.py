@@ -287,3 +287,15 @@ def test_consent_cli_import_get_audit_forget(tmp_path):
     assert "2 consent records, 0 events and 2 audit rows deleted" in gone
     assert "(erased" in cli("get", "k1")
     assert "0 consent changes" in cli("audit", "k1")
+
+
+def test_training_honours_the_configured_stores_tombstones_without_store_flag(own, monkeypatch):
+    store = open_store(store_url(own))
+    try:
+        store.forget("c040", source="dsar-9")
+    finally:
+        store.close()
+    monkeypatch.setenv("NEXTBEST_SERVE__STORE", store_url(own))  # serve.store of the config
+    version = train(own, own / "models")
+    ids = set(load_bundle(own / "models", version).user_ids.tolist())
+    assert "c040" not in ids and "c041" in ids

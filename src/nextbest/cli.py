@@ -149,8 +149,15 @@ def _load_training_inputs(args: argparse.Namespace, settings: Settings):
     reports = {"events": report.as_dict()}
     store_consent = None
     tombstones = pa.array([], pa.string())
-    if getattr(args, "store", None):
-        events, store_consent, tombstones = _store_inputs(args.store, events, catalog, settings)
+    store_url = getattr(args, "store", None)
+    if store_url is None:
+        from nextbest.store.consent_store import store_exists
+
+        # The configured store (serve.store) by default: its tombstones bind every training.
+        default = settings.serve.store
+        store_url = default if store_exists(default) else None
+    if store_url:
+        events, store_consent, tombstones = _store_inputs(store_url, events, catalog, settings)
     consent = None
     consent_time = None
     if args.consent:
@@ -413,9 +420,9 @@ def _add_inputs(p: argparse.ArgumentParser) -> None:
     p.add_argument("--erased", help="file with a customer_id column: erased customers (tombstones)")
     p.add_argument(
         "--store",
-        help="consent and event store URL (sqlite:///file.db, postgresql://...): its recorded "
-        "events are learned from, its consent records win over --consent, and its erased "
-        "customers (tombstones) are excluded like --erased",
+        help="consent and event store URL (sqlite:///file.db, postgresql://...; default "
+        "serve.store when it exists): its recorded events are learned from, its consent records "
+        "win over --consent, and its erased customers (tombstones) are excluded like --erased",
     )
     p.add_argument("--config", help="TOML config file")
     p.add_argument(

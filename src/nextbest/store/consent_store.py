@@ -1004,6 +1004,16 @@ class PostgresStore(Store):
 _SQLITE_SUFFIXES = (".db", ".sqlite", ".sqlite3")
 
 
+def store_exists(url: str) -> bool:
+    """Whether `url` names a store that may hold data: a PostgreSQL URL, or an SQLite file that
+    exists (a missing file holds nothing: no tombstones, no events)."""
+    url = url.strip()
+    if url.lower().startswith(("postgresql://", "postgres://")):
+        return True
+    path = url.split("://", 1)[1][1:] if url.lower().startswith("sqlite://") else url
+    return Path(path).is_file()
+
+
 def open_store(url: str) -> Store:
     """Open (creating the tables if missing) the store at `url`: `sqlite:///path.db`, a bare
     `*.db`/`*.sqlite` path, or `postgresql://user@host:port/db[?schema=NAME]`."""
