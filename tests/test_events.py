@@ -4,6 +4,8 @@ customer becomes personal through ALS fold-in, consent gates what is stored, bad
 
 from __future__ import annotations
 
+import datetime as dt
+
 import grpc
 import pytest
 from conftest import served_settings, store_url, train
@@ -202,5 +204,13 @@ def test_fatigue_demotes_products_shown_again_and_again_until_answered(own):
             again = next((i for i in fourth.items if i.product_id == clicked), None)
             assert again is not None
             assert not any(r.kind == pb.REASON_KIND_FATIGUE for r in again.reasons)
+            # Nothing is kept of what customers without consent (or unknown) were shown.
+            for customer in ("c001", "someone-new"):
+                stub.RecommendProducts(pb.RecommendProductsRequest(customer_id=customer))
+            running.impressions.flush()
+            seen = running.store.unanswered_impressions(
+                ["c001", "someone-new", "c004"], since=dt.datetime(2000, 1, 1)
+            )
+            assert set(seen) == {"c004"}
     finally:
         running.stop(0)

@@ -128,9 +128,12 @@ class ImpressionRecorder:
 
     def add(self, answers: list[ProductAnswer], channels: list[str]) -> None:
         at = dt.datetime.now(dt.UTC).replace(tzinfo=None)
+        # Only personalized answers: fatigue only applies to them, and what a customer without
+        # consent was shown is not kept about them.
         rows = [
             (a.customer_id, item.product_id, channel, at)
             for a, channel in zip(answers, channels, strict=True)
+            if a.personalized
             for item in a.items
         ]
         with self._lock:
