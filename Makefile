@@ -84,7 +84,7 @@ clean:
 DEMO_LOG := $(DATA)/demo-server.log
 demo: train
 	@set -e; \
-	$(NEXTBEST) serve --models-dir $(MODELS) --port 0 --store $(STORE) $(DEMO_CONSENT) \
+	$(NEXTBEST) serve --models-dir $(MODELS) --port 0 --metrics-port 0 --store $(STORE) $(DEMO_CONSENT) \
 		> $(DEMO_LOG) 2>&1 & pid=$$!; \
 	trap 'kill -TERM $$pid 2>/dev/null || true; wait $$pid || true' EXIT; \
 	for i in $$(seq 300); do \

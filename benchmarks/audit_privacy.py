@@ -89,6 +89,9 @@ fatigue_demotion = 1.0
 [train]
 candidates = ["als"]
 tune = false
+
+[serve]
+metrics_port = 0
 """
 
 

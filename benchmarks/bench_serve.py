@@ -48,6 +48,9 @@ tune = false
 
 [policy]
 default_consent = "allow"
+
+[serve]
+metrics_port = 0
 """
 READY = re.compile(r"serving on (\S+):(\d+)\s*$")
 SECTION = "## make bench-serve"

@@ -130,6 +130,7 @@ fatigue_demotion = 1.0
 [serve]
 host = "127.0.0.1"
 port = 0
+metrics_port = 0
 reload_interval_s = 0.2
 """
 UNAVAILABLE_PRODUCT = "p010"

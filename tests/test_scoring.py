@@ -126,3 +126,30 @@ def test_user_factor_overrides_drive_candidates_and_scores(bundle):
     # Without factors the CF side of customer 0 carries no preference: other rows unchanged.
     assert np.array_equal(flat.ids[1:], plain.ids[1:])
     assert not np.array_equal(flat.scores[0], plain.scores[0])
+
+
+def test_a_customer_with_only_sensitive_candidates_gets_none(bundle):
+    """Without sensitive consent and a catalog that is all sensitive, nothing is a candidate (a
+    hypothesis property found the empty case crashing)."""
+    import dataclasses
+
+    from nextbest.scoring import candidate_features
+
+    everything = dataclasses.replace(bundle, item_sensitive=np.ones(bundle.shape[1], bool))
+    users = np.array([0, 1])
+    c = candidate_features(
+        everything, users, now_day=bundle.reference_day, pool=20, plain=np.ones(2, bool)
+    )
+    assert len(c.pos) == 0 and c.features.shape[0] == 0
+    recs = recommend_for(
+        everything,
+        bundle.user_ids[:2],
+        N=5,
+        now_day=bundle.reference_day,
+        personalization_ok=np.ones(2, bool),
+        sensitive_ok=np.zeros(2, bool),
+        consumable_repeat_rate=0.3,
+        due_fraction=0.5,
+        pool=20,
+    )
+    assert (recs.ids < 0).all()

@@ -646,3 +646,32 @@ def test_customers_without_sensitive_consent_are_refolded_without_sensitive_hist
     assert refolded is not None and not np.allclose(refolded, learned[has[0]])
     clean = next(u for u in range(bundle.shape[0]) if u not in has)
     assert model._without_sensitive(clean) is None
+
+
+def test_prometheus_metrics_count_calls_codes_and_decisions(running, stub):
+    import urllib.request
+
+    recommend(stub, customer_id="c004")
+    recommend(stub, customer_id="never-seen-metrics")
+    with pytest.raises(grpc.RpcError):
+        recommend(stub, customer_id="")
+    list(stub.StreamRecommendations(iter([pb.RecommendProductsRequest(customer_id="c005")])))
+    assert running.metrics_port > 0
+    url = f"http://127.0.0.1:{running.metrics_port}/metrics"
+    text = urllib.request.urlopen(url, timeout=5).read().decode()
+
+    def value(line_start: str) -> float:
+        line = next(x for x in text.splitlines() if x.startswith(line_start))
+        return float(line.rsplit(" ", 1)[1])
+
+    method = "/nextbest.v1.Recommender/RecommendProducts"
+    assert value(f'nextbest_rpc_calls_total{{code="OK",method="{method}"}}') >= 2
+    assert value(f'nextbest_rpc_calls_total{{code="INVALID_ARGUMENT",method="{method}"}}') >= 1
+    stream = "/nextbest.v1.Recommender/StreamRecommendations"
+    assert value(f'nextbest_rpc_calls_total{{code="OK",method="{stream}"}}') >= 1
+    assert value(f'nextbest_rpc_latency_seconds_count{{method="{method}"}}') >= 3
+    assert value('nextbest_non_personal_answers_total{reason="unknown_customer"}') >= 1
+    assert value("nextbest_model_info{") == 1.0
+    assert f'version="{running.holder.current.version}"' in text
+    # No customer id in the metrics.
+    assert "never-seen-metrics" not in text and "c004" not in text

@@ -498,6 +498,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", help="address to listen on (default serve.host)")
     p.add_argument("--port", type=_port, help="port; 0 = any free port (default serve.port)")
     p.add_argument("--store", help="consent store URL (default serve.store)")
+    p.add_argument(
+        "--metrics-port",
+        type=_number_in(int, -1, 65535, "a port number"),
+        help="Prometheus /metrics port; 0 = any free port, -1 = off (default serve.metrics_port)",
+    )
     _add_consent_default(p)
     p.set_defaults(func=cmd_serve)
 
@@ -529,6 +534,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "host": args.host,
         "port": args.port,
         "store": args.store,
+        "metrics_port": args.metrics_port,
     }
     settings = settings.with_overrides("serve", **{k: v for k, v in given.items() if v is not None})
     return serve(settings)

@@ -138,6 +138,8 @@ class ServeSettings:
     store: str = "sqlite:///nextbest-store.db"
     """The consent and event store: `sqlite:///path.db` (a file; the default, relative to the
     working directory) or `postgresql://user@host:port/db` for several servers sharing it."""
+    metrics_port: int = 9464
+    """Port of the Prometheus metrics (HTTP /metrics, on `host`); 0 = any free port, -1 = off."""
     max_workers: int = 16
     """Threads answering calls (and the most calls handled at once)."""
     reload_interval_s: float = 2.0
@@ -263,6 +265,7 @@ def _validate(section: str, s: object) -> None:
         need(s.due_fraction >= 0.0, "due_fraction", "must be >= 0")
         need(s.clock in ("model", "wall"), "clock", "must be model or wall")
         need(s.max_workers >= 1, "max_workers", "must be >= 1")
+        need(-1 <= s.metrics_port <= 65535, "metrics_port", "must be within [-1, 65535]")
         need(s.reload_interval_s >= 0, "reload_interval_s", "must be >= 0")
         need(s.grace_s >= 0, "grace_s", "must be >= 0")
         need(s.content_half_life_days > 0, "content_half_life_days", "must be > 0")

@@ -183,6 +183,9 @@ def candidate_features(
         # features (the per-customer CF normalisation takes the best candidate's score).
         keep = ~(plain[pos] & bundle.item_sensitive[item])
         pos, item = pos[keep], item[keep]
+    if not len(pos):
+        empty = np.zeros(0, dtype=np.int64)
+        return Candidates(pos=empty, item=empty, features=np.zeros((0, len(FEATURES))))
 
     # One search serves the four repeat matrices: they share one sparsity pattern.
     index, bought = _pair_index(rs.days_bought, users, pos, item)

@@ -20,6 +20,7 @@ import logging
 import queue
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from pathlib import Path
@@ -35,6 +36,7 @@ from threadpoolctl import threadpool_limits
 from nextbest.config import Settings
 from nextbest.data.readers import EVENT_SCHEMA, PURPOSES
 from nextbest.errors import InvalidRequest, ModelError, NotFound
+from nextbest.metrics import Metrics
 from nextbest.service import (
     DEFAULT_LIMIT,
     MAX_LIMIT,
@@ -161,7 +163,14 @@ class ImpressionRecorder:
 class ModelHolder:
     """The model being served, swapped atomically; `current` never blocks."""
 
-    def __init__(self, settings: Settings, consent: ConsentSource, store: Store | None = None):
+    def __init__(
+        self,
+        settings: Settings,
+        consent: ConsentSource,
+        store: Store | None = None,
+        metrics: Metrics | None = None,
+    ):
+        self.metrics = metrics or Metrics()
         self.settings = settings
         self.consent = consent
         self.store = store
@@ -212,6 +221,7 @@ class ModelHolder:
             *model.bundle.shape,
             len(model.content_ids),
         )
+        self.metrics.model.info({"version": model.version, "cf_model": model.bundle.cf.kind})
         self.on_loaded(model)
         return model, True
 
@@ -228,6 +238,7 @@ class ModelHolder:
         try:
             self.load(wanted)
         except (ModelError, NotFound) as exc:
+            self.metrics.reload_failures.inc()
             self._refused = wanted
             serving = self._current.version if self._current else "none"
             logger.error("refused model %s: %s (still serving %s)", wanted, exc, serving)
@@ -400,6 +411,7 @@ class RecommenderService(recommender_pb2_grpc.RecommenderServicer):
         model = self.holder.current
         [answer] = model.recommend([query])
         self.impressions.add([answer], [query.channel])
+        self.holder.metrics.answered([answer])
         return _answer_pb(answer, request, model.version)
 
     def StreamRecommendations(self, request_iterator, context) -> Iterator:
@@ -457,6 +469,7 @@ class RecommenderService(recommender_pb2_grpc.RecommenderServicer):
             valid = [q for q in queries if q is not None]
             answered = model.recommend(valid)
             self.impressions.add(answered, [q.channel for q in valid])
+            self.holder.metrics.answered(answered)
             answers = iter(answered)
         except NoModel as exc:
             errors = [e or _status_of(exc) for e in errors]
@@ -560,7 +573,11 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         version = _id(request.version, "version", required=False)
         if version and ("/" in version or version.startswith(".")):
             raise InvalidRequest(f"version {version!r} is not a version name")
-        model, changed = self.holder.load(version or None)
+        try:
+            model, changed = self.holder.load(version or None)
+        except (ModelError, NotFound):
+            self.holder.metrics.reload_failures.inc()
+            raise
         return admin_pb2.ReloadModelResponse(model=model_info(model), changed=changed)
 
 
@@ -616,6 +633,8 @@ class ConsentService(consent_pb2_grpc.ConsentServicer):
             raise InvalidRequest("granted is required (true grants, false withdraws)")
         source = _id(request.source, "source")
         change = self.store.set_consent(customer_id, purpose, request.granted, source=source)
+        if change.old_granted != change.new_granted:
+            self.holder.metrics.consent_changes.labels(purpose, str(request.granted).lower()).inc()
         value = next(v for v in self._values(customer_id) if v.purpose == request.purpose)
         return consent_pb2.SetConsentResponse(
             consent=value, changed=change.old_granted != change.new_granted
@@ -635,6 +654,7 @@ class ConsentService(consent_pb2_grpc.ConsentServicer):
         customer_id = _id(request.customer_id, "customer_id")
         source = _id(request.source, "source")
         report = self.store.forget(customer_id, source=source)
+        self.holder.metrics.erasures.inc()
         if self.holder.loaded:
             self.holder.current.forget(customer_id)
         logger.info("forgot a customer (source %s)", source)
@@ -733,6 +753,60 @@ class EventsService(events_pb2_grpc.EventsServicer):
         )
 
 
+class MetricsInterceptor(grpc.ServerInterceptor):
+    """Counts every call by method and status code and times it (streams: the whole stream)."""
+
+    def __init__(self, metrics: Metrics):
+        self.metrics = metrics
+
+    def _observe(self, method: str, context, started: float, failed: bool) -> None:
+        code = context.code() if hasattr(context, "code") else None
+        if code is None:
+            code = grpc.StatusCode.UNKNOWN if failed else grpc.StatusCode.OK
+        self.metrics.calls.labels(method, code.name).inc()
+        self.metrics.latency.labels(method).observe(time.perf_counter() - started)
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+        if handler.unary_unary is not None:
+            inner = handler.unary_unary
+
+            def unary(request, context):
+                started, failed = time.perf_counter(), True
+                try:
+                    response = inner(request, context)
+                    failed = False
+                    return response
+                finally:
+                    self._observe(method, context, started, failed)
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.stream_stream is not None:
+            inner_stream = handler.stream_stream
+
+            def stream(request_iterator, context):
+                started, failed = time.perf_counter(), True
+                try:
+                    yield from inner_stream(request_iterator, context)
+                    failed = False
+                finally:
+                    self._observe(method, context, started, failed)
+
+            return grpc.stream_stream_rpc_method_handler(
+                stream,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler  # unary-stream / stream-unary: none of ours (health Watch passes through)
+
+
 # --- the server --------------------------------------------------------------------------------
 
 
@@ -746,6 +820,9 @@ class Running:
     health: health.HealthServicer
     store: Store
     impressions: ImpressionRecorder
+    metrics: Metrics
+    metrics_port: int
+    """-1 when metrics are off."""
 
     def stop(self, grace: float | None = None) -> None:
         """Mark NOT_SERVING, let calls in flight finish for up to `grace` s, stop watching."""
@@ -754,6 +831,7 @@ class Running:
         self.server.stop(grace).wait()
         self.impressions.close()
         self.store.close()
+        self.metrics.close()
 
 
 def create_server(settings: Settings) -> Running:
@@ -764,7 +842,8 @@ def create_server(settings: Settings) -> Running:
     threadpool_limits(1)
     store = open_store(settings.serve.store)
     default_allow = settings.policy.default_consent == "allow"
-    holder = ModelHolder(settings, store_consent(store, default_allow), store)
+    metrics = Metrics()
+    holder = ModelHolder(settings, store_consent(store, default_allow), store, metrics)
     health_servicer = health.HealthServicer()
 
     def mark_serving(model: ServedModel) -> None:
@@ -778,6 +857,7 @@ def create_server(settings: Settings) -> Running:
         futures.ThreadPoolExecutor(
             max_workers=settings.serve.max_workers, thread_name_prefix="grpc"
         ),
+        interceptors=[MetricsInterceptor(metrics)],
     )
     impressions = ImpressionRecorder(store)
     recommender_pb2_grpc.add_RecommenderServicer_to_server(
@@ -801,6 +881,17 @@ def create_server(settings: Settings) -> Running:
     holder.check()
     if not holder.loaded:
         logger.warning("no loadable model in %s yet: NOT_SERVING", settings.serve.models_dir)
+    metrics_port = -1
+    if settings.serve.metrics_port >= 0:
+        try:
+            metrics_port = metrics.serve_http(settings.serve.host, settings.serve.metrics_port)
+        except OSError as exc:
+            server.stop(0)
+            raise ModelError(
+                f"serve.metrics_port: cannot listen on {settings.serve.host}:"
+                f"{settings.serve.metrics_port} ({exc.strerror or exc})"
+            ) from None
+        logger.info("metrics on http://%s:%d/metrics", settings.serve.host, metrics_port)
     server.start()
     holder.watch(settings.serve.reload_interval_s)
     logger.info("listening on %s:%d (insecure)", settings.serve.host, port)
@@ -811,6 +902,8 @@ def create_server(settings: Settings) -> Running:
         health=health_servicer,
         store=store,
         impressions=impressions,
+        metrics=metrics,
+        metrics_port=metrics_port,
     )
 
 
