@@ -34,9 +34,10 @@ from grpc_reflection.v1alpha import reflection
 from threadpoolctl import threadpool_limits
 
 from nextbest.config import Settings
-from nextbest.data.readers import EVENT_SCHEMA, PURPOSES
+from nextbest.data.readers import EVENT_SCHEMA, PURCHASE, PURPOSES, RETURN
 from nextbest.errors import InvalidRequest, ModelError, NotFound
 from nextbest.metrics import Metrics
+from nextbest.policy import BEHAVIORAL_EVENTS
 from nextbest.service import (
     DEFAULT_LIMIT,
     MAX_LIMIT,
@@ -667,8 +668,7 @@ class ConsentService(consent_pb2_grpc.ConsentServicer):
 
 
 MAX_EVENTS = 1000
-EVENT_TYPES = ("purchase", "return", "cart", "view", "email_click")
-BEHAVIORAL = ("cart", "view", "email_click")
+EVENT_TYPES = (PURCHASE, RETURN, *BEHAVIORAL_EVENTS)
 
 
 class EventsService(events_pb2_grpc.EventsServicer):
@@ -692,7 +692,7 @@ class EventsService(events_pb2_grpc.EventsServicer):
             field = f"events[{k}]"
             rows["customer_id"].append(_id(e.customer_id, f"{field}.customer_id"))
             rows["product_id"].append(_id(e.product_id, f"{field}.product_id"))
-            kind = e.event_type.strip().lower() or "purchase"
+            kind = e.event_type.strip().lower() or PURCHASE
             if kind not in EVENT_TYPES:
                 raise InvalidRequest(
                     f"{field}.event_type must be one of {', '.join(EVENT_TYPES)} (got {kind!r})"
@@ -717,7 +717,7 @@ class EventsService(events_pb2_grpc.EventsServicer):
         ids = pa.array(rows["customer_id"], pa.string())
         erased = self.store.erased(rows["customer_id"])
         allowed = np.where(
-            np.isin(rows["event_type"], BEHAVIORAL),
+            np.isin(rows["event_type"], BEHAVIORAL_EVENTS),
             state.allowed("behavioral", ids) & state.allowed("personalization", ids),
             state.allowed("personalization", ids),
         )

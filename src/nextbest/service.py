@@ -21,6 +21,7 @@ import pyarrow.compute as pc
 
 from nextbest.bundle import ModelBundle, lookup
 from nextbest.config import Settings
+from nextbest.data.interactions import to_days
 from nextbest.errors import NotFound
 from nextbest.policy import ConsentState
 from nextbest.scoring import (
@@ -29,6 +30,7 @@ from nextbest.scoring import (
     is_due,
     item_interval,
     recommend_for,
+    timeliness,
 )
 
 __all__ = [
@@ -249,6 +251,11 @@ class ServedModel:
             for key in {cat.lower(), dep.lower()} - {""}:
                 groups.setdefault(key, []).append(i)
         self.by_category = {k: np.asarray(v, dtype=np.int64) for k, v in groups.items()}
+        policy = self.settings.policy
+        self.sensitive_groups = {
+            c.lower() for c in (*policy.sensitive_categories, *policy.sensitive_departments)
+        }
+        """Category and department names (lower case) that make content sensitive."""
         content = b.content
         order = np.argsort(np.asarray(content.column("content_id").to_pylist(), dtype=str))
         self.content = content.take(pa.array(order, pa.int64())) if content.num_rows else content
@@ -451,15 +458,20 @@ class ServedModel:
         if not keep.any():
             return np.zeros(b.cf.model.item_factors.shape[1], dtype=np.float32)
         weights = ui.data[ui.indptr[user] : ui.indptr[user + 1]][keep]
-        params = b.manifest.get("params", {})
-        return b.cf.fold_in(
-            items[keep],
+        return self._fold_in(items[keep], weights)
+
+    def _fold_in(self, items: np.ndarray, weights: np.ndarray) -> np.ndarray | None:
+        """CFModel.fold_in with the hyperparameters the model was trained with."""
+        params = self.bundle.manifest.get("params", {})
+        return self.bundle.cf.fold_in(
+            items,
             weights,
             regularization=float(params.get("als_regularization", 0.05)),
             alpha=float(params.get("als_alpha", 10.0)),
         )
 
     def _history(self, user: int) -> np.ndarray:
+        """Item indices the customer bought (none for customers the model does not know)."""
         if user < 0:
             return np.zeros(0, dtype=np.int64)
         rs = self.bundle.repeat.days_bought
@@ -486,9 +498,7 @@ class ServedModel:
         interval = np.where(days >= 2, own, item_interval(self.bundle, items[hit]))
         age = np.maximum(now - last, 0.0)
         known = np.isfinite(interval)
-        out[np.flatnonzero(hit)[known]] = np.exp(
-            -np.abs(np.log((age[known] + 1.0) / (interval[known] + 1.0)))
-        )
+        out[np.flatnonzero(hit)[known]] = np.exp(timeliness(age[known], interval[known]))
         return out
 
     def _privacy_rule(
@@ -576,7 +586,7 @@ class ServedModel:
         if table.num_rows == 0:
             return out
         kind = table.column("event_type").to_numpy(zero_copy_only=False)
-        day = table.column("timestamp").cast(pa.int64()).to_numpy() / 86_400e6
+        day = to_days(table.column("timestamp"))
         keep = np.isin(kind, ("purchase", "return")) & (day > self.bundle.reference_day)
         if not keep.any():
             return out
@@ -643,17 +653,11 @@ class ServedModel:
             items, counts = items[keep], counts[keep]
         if not len(items):
             return None
-        params = b.manifest.get("params", {})
-        factors = b.cf.fold_in(
-            items,
-            counts,
-            regularization=float(params.get("als_regularization", 0.05)),
-            alpha=float(params.get("als_alpha", 10.0)),
-        )
+        factors = self._fold_in(items, counts)
         if factors is None:
             return None
         scores = np.asarray(b.cf.model.item_factors) @ factors
-        blocked = ~b.item_available.copy()
+        blocked = ~b.item_available
         if not sensitive_ok:
             blocked |= b.item_sensitive
         if mask is not None:
@@ -680,14 +684,17 @@ class ServedModel:
             price=self.prices[i],
         )
 
+    def _name(self, i: int) -> str:
+        """A product's title for reason texts, its id when the catalog has no title."""
+        return self.titles[i] or str(self.bundle.item_ids[i])
+
     def _popular_reason(self, i: int) -> Reason:
         return Reason("popular", "a best seller", str(self.bundle.item_ids[i]), self.titles[i])
 
     def _bought(self, user: int, sensitive_ok: bool) -> np.ndarray:
         """Item indices the customer bought that may be cited (no sensitive ones without
         sensitive consent)."""
-        rs = self.bundle.repeat.days_bought
-        bought = rs.indices[rs.indptr[user] : rs.indptr[user + 1]]
+        bought = self._history(user)
         if not sensitive_ok:
             bought = bought[~self.bundle.item_sensitive[bought]]
         return bought
@@ -741,7 +748,7 @@ class ServedModel:
                 why = Reason("repurchase_due", text, b.item_ids[i], self.titles[i], float(every))
             elif best_src[j] >= 0:
                 src = int(best_src[j])
-                title = self.titles[src] or str(b.item_ids[src])
+                title = self._name(src)
                 why = Reason(
                     "bought_related",
                     f"because you bought {title}",
@@ -789,7 +796,7 @@ class ServedModel:
         source = known[sim[:, order].argmax(axis=0)] if n else known[:0]
         items = []
         for i, src in zip(order, source, strict=True):
-            title = self.titles[src] or str(b.item_ids[src])
+            title = self._name(src)
             why = Reason(
                 "similar_to", f"similar to {title}", str(b.item_ids[src]), self.titles[src]
             )
@@ -815,10 +822,8 @@ class ServedModel:
             sensitive = float(row["sensitivity"] or 0.0) > 0
         linked = self.bundle.item_index(np.asarray(list(products), dtype=str))
         linked = linked[linked >= 0]
-        policy = self.settings.policy
-        listed = {c.lower() for c in (*policy.sensitive_categories, *policy.sensitive_departments)}
         sensitive |= bool(self.bundle.item_sensitive[linked].any())
-        sensitive |= any(c.lower() in listed for c in categories)
+        sensitive |= any(c.lower() in self.sensitive_groups for c in categories)
         parts = [linked]
         parts += [self.by_category.get(c.lower(), np.zeros(0, np.int64)) for c in categories]
         return title, kind, np.unique(np.concatenate(parts)), sensitive
@@ -865,7 +870,7 @@ class ServedModel:
                     k = int(np.argmax(np.where(hit, bought_last, -np.inf)))
                     i, age = int(bought_items[k]), max(now - float(bought_last[k]), 0.0)
                     relevance = 0.5 + 0.5 * 0.5 ** (age / half_life)
-                    what = self.titles[i] or str(b.item_ids[i])
+                    what = self._name(i)
                     reason = Reason(
                         "bought_recently",
                         f"about {what}, bought {age:.0f} days ago",
@@ -876,7 +881,7 @@ class ServedModel:
                 else:
                     i = int(items[np.argmax(cf_all[items])])
                     relevance = 0.5 * min(max(float(cf_all[i]) / cf_top, 0.0), 1.0)
-                    what = self.titles[i] or str(b.item_ids[i])
+                    what = self._name(i)
                     reason = Reason(
                         "predicted_interest",
                         f"about {what}, which matches your purchases",
@@ -886,7 +891,7 @@ class ServedModel:
             elif len(items):
                 i = int(items[np.argmax(self.popularity[items])])
                 relevance = float(self.popularity[i])
-                what = self.titles[i] or str(b.item_ids[i])
+                what = self._name(i)
                 reason = Reason(
                     "popular", f"about {what}, a best seller", str(b.item_ids[i]), self.titles[i]
                 )
