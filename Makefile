@@ -84,7 +84,7 @@ clean:
 DEMO_LOG := $(DATA)/demo-server.log
 demo: train
 	@set -e; \
-	$(NEXTBEST) serve --models-dir $(MODELS) --port 0 --metrics-port 0 --store $(STORE) $(DEMO_CONSENT) \
+	$(NEXTBEST) serve --insecure --models-dir $(MODELS) --port 0 --metrics-port 0 --store $(STORE) $(DEMO_CONSENT) \
 		> $(DEMO_LOG) 2>&1 & pid=$$!; \
 	trap 'kill -TERM $$pid 2>/dev/null || true; wait $$pid || true' EXIT; \
 	for i in $$(seq 300); do \
@@ -99,8 +99,9 @@ demo: train
 		--content guide-mug guide-holder guide-bag guide-sign guide-candles
 
 # Run the server on the CURRENT model (settings: CONFIG=path/to/nextbest.toml; see README).
+# Without CONFIG it runs plaintext without tokens (--insecure): a local development server.
 serve: install
-	$(NEXTBEST) serve --models-dir $(MODELS) --store $(STORE) $(if $(CONFIG),--config $(CONFIG)) \
+	$(NEXTBEST) serve --models-dir $(MODELS) --store $(STORE) $(if $(CONFIG),--config $(CONFIG),--insecure) \
 		$(DEMO_CONSENT)
 
 # Regenerate the Python code of protos/ into src/nextbest/v1 (committed; a test checks it).

@@ -92,6 +92,7 @@ tune = false
 
 [serve]
 metrics_port = 0
+insecure = true
 """
 
 

@@ -51,6 +51,7 @@ default_consent = "allow"
 
 [serve]
 metrics_port = 0
+insecure = true
 """
 READY = re.compile(r"serving on (\S+):(\d+)\s*$")
 SECTION = "## make bench-serve"

@@ -130,6 +130,8 @@ fatigue_demotion = 1.0
 [serve]
 host = "127.0.0.1"
 port = 0
+# Plaintext without tokens (tests/test_security.py covers TLS and tokens).
+insecure = true
 metrics_port = 0
 reload_interval_s = 0.2
 """

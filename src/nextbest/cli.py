@@ -503,6 +503,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=_number_in(int, -1, 65535, "a port number"),
         help="Prometheus /metrics port; 0 = any free port, -1 = off (default serve.metrics_port)",
     )
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        default=None,
+        help="plaintext without TLS and, unless serve.clients are listed, without tokens "
+        "(local demos and tests; logged as INSECURE)",
+    )
     _add_consent_default(p)
     p.set_defaults(func=cmd_serve)
 
@@ -535,6 +542,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "port": args.port,
         "store": args.store,
         "metrics_port": args.metrics_port,
+        "insecure": args.insecure,
     }
     settings = settings.with_overrides("serve", **{k: v for k, v in given.items() if v is not None})
     return serve(settings)

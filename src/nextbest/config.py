@@ -26,9 +26,25 @@ __all__ = [
     "Settings",
     "load_settings",
     "CONSENT_DEFAULTS",
+    "ROLES",
+    "ClientToken",
 ]
 
 CONSENT_DEFAULTS = ("allow", "deny")
+ROLES = ("recommend", "consent", "admin")
+"""Client roles: `recommend` (Recommender and Events), `consent` (Consent), `admin` (Admin)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClientToken:
+    """One client allowed to call the server (`[[serve.clients]]` in the config file)."""
+
+    name: str
+    """Who the client is; logged with each of its calls (never the token)."""
+    token_sha256: str
+    """SHA-256 of the client's bearer token, 64 hex digits (`nextbest token` makes both)."""
+    roles: tuple[str, ...]
+    """Some of `recommend`, `consent`, `admin`."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -149,6 +165,34 @@ class ServeSettings:
     """On SIGTERM: how long calls in flight may take to finish before the server stops."""
     content_half_life_days: float = 30.0
     """ScoreContent: relevance of content about a bought product halves with this purchase age."""
+    insecure: bool = False
+    """Plaintext gRPC without TLS, and without tokens unless `clients` are listed: only when chosen
+    explicitly (a local demo, a test, TLS ended by a sidecar); logged as INSECURE at start.
+    Otherwise the server needs `tls_cert`, `tls_key` and at least one client."""
+    tls_cert: str = ""
+    """PEM certificate chain of the server (path)."""
+    tls_key: str = ""
+    """PEM private key of the server (path)."""
+    tls_client_ca: str = ""
+    """PEM CA certificates (path): when set, clients must present a certificate signed by one
+    of them (mutual TLS), on top of their token."""
+    clients: tuple[ClientToken, ...] = ()
+    """Clients and their roles, as `[[serve.clients]]` tables with `name`, `token_sha256`,
+    `roles`. When any are listed, every call except health and reflection needs
+    `authorization: Bearer <token>` of a client holding the method's role."""
+    max_message_bytes: int = 4 * 1024 * 1024
+    """Largest request or response message; a larger request is refused (RESOURCE_EXHAUSTED)."""
+    max_concurrent_streams: int = 4
+    """StreamRecommendations calls open at once; one more is refused (RESOURCE_EXHAUSTED). Each
+    open stream holds a worker thread, so keep this below `max_workers`."""
+    max_concurrent_calls: int = 256
+    """Calls being answered or waiting for a worker; one more is refused (RESOURCE_EXHAUSTED)."""
+    log_format: str = "json"
+    """`nextbest serve` logs: `json` (one object per line, with request ids) or `text`."""
+    log_hash_key: str = ""
+    """Key of the HMAC that replaces customer ids in logs. Set it (env
+    `NEXTBEST_SERVE__LOG_HASH_KEY`) to correlate one customer across restarts and replicas;
+    empty = a random key per process."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -197,6 +241,14 @@ def _coerce(value: object, hint: object, where: str) -> object:
     elif hint is str:
         if isinstance(value, str):
             return value
+    elif origin is tuple and typing.get_args(hint)[0] is ClientToken:
+        if isinstance(value, list | tuple) and all(isinstance(v, ClientToken) for v in value):
+            return tuple(value)
+        if isinstance(value, list | tuple) and all(isinstance(v, dict) for v in value):
+            return tuple(_client(v, f"{where}[{k}]") for k, v in enumerate(value))
+        raise ConfigError(
+            f"config: {where} must be a list of [[serve.clients]] tables in the config file"
+        )
     elif origin is tuple:
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
@@ -208,6 +260,27 @@ def _coerce(value: object, hint: object, where: str) -> object:
         ):
             return {str(k): float(v) for k, v in value.items()}
     raise ConfigError(f"config: {where} has an invalid value {value!r} (expected {hint})")
+
+
+def _client(value: dict, where: str) -> ClientToken:
+    unknown = set(value) - {"name", "token_sha256", "roles"}
+    if unknown:
+        raise ConfigError(f"config: {where} has an unknown key {sorted(unknown)[0]}")
+    name, digest, roles = value.get("name"), value.get("token_sha256"), value.get("roles")
+    if not isinstance(name, str) or not name.strip():
+        raise ConfigError(f"config: {where}.name is required")
+    if not isinstance(digest, str) or len(digest) != 64 or set(digest) - set("0123456789abcdef"):
+        raise ConfigError(
+            f"config: {where}.token_sha256 must be 64 lowercase hex digits (the token's SHA-256, "
+            "never the token itself; `nextbest token` prints it)"
+        )
+    if (
+        not isinstance(roles, list)
+        or not roles
+        or not all(isinstance(r, str) and r in ROLES for r in roles)
+    ):
+        raise ConfigError(f"config: {where}.roles must be a non-empty list of {', '.join(ROLES)}")
+    return ClientToken(name=name.strip(), token_sha256=digest, roles=tuple(roles))
 
 
 def _build(cls: type, section: str, values: dict[str, object]) -> object:
@@ -269,6 +342,14 @@ def _validate(section: str, s: object) -> None:
         need(s.reload_interval_s >= 0, "reload_interval_s", "must be >= 0")
         need(s.grace_s >= 0, "grace_s", "must be >= 0")
         need(s.content_half_life_days > 0, "content_half_life_days", "must be > 0")
+        need(s.max_message_bytes >= 1024, "max_message_bytes", "must be >= 1024")
+        need(s.max_concurrent_streams >= 1, "max_concurrent_streams", "must be >= 1")
+        need(s.max_concurrent_calls >= 1, "max_concurrent_calls", "must be >= 1")
+        need(s.log_format in ("json", "text"), "log_format", "must be json or text")
+        names = [c.name for c in s.clients]
+        need(len(set(names)) == len(names), "clients", "has two clients with one name")
+        digests = [c.token_sha256 for c in s.clients]
+        need(len(set(digests)) == len(digests), "clients", "has two clients with one token")
 
 
 def parse_als_spec(spec: str) -> tuple[int, float, float]:
