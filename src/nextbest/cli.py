@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from nextbest import __version__
-from nextbest.config import CONSENT_DEFAULTS, Settings, load_settings
+from nextbest.config import CONSENT_DEFAULTS, ROLES, Settings, load_settings
 from nextbest.data.readers import (
     PURPOSES,
     read_catalog,
@@ -23,7 +23,7 @@ from nextbest.data.readers import (
     read_events,
     write_table,
 )
-from nextbest.errors import DataError, NextbestError
+from nextbest.errors import ConfigError, DataError, NextbestError
 from nextbest.evaluation import METRICS, PROTOCOLS
 from nextbest.store.artifacts import sha256_file
 
@@ -513,6 +513,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_consent_default(p)
     p.set_defaults(func=cmd_serve)
 
+    p = sub.add_parser("token", help="make a client token and its [[serve.clients]] entry")
+    p.add_argument("--name", required=True, help="the client's name (shown in logs)")
+    p.add_argument("--roles", required=True, help="comma-separated: recommend, consent, admin")
+    p.set_defaults(func=cmd_token)
+
     p = sub.add_parser("consent", help="import, show or forget customers' consent in the store")
     p.add_argument("action", choices=("import", "get", "audit", "forget"))
     p.add_argument("target", help="import: a consent file; get / audit / forget: a customer id")
@@ -532,7 +537,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def cmd_token(args: argparse.Namespace) -> int:
+    from nextbest.auth import new_token, token_sha256
+
+    roles = [r.strip() for r in args.roles.split(",") if r.strip()]
+    bad = [r for r in roles if r not in ROLES]
+    if not roles or bad:
+        raise ConfigError(
+            f"--roles: {', '.join(bad) or 'none given'}; use some of {', '.join(ROLES)}"
+        )
+    token = new_token()
+    print(f"# The client's bearer token (shown once; the server keeps only its hash):\n{token}\n")
+    print("# Add to the server's config file:")
+    print(f"[[serve.clients]]\nname = {json.dumps(args.name)}")
+    print(f'token_sha256 = "{token_sha256(token)}"\nroles = {json.dumps(roles)}')
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
+    from nextbest.logs import configure_logging, set_hash_key
     from nextbest.server import serve
 
     settings = _settings(args)
@@ -545,6 +568,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "insecure": args.insecure,
     }
     settings = settings.with_overrides("serve", **{k: v for k, v in given.items() if v is not None})
+    configure_logging(settings.serve.log_format, logging.getLogger().level)
+    set_hash_key(settings.serve.log_hash_key)
     return serve(settings)
 
 

@@ -13,6 +13,7 @@ is refused (logged) and the old one keeps serving. Health is NOT_SERVING until a
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import json
@@ -21,6 +22,7 @@ import queue
 import signal
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from pathlib import Path
@@ -28,14 +30,17 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pyarrow as pa
+from google.protobuf.message import DecodeError
 from google.protobuf.timestamp_pb2 import Timestamp
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from threadpoolctl import threadpool_limits
 
-from nextbest.config import Settings
+from nextbest.auth import Gate, Verdict
+from nextbest.config import ServeSettings, Settings
 from nextbest.data.readers import EVENT_SCHEMA, PURCHASE, PURPOSES, RETURN
-from nextbest.errors import InvalidRequest, ModelError, NotFound
+from nextbest.errors import ConfigError, InvalidRequest, ModelError, NotFound
+from nextbest.logs import call_context, hash_customer_id
 from nextbest.metrics import Metrics
 from nextbest.policy import BEHAVIORAL_EVENTS
 from nextbest.service import (
@@ -66,6 +71,8 @@ from nextbest.v1 import (
 __all__ = ["ModelHolder", "Running", "create_server", "serve", "SERVICE_NAMES"]
 
 logger = logging.getLogger(__name__)
+calls_logger = logging.getLogger("nextbest.calls")
+"""One line per call (INFO); raise its level to silence the access log."""
 
 MAX_ID_LENGTH = 128
 MAX_CATEGORIES = 100
@@ -99,6 +106,7 @@ _NOT_PERSONALIZED = {
     "no_consent": pb.NOT_PERSONALIZED_REASON_NO_CONSENT,
     "unknown_customer": pb.NOT_PERSONALIZED_REASON_UNKNOWN_CUSTOMER,
     "erased": pb.NOT_PERSONALIZED_REASON_ERASED,
+    "consent_unavailable": pb.NOT_PERSONALIZED_REASON_CONSENT_UNAVAILABLE,
 }
 _PURPOSES = {
     consent_pb2.PURPOSE_PERSONALIZATION: "personalization",
@@ -753,58 +761,136 @@ class EventsService(events_pb2_grpc.EventsServicer):
         )
 
 
-class MetricsInterceptor(grpc.ServerInterceptor):
-    """Counts every call by method and status code and times it (streams: the whole stream)."""
+class _Undecodable:
+    """Stands in for a request whose bytes are not a valid message (answered INVALID_ARGUMENT
+    instead of grpc's INTERNAL "Exception deserializing request!")."""
 
-    def __init__(self, metrics: Metrics):
+    def __init__(self, size: int):
+        self.size = size
+
+
+def _lenient(deserialize: Callable[[bytes], object]) -> Callable[[bytes], object]:
+    def parse(data: bytes) -> object:
+        try:
+            return deserialize(data)
+        except DecodeError:
+            return _Undecodable(len(data))
+
+    return parse
+
+
+def _request_id(given: str | None) -> str:
+    """The caller's `x-request-id` when it is a sane token, else a new one."""
+    if given and len(given) <= 64 and given.isprintable() and " " not in given:
+        return given
+    return uuid.uuid4().hex
+
+
+class CallInterceptor(grpc.ServerInterceptor):
+    """Every call to our services passes here once (health and reflection go straight through):
+    a request id (the caller's `x-request-id` or a new one, sent back as initial metadata and on
+    every log line of the call), the token and role check, the open-stream limit, undecodable
+    requests → INVALID_ARGUMENT, then the call's metrics and one JSON log line with its status,
+    time, client name and hashed customer id."""
+
+    def __init__(self, metrics: Metrics, gate: Gate, max_streams: int):
         self.metrics = metrics
+        self.gate = gate
+        self.max_streams = max_streams
+        self._streams = threading.BoundedSemaphore(max_streams)
 
-    def _observe(self, method: str, context, started: float, failed: bool) -> None:
-        code = context.code() if hasattr(context, "code") else None
-        if code is None:
-            code = grpc.StatusCode.UNKNOWN if failed else grpc.StatusCode.OK
-        self.metrics.calls.labels(method, code.name).inc()
-        self.metrics.latency.labels(method).observe(time.perf_counter() - started)
+    @contextlib.contextmanager
+    def _call(self, method: str, context, verdict: Verdict, request_id: str, customer: str):
+        started = time.perf_counter()
+        code = grpc.StatusCode.UNKNOWN
+        with call_context(request_id=request_id, client=verdict.client):
+            try:
+                context.send_initial_metadata((("x-request-id", request_id),))
+                if not verdict.allowed:
+                    status = (
+                        grpc.StatusCode.UNAUTHENTICATED
+                        if verdict.problem == "unauthenticated"
+                        else grpc.StatusCode.PERMISSION_DENIED
+                    )
+                    context.abort(status, verdict.message)
+                yield
+                code = grpc.StatusCode.OK
+            finally:
+                code = context.code() or code
+                elapsed = time.perf_counter() - started
+                self.metrics.calls.labels(method, code.name).inc()
+                self.metrics.latency.labels(method).observe(elapsed)
+                calls_logger.info(
+                    "call",
+                    extra={
+                        "method": method,
+                        "code": code.name,
+                        "ms": round(elapsed * 1000, 3),
+                        "customer": hash_customer_id(customer),
+                    },
+                )
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
-        if handler is None:
-            return None
         method = handler_call_details.method
+        if handler is None or not method.startswith(f"/{pb.DESCRIPTOR.package}."):
+            return handler
+        metadata = {k: v for k, v in handler_call_details.invocation_metadata or () if k}
+        verdict = self.gate.check(method, metadata.get("authorization"))
+        request_id = _request_id(metadata.get("x-request-id"))
+        parse = _lenient(handler.request_deserializer)
+        message = f"request: not a valid {method.rsplit('/', 1)[-1]} request message"
+
         if handler.unary_unary is not None:
             inner = handler.unary_unary
 
             def unary(request, context):
-                started, failed = time.perf_counter(), True
-                try:
-                    response = inner(request, context)
-                    failed = False
-                    return response
-                finally:
-                    self._observe(method, context, started, failed)
+                customer = getattr(request, "customer_id", "")
+                with self._call(method, context, verdict, request_id, customer):
+                    if isinstance(request, _Undecodable):
+                        context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
+                    return inner(request, context)
 
             return grpc.unary_unary_rpc_method_handler(
                 unary,
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=parse,
                 response_serializer=handler.response_serializer,
             )
-        if handler.stream_stream is not None:
-            inner_stream = handler.stream_stream
+        inner_stream = handler.stream_stream  # our only other kind of method
 
-            def stream(request_iterator, context):
-                started, failed = time.perf_counter(), True
+        def stream(request_iterator, context):
+            with self._call(method, context, verdict, request_id, ""):
+                if not self._streams.acquire(blocking=False):
+                    context.abort(
+                        grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        f"too many open streams (serve.max_concurrent_streams = "
+                        f"{self.max_streams}); retry when one has finished",
+                    )
+                undecodable: list[int] = []
+
+                def decoded():
+                    for k, request in enumerate(request_iterator):
+                        if isinstance(request, _Undecodable):
+                            undecodable.append(k)
+                            return
+                        yield request
+
                 try:
-                    yield from inner_stream(request_iterator, context)
-                    failed = False
+                    yield from inner_stream(decoded(), context)
                 finally:
-                    self._observe(method, context, started, failed)
+                    self._streams.release()
+                if undecodable:
+                    context.abort(
+                        grpc.StatusCode.INVALID_ARGUMENT,
+                        f"{message} (stream message {undecodable[0]}); the answers before it "
+                        "were sent",
+                    )
 
-            return grpc.stream_stream_rpc_method_handler(
-                stream,
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        return handler  # unary-stream / stream-unary: none of ours (health Watch passes through)
+        return grpc.stream_stream_rpc_method_handler(
+            stream,
+            request_deserializer=parse,
+            response_serializer=handler.response_serializer,
+        )
 
 
 # --- the server --------------------------------------------------------------------------------
@@ -834,12 +920,59 @@ class Running:
         self.metrics.close()
 
 
+def _read_pem(path: str, key: str) -> bytes:
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"config: serve.{key}: cannot read {path} ({exc.strerror})") from None
+    if b"-----BEGIN " not in data:
+        raise ConfigError(f"config: serve.{key}: {path} is not a PEM file")
+    return data
+
+
+def credentials(serve: ServeSettings) -> grpc.ServerCredentials | None:
+    """TLS credentials (mutual when `tls_client_ca` is set), or None when insecure was chosen;
+    ConfigError names what is missing."""
+    tls = {k: getattr(serve, k) for k in ("tls_cert", "tls_key", "tls_client_ca")}
+    if serve.insecure:
+        given = [k for k, v in tls.items() if v]
+        if given:
+            raise ConfigError(
+                f"config: serve.insecure is set together with serve.{given[0]}: choose one"
+            )
+        return None
+    missing = [f"serve.{k}" for k in ("tls_cert", "tls_key") if not tls[k]]
+    if not serve.clients:
+        missing.append("[[serve.clients]]")
+    if missing:
+        raise ConfigError(
+            f"config: {' and '.join(missing)} required: the server runs with TLS and client "
+            "tokens (see README, Operations), or plaintext only when chosen with "
+            "serve.insecure = true / --insecure"
+        )
+    ca = _read_pem(serve.tls_client_ca, "tls_client_ca") if serve.tls_client_ca else None
+    return grpc.ssl_server_credentials(
+        [(_read_pem(serve.tls_key, "tls_key"), _read_pem(serve.tls_cert, "tls_cert"))],
+        root_certificates=ca,
+        require_client_auth=ca is not None,
+    )
+
+
+def _security_summary(serve: ServeSettings) -> str:
+    tokens = f"bearer tokens of {len(serve.clients)} clients" if serve.clients else "no tokens"
+    if serve.insecure:
+        return f"INSECURE: plaintext, no TLS, {tokens} (serve.insecure)"
+    mutual = ", client certificates required" if serve.tls_client_ca else ""
+    return f"TLS{mutual}, {tokens}"
+
+
 def create_server(settings: Settings) -> Running:
     """Build, bind and start the server; loads CURRENT when there is one (else NOT_SERVING until
     the watcher finds one). `serve.port = 0` binds a free port (see `Running.port`). Consent
     comes from the store at `serve.store`, read on every call."""
     # One BLAS / OpenMP thread per call (see ServedModel): the worker threads are the parallelism.
     threadpool_limits(1)
+    server_credentials = credentials(settings.serve)
     store = open_store(settings.serve.store)
     default_allow = settings.policy.default_consent == "allow"
     metrics = Metrics()
@@ -857,7 +990,16 @@ def create_server(settings: Settings) -> Running:
         futures.ThreadPoolExecutor(
             max_workers=settings.serve.max_workers, thread_name_prefix="grpc"
         ),
-        interceptors=[MetricsInterceptor(metrics)],
+        interceptors=[
+            CallInterceptor(
+                metrics, Gate(settings.serve.clients), settings.serve.max_concurrent_streams
+            )
+        ],
+        options=[
+            ("grpc.max_receive_message_length", settings.serve.max_message_bytes),
+            ("grpc.max_send_message_length", settings.serve.max_message_bytes),
+        ],
+        maximum_concurrent_rpcs=settings.serve.max_concurrent_calls,
     )
     impressions = ImpressionRecorder(store)
     recommender_pb2_grpc.add_RecommenderServicer_to_server(
@@ -875,7 +1017,10 @@ def create_server(settings: Settings) -> Running:
         (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
     address = f"{settings.serve.host}:{settings.serve.port}"
-    port = server.add_insecure_port(address)
+    if server_credentials is None:
+        port = server.add_insecure_port(address)
+    else:
+        port = server.add_secure_port(address, server_credentials)
     if port == 0:
         raise ModelError(f"cannot listen on {address} (in use or not permitted)")
     holder.check()
@@ -894,7 +1039,10 @@ def create_server(settings: Settings) -> Running:
         logger.info("metrics on http://%s:%d/metrics", settings.serve.host, metrics_port)
     server.start()
     holder.watch(settings.serve.reload_interval_s)
-    logger.info("listening on %s:%d (insecure)", settings.serve.host, port)
+    security = _security_summary(settings.serve)
+    (logger.warning if settings.serve.insecure else logger.info)(
+        "listening on %s:%d: %s", settings.serve.host, port, security
+    )
     return Running(
         server=server,
         port=port,

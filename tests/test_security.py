@@ -1,0 +1,512 @@
+"""TLS, mutual TLS, bearer tokens and roles, limits and the JSON call log, through real servers on
+real ports with certificates made here (SPEC §4, §6; issue #5)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import json
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from conftest import served_settings, store_url
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from nextbest.auth import Gate, new_token, role_for, token_sha256
+from nextbest.config import ClientToken
+from nextbest.errors import ConfigError
+from nextbest.server import create_server
+from nextbest.v1 import admin_pb2, consent_pb2, events_pb2
+from nextbest.v1 import recommender_pb2 as pb
+
+# --- certificates ------------------------------------------------------------------------------
+
+
+def _name(common: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
+
+
+def _cert(subject: str, key, issuer: str, issuer_key, *, ca: bool, server: bool = False):
+    now = dt.datetime.now(dt.UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(_name(subject))
+        .issuer_name(_name(issuer))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
+    if server:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+    return builder.sign(issuer_key, hashes.SHA256())
+
+
+def _pem(cert) -> bytes:
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def _key_pem(key) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+class Pki:
+    """A CA, a server certificate for 127.0.0.1 / localhost, a client certificate from the CA
+    and one from a stranger's CA, written as PEM files into `folder`."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        ca_key = ec.generate_private_key(ec.SECP256R1())
+        ca = _cert("nextbest test CA", ca_key, "nextbest test CA", ca_key, ca=True)
+        server_key = ec.generate_private_key(ec.SECP256R1())
+        server = _cert("127.0.0.1", server_key, "nextbest test CA", ca_key, ca=False, server=True)
+        client_key = ec.generate_private_key(ec.SECP256R1())
+        client = _cert("email platform", client_key, "nextbest test CA", ca_key, ca=False)
+        other_ca_key = ec.generate_private_key(ec.SECP256R1())
+        stranger_key = ec.generate_private_key(ec.SECP256R1())
+        stranger = _cert("stranger", stranger_key, "other CA", other_ca_key, ca=False)
+        self.ca = self._write("ca.pem", _pem(ca))
+        self.server_cert = self._write("server.pem", _pem(server))
+        self.server_key = self._write("server.key", _key_pem(server_key))
+        self.client = (_key_pem(client_key), _pem(client))
+        self.stranger = (_key_pem(stranger_key), _pem(stranger))
+
+    def _write(self, name: str, data: bytes) -> Path:
+        (self.folder / name).write_bytes(data)
+        return self.folder / name
+
+    def channel(self, port: int, client: tuple[bytes, bytes] | None = None) -> grpc.Channel:
+        key, cert = client or (None, None)
+        creds = grpc.ssl_channel_credentials(
+            root_certificates=self.ca.read_bytes(), private_key=key, certificate_chain=cert
+        )
+        return grpc.secure_channel(f"127.0.0.1:{port}", creds)
+
+
+# --- servers -----------------------------------------------------------------------------------
+
+TOKENS = {role: new_token() for role in ("recommend", "consent", "admin")}
+CLIENTS = tuple(
+    ClientToken(name=f"{role}-client", token_sha256=token_sha256(token), roles=(role,))
+    for role, token in TOKENS.items()
+)
+
+
+@pytest.fixture(scope="module")
+def folder(workdir, tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("security")
+    shutil.copytree(workdir / "models", d / "models")
+    shutil.copy(workdir / "store.db", d / "store.db")
+    shutil.copy(workdir / "nextbest.toml", d / "nextbest.toml")
+    return d
+
+
+@pytest.fixture(scope="module")
+def pki(folder) -> Pki:
+    return Pki(folder)
+
+
+def secure_settings(folder: Path, pki: Pki, **extra):
+    return served_settings(folder, folder / "models").with_overrides(
+        "serve",
+        insecure=False,
+        tls_cert=str(pki.server_cert),
+        tls_key=str(pki.server_key),
+        clients=CLIENTS,
+        metrics_port=-1,
+        **extra,
+    )
+
+
+@pytest.fixture(scope="module")
+def tls_server(folder, pki):
+    running = create_server(secure_settings(folder, pki))
+    yield running
+    running.stop(0)
+
+
+@pytest.fixture(scope="module")
+def tls_channel(tls_server, pki):
+    with pki.channel(tls_server.port) as ch:
+        yield ch
+
+
+# --- every RPC, called generically -------------------------------------------------------------
+
+RPCS = {
+    "/nextbest.v1.Recommender/RecommendProducts": pb.RecommendProductsRequest(customer_id="c002"),
+    "/nextbest.v1.Recommender/StreamRecommendations": pb.RecommendProductsRequest(
+        customer_id="c002"
+    ),
+    "/nextbest.v1.Recommender/SimilarProducts": pb.SimilarProductsRequest(product_ids=["p001"]),
+    "/nextbest.v1.Recommender/ScoreContent": pb.ScoreContentRequest(
+        customer_id="c002", candidates=[pb.ContentCandidate(product_ids=["p001"])]
+    ),
+    "/nextbest.v1.Consent/SetConsent": consent_pb2.SetConsentRequest(
+        customer_id="c900",
+        purpose=consent_pb2.PURPOSE_BEHAVIORAL,
+        granted=True,
+        source="security-test",
+    ),
+    "/nextbest.v1.Consent/GetConsent": consent_pb2.GetConsentRequest(customer_id="c900"),
+    "/nextbest.v1.Consent/ForgetCustomer": consent_pb2.ForgetCustomerRequest(
+        customer_id="c901", source="security-test"
+    ),
+    "/nextbest.v1.Events/RecordEvents": events_pb2.RecordEventsRequest(
+        events=[events_pb2.Event(customer_id="c902", product_id="p001")]
+    ),
+    "/nextbest.v1.Admin/GetModelInfo": admin_pb2.GetModelInfoRequest(),
+    "/nextbest.v1.Admin/ReloadModel": admin_pb2.ReloadModelRequest(),
+}
+
+
+def test_every_rpc_is_in_the_matrix():
+    from nextbest.server import SERVICE_NAMES
+    from nextbest.v1 import admin_pb2 as a
+    from nextbest.v1 import consent_pb2 as c
+    from nextbest.v1 import events_pb2 as e
+
+    methods = {
+        f"/{service.full_name}/{m.name}"
+        for module in (pb, a, c, e)
+        for service in module.DESCRIPTOR.services_by_name.values()
+        for m in service.methods
+    }
+    assert methods == set(RPCS)
+    assert {m.split("/")[1] for m in methods} == set(SERVICE_NAMES)
+
+
+def call(channel: grpc.Channel, method: str, token: str | None) -> grpc.StatusCode:
+    """Call `method` with its request from RPCS; the status code it ends with."""
+    metadata = () if token is None else (("authorization", f"Bearer {token}"),)
+    request = RPCS[method]
+    try:
+        if method.endswith("StreamRecommendations"):
+            stream = channel.stream_stream(
+                method, request_serializer=lambda m: m.SerializeToString()
+            )
+            list(stream(iter([request]), metadata=metadata, timeout=10))
+        else:
+            unary = channel.unary_unary(method, request_serializer=lambda m: m.SerializeToString())
+            unary(request, metadata=metadata, timeout=10)
+    except grpc.RpcError as exc:
+        return exc.code()
+    return grpc.StatusCode.OK
+
+
+@pytest.mark.parametrize("method", sorted(RPCS))
+def test_auth_matrix(tls_channel, method):
+    """No token, a wrong token, a token without the role: refused; the right role: answered."""
+    needed = role_for(method)
+    assert call(tls_channel, method, None) == grpc.StatusCode.UNAUTHENTICATED
+    assert call(tls_channel, method, "nb_not-a-real-token") == grpc.StatusCode.UNAUTHENTICATED
+    for role, token in TOKENS.items():
+        if role != needed:
+            assert call(tls_channel, method, token) == grpc.StatusCode.PERMISSION_DENIED, role
+    assert call(tls_channel, method, TOKENS[needed]) == grpc.StatusCode.OK
+
+
+def test_refusals_name_the_problem(tls_channel):
+    unary = tls_channel.unary_unary(
+        "/nextbest.v1.Admin/GetModelInfo",
+        request_serializer=lambda m: m.SerializeToString(),
+        response_deserializer=admin_pb2.ModelInfo.FromString,
+    )
+    with pytest.raises(grpc.RpcError) as missing:
+        unary(admin_pb2.GetModelInfoRequest(), timeout=10)
+    assert "bearer token is required" in missing.value.details()
+    with pytest.raises(grpc.RpcError) as wrong_role:
+        unary(
+            admin_pb2.GetModelInfoRequest(),
+            metadata=(("authorization", f"Bearer {TOKENS['consent']}"),),
+            timeout=10,
+        )
+    assert "'consent-client' lacks the 'admin' role" in wrong_role.value.details()
+    answer = unary(
+        admin_pb2.GetModelInfoRequest(),
+        metadata=(("authorization", f"bearer  {TOKENS['admin']} "),),  # scheme is case-blind
+        timeout=10,
+    )
+    assert answer.version
+
+
+def test_health_and_reflection_stay_open(tls_channel):
+    health = health_pb2_grpc.HealthStub(tls_channel)
+    assert (
+        health.Check(health_pb2.HealthCheckRequest(), timeout=10).status
+        == health_pb2.HealthCheckResponse.SERVING
+    )
+    reflection = reflection_pb2_grpc.ServerReflectionStub(tls_channel)
+    [answer] = reflection.ServerReflectionInfo(
+        iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10
+    )
+    names = {s.name for s in answer.list_services_response.service}
+    assert "nextbest.v1.Recommender" in names
+
+
+def test_plaintext_client_cannot_talk_to_a_tls_server(tls_server):
+    with grpc.insecure_channel(f"127.0.0.1:{tls_server.port}") as ch:
+        assert call(ch, "/nextbest.v1.Admin/GetModelInfo", TOKENS["admin"]) == (
+            grpc.StatusCode.UNAVAILABLE
+        )
+
+
+def test_client_that_does_not_trust_the_server_certificate_is_refused(tls_server, tmp_path):
+    stranger_ca = Pki(tmp_path)  # a different CA: the server's certificate is not from it
+    with stranger_ca.channel(tls_server.port) as ch:
+        assert call(ch, "/nextbest.v1.Admin/GetModelInfo", TOKENS["admin"]) == (
+            grpc.StatusCode.UNAVAILABLE
+        )
+
+
+def test_mutual_tls_needs_a_client_certificate_from_the_ca(folder, pki):
+    running = create_server(secure_settings(folder, pki, tls_client_ca=str(pki.ca)))
+    try:
+        method, token = "/nextbest.v1.Admin/GetModelInfo", TOKENS["admin"]
+        with pki.channel(running.port) as no_cert:
+            assert call(no_cert, method, token) == grpc.StatusCode.UNAVAILABLE
+        with pki.channel(running.port, pki.stranger) as stranger:
+            assert call(stranger, method, token) == grpc.StatusCode.UNAVAILABLE
+        with pki.channel(running.port, pki.client) as client:
+            assert call(client, method, token) == grpc.StatusCode.OK
+            assert call(client, method, None) == grpc.StatusCode.UNAUTHENTICATED  # and a token
+    finally:
+        running.stop(0)
+
+
+def test_insecure_only_when_chosen(folder, pki):
+    plain = served_settings(folder, folder / "models").with_overrides("serve", insecure=False)
+    with pytest.raises(ConfigError, match="serve.tls_cert and serve.tls_key and"):
+        create_server(plain)
+    no_clients = secure_settings(folder, pki).with_overrides("serve", clients=())
+    with pytest.raises(ConfigError, match=r"\[\[serve.clients\]\] required"):
+        create_server(no_clients)
+    both = secure_settings(folder, pki).with_overrides("serve", insecure=True)
+    with pytest.raises(ConfigError, match="serve.insecure is set together with serve.tls_cert"):
+        create_server(both)
+    missing = secure_settings(folder, pki).with_overrides("serve", tls_key=str(folder / "nope"))
+    with pytest.raises(ConfigError, match="serve.tls_key: cannot read .*nope"):
+        create_server(missing)
+    not_pem = secure_settings(folder, pki).with_overrides(
+        "serve", tls_cert=str(folder / "nextbest.toml")
+    )
+    with pytest.raises(ConfigError, match="serve.tls_cert: .* is not a PEM file"):
+        create_server(not_pem)
+
+
+def test_serve_without_tls_or_insecure_is_a_one_line_error(folder):
+    done = subprocess.run(
+        [sys.executable, "-m", "nextbest.cli", "serve", "--port", "0", "--metrics-port", "-1"]
+        + ["--models-dir", str(folder / "models"), "--store", store_url(folder)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert "serve.tls_cert and serve.tls_key and [[serve.clients]] required" in done.stderr
+    assert "--insecure" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_gate_checks_tokens_as_hashes():
+    gate = Gate(CLIENTS)
+    assert gate.check("/grpc.health.v1.Health/Check", None).allowed
+    assert not gate.check("/nextbest.v1.Recommender/RecommendProducts", "Basic x").allowed
+    verdict = gate.check("/nextbest.v1.Admin/GetModelInfo", f"Bearer {TOKENS['admin']}")
+    assert verdict.allowed and verdict.client == "admin-client"
+    assert role_for("/nextbest.v2.Unknown/Method") == "admin"  # unknown services are not open
+    assert Gate(()).check("/nextbest.v1.Admin/ReloadModel", None).allowed  # no clients: open
+
+
+def test_token_command_prints_a_config_entry_the_server_accepts(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "nextbest.cli", "token", "--name", "crm", "--roles", "consent"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    token = next(line for line in done.stdout.splitlines() if line.startswith("nb_"))
+    entry = done.stdout[done.stdout.index("[[serve.clients]]") :]
+    (tmp_path / "c.toml").write_text(entry)
+    from nextbest.config import load_settings
+
+    [client] = load_settings(tmp_path / "c.toml").serve.clients
+    assert client.name == "crm" and client.roles == ("consent",)
+    assert client.token_sha256 == token_sha256(token)
+    assert token not in entry  # only the hash goes into the config
+    bad = subprocess.run(
+        [sys.executable, "-m", "nextbest.cli", "token", "--name", "x", "--roles", "root"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert bad.returncode == 2 and "--roles: root" in bad.stderr
+
+
+def test_config_refuses_a_plaintext_token(tmp_path):
+    from nextbest.config import load_settings
+
+    (tmp_path / "c.toml").write_text(
+        '[[serve.clients]]\nname = "crm"\ntoken_sha256 = "nb_secret"\nroles = ["consent"]\n'
+    )
+    with pytest.raises(ConfigError, match=r"serve.clients\[0\].token_sha256 must be 64"):
+        load_settings(tmp_path / "c.toml")
+
+
+# --- limits ------------------------------------------------------------------------------------
+
+
+def test_limits_answer_resource_exhausted(folder, pki):
+    settings = served_settings(folder, folder / "models").with_overrides(
+        "serve", max_message_bytes=4096, max_concurrent_streams=1, metrics_port=-1
+    )
+    running = create_server(settings)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as ch:
+            big = pb.RecommendProductsRequest(
+                customer_id="c002", exclude_product_ids=["p" * 100] * 60
+            )
+            unary = ch.unary_unary(
+                "/nextbest.v1.Recommender/RecommendProducts",
+                request_serializer=lambda m: m.SerializeToString(),
+            )
+            with pytest.raises(grpc.RpcError) as too_big:
+                unary(big, timeout=10)
+            assert too_big.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+            # One stream open (held by a request iterator that waits); a second one is refused.
+            stream = ch.stream_stream(
+                "/nextbest.v1.Recommender/StreamRecommendations",
+                request_serializer=lambda m: m.SerializeToString(),
+                response_deserializer=pb.RecommendProductsResponse.FromString,
+            )
+            release = threading.Event()
+
+            def held():
+                yield pb.RecommendProductsRequest(customer_id="c002")
+                release.wait(20)
+
+            first = stream(held(), timeout=30)
+            assert next(first).customer_id == "c002"  # the first stream is open
+            with pytest.raises(grpc.RpcError) as second:
+                list(stream(iter([pb.RecommendProductsRequest(customer_id="c003")]), timeout=10))
+            assert second.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "serve.max_concurrent_streams = 1" in second.value.details()
+            release.set()
+            assert list(first) == []
+            # The slot is free again once the first stream has ended.
+            answers = list(
+                stream(iter([pb.RecommendProductsRequest(customer_id="c003")]), timeout=10)
+            )
+            assert [a.customer_id for a in answers] == ["c003"]
+    finally:
+        running.stop(0)
+
+
+# --- the JSON call log -------------------------------------------------------------------------
+
+
+def test_serve_logs_json_lines_with_request_ids_and_hashed_customers(folder, pki):
+    """A real `nextbest serve` with TLS and tokens: one JSON line per call with the caller's
+    request id (echoed back), the client's name and a keyed hash instead of the customer id."""
+    config = folder / "logged.toml"
+    clients = "".join(
+        f'[[serve.clients]]\nname = "{c.name}"\ntoken_sha256 = "{c.token_sha256}"\n'
+        f'roles = ["{c.roles[0]}"]\n'
+        for c in CLIENTS
+    )
+    config.write_text(
+        (folder / "nextbest.toml").read_text().replace("insecure = true", "")
+        + f'tls_cert = "{pki.server_cert}"\ntls_key = "{pki.server_key}"\n'
+        + 'log_hash_key = "test-key"\n'
+        + clients
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nextbest.cli", "serve", "--config", str(config)]
+        + ["--models-dir", str(folder / "models"), "--store", store_url(folder)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        line = proc.stdout.readline()
+        assert "serving on" in line, proc.stderr.read()
+        port = int(line.rsplit(":", 1)[1])
+        with pki.channel(port) as ch:
+            unary = ch.unary_unary(
+                "/nextbest.v1.Recommender/RecommendProducts",
+                request_serializer=lambda m: m.SerializeToString(),
+                response_deserializer=pb.RecommendProductsResponse.FromString,
+            )
+            _, call_info = unary.with_call(
+                pb.RecommendProductsRequest(customer_id="c002"),
+                metadata=(
+                    ("authorization", f"Bearer {TOKENS['recommend']}"),
+                    ("x-request-id", "req-42"),
+                ),
+                timeout=10,
+            )
+            assert ("x-request-id", "req-42") in call_info.initial_metadata()
+            with pytest.raises(grpc.RpcError):
+                unary(pb.RecommendProductsRequest(customer_id="c003"), timeout=10)
+        time.sleep(0.5)
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=30)
+    lines = [json.loads(x) for x in err.splitlines() if x.startswith("{")]
+    assert len(lines) == len(err.splitlines()), err  # every line is JSON
+    start = next(x for x in lines if "listening on" in x["msg"])
+    assert start["level"] == "INFO" and "TLS, bearer tokens of 3 clients" in start["msg"]
+    calls = [x for x in lines if x["msg"] == "call"]
+    ok = next(x for x in calls if x.get("request_id") == "req-42")
+    assert ok["code"] == "OK" and ok["client"] == "recommend-client" and ok["ms"] > 0
+    assert ok["method"] == "/nextbest.v1.Recommender/RecommendProducts"
+    refused = next(x for x in calls if x["code"] == "UNAUTHENTICATED")
+    assert len(refused["request_id"]) == 32 and refused["client"] == ""  # a generated id
+    assert ok["customer"] and ok["customer"] != refused["customer"]
+    from nextbest.logs import hash_customer_id, set_hash_key
+
+    set_hash_key("test-key")
+    assert ok["customer"] == hash_customer_id("c002")
+    assert '"c002"' not in err and '"c003"' not in err  # no raw customer id anywhere
+
+
+def test_insecure_start_is_logged_as_such(folder):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nextbest.cli", "serve", "--insecure", "--port", "0"]
+        + ["--metrics-port", "-1", "--models-dir", str(folder / "models")]
+        + ["--store", store_url(folder)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert "serving on" in proc.stdout.readline()
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=30)
+    start = next(json.loads(x) for x in err.splitlines() if "listening on" in x)
+    assert start["level"] == "WARNING"
+    assert "INSECURE: plaintext, no TLS, no tokens" in start["msg"]
