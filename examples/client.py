@@ -5,36 +5,19 @@
 
 It waits until the server reports SERVING, then prints next best products with their reasons
 for each customer, products similar to one product, and the relevance of some content for the
-first customer. It uses only the stubs generated from protos/ (package `nextbest.v1`).
+first customer, through `nextbest.client.Client` (TLS with `--ca`, a token from $NEXTBEST_TOKEN).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-import time
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from nextbest.v1 import admin_pb2, admin_pb2_grpc
+from nextbest.client import Client
 from nextbest.v1 import recommender_pb2 as pb
-from nextbest.v1 import recommender_pb2_grpc as rpb
-
-
-def wait_serving(channel: grpc.Channel, timeout_s: float) -> None:
-    health = health_pb2_grpc.HealthStub(channel)
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            status = health.Check(health_pb2.HealthCheckRequest(), timeout=2).status
-            if status == health_pb2.HealthCheckResponse.SERVING:
-                return
-        except grpc.RpcError:
-            pass  # not listening yet
-        if time.monotonic() > deadline:
-            sys.exit(f"error: server not SERVING after {timeout_s:.0f} s")
-        time.sleep(0.2)
 
 
 def line(rank: int, item) -> str:
@@ -45,6 +28,8 @@ def line(rank: int, item) -> str:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--address", default="127.0.0.1:50051")
+    p.add_argument("--ca", help="PEM file of the server's CA (turns TLS on)")
+    p.add_argument("--token-env", default="NEXTBEST_TOKEN", help="env variable with the token")
     p.add_argument("--customers", nargs="+", required=True)
     p.add_argument("--product", required=True, help="product for SimilarProducts")
     p.add_argument("--content", nargs="*", default=[], help="content ids to score")
@@ -52,18 +37,18 @@ def main() -> int:
     p.add_argument("--wait", type=float, default=60.0, help="seconds to wait for SERVING")
     args = p.parse_args()
 
-    with grpc.insecure_channel(args.address) as channel:
-        wait_serving(channel, args.wait)
-        stub = rpb.RecommenderStub(channel)
-        info = admin_pb2_grpc.AdminStub(channel).GetModelInfo(admin_pb2.GetModelInfoRequest())
+    with Client(args.address, ca=args.ca, token=os.environ.get(args.token_env)) as nb:
+        try:
+            nb.wait_until_serving(args.wait)
+        except TimeoutError as exc:
+            sys.exit(f"error: {exc}")
+        info = nb.model_info()
         print(
             f"model {info.version} ({info.cf_model}, {info.customers:,} customers, "
             f"{info.products:,} products, {info.content_items:,} content items)"
         )
         for customer in args.customers:
-            resp = stub.RecommendProducts(
-                pb.RecommendProductsRequest(customer_id=customer, limit=args.limit), timeout=5
-            )
+            resp = nb.recommend(customer, limit=args.limit)
             why = ""
             if not resp.personalized:
                 reason = pb.NotPersonalizedReason.Name(resp.not_personalized_reason)
@@ -74,21 +59,13 @@ def main() -> int:
                 for reason in item.reasons:
                     print(f"       {reason.text}")
 
-        similar = stub.SimilarProducts(
-            pb.SimilarProductsRequest(product_ids=[args.product], limit=args.limit), timeout=5
-        )
+        similar = nb.similar([args.product], limit=args.limit)
         print(f"\nsimilar to product {args.product}")
         for rank, item in enumerate(similar.items, 1):
             print(line(rank, item))
 
         if args.content:
-            scored = stub.ScoreContent(
-                pb.ScoreContentRequest(
-                    customer_id=args.customers[0],
-                    candidates=[pb.ContentCandidate(content_id=c) for c in args.content],
-                ),
-                timeout=5,
-            )
+            scored = nb.score_content(args.customers[0], args.content)
             print(f"\ncontent for customer {args.customers[0]}")
             for item in scored.items:
                 reason = item.reasons[0].text if item.reasons else ""
@@ -97,4 +74,7 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except grpc.RpcError as exc:
+        sys.exit(f"error: {exc.code().name}: {exc.details()}")
