@@ -104,6 +104,10 @@ serve: install
 	$(NEXTBEST) serve --models-dir $(MODELS) --store $(STORE) $(if $(CONFIG),--config $(CONFIG),--insecure) \
 		$(DEMO_CONSENT)
 
+# Regenerate README's configuration reference from src/nextbest/config.py (a test checks it).
+docs: install
+	$(PY) -m nextbest.config README.md
+
 # Regenerate the Python code of protos/ into src/nextbest/v1 (committed; a test checks it).
 proto: install
 	$(PY) -m grpc_tools.protoc -Iprotos --python_out=src --pyi_out=src --grpc_python_out=src \

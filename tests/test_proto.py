@@ -1,4 +1,5 @@
-"""The generated code in src/nextbest/v1 matches protos/ (regenerate with `make proto`)."""
+"""Generated files match their sources: src/nextbest/v1 (`make proto`) and README's config
+reference (`make docs`)."""
 
 from __future__ import annotations
 
@@ -32,3 +33,13 @@ def test_generated_code_is_up_to_date(tmp_path: Path):
     assert sorted(committed) == sorted(fresh), "generated files differ: run `make proto`"
     stale = [name for name in fresh if fresh[name] != committed[name]]
     assert not stale, f"stale generated code {stale}: run `make proto`"
+
+
+def test_readme_config_reference_is_up_to_date(tmp_path: Path):
+    """README's "Every key" is generated from config.py's docstrings: `make docs` after a change."""
+    from nextbest.config import write_reference
+
+    copy = tmp_path / "README.md"
+    copy.write_text((REPO / "README.md").read_text())
+    assert not write_reference(copy), "README's config reference is stale: run `make docs`"
+    assert "| `max_concurrent_streams` | `4` |" in copy.read_text()
