@@ -333,6 +333,22 @@ def test_models_list_promote_rollback(tmp_path, events_file, catalog_file, small
     proc = run("models", "promote", first, "--models-dir", tmp_path / "models", check=False)
     assert proc.returncode == 2 and "checksum does not match" in proc.stderr
     assert current_version(tmp_path / "models") == second
+    # --no-promote publishes a version beside the live one; promote makes it live.
+    staged = train(
+        tmp_path,
+        events_file,
+        catalog_file,
+        small_config,
+        "--default-consent",
+        "allow",
+        "--no-promote",
+    )
+    assert staged == second  # train() reports CURRENT, which did not move
+    third = max(p.name for p in (tmp_path / "models").iterdir() if p.name[0].isdigit())
+    assert third > second
+    assert f"  {third}" in run("models", "list", "--models-dir", tmp_path / "models").stdout
+    run("models", "promote", third, "--models-dir", tmp_path / "models")
+    assert current_version(tmp_path / "models") == third
 
 
 SLOW_PUBLISHER = """

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 from concurrent import futures
+from pathlib import Path
 
 import grpc
 import pytest
@@ -150,3 +151,17 @@ def test_client_retries_unavailable_only_and_never_events(flaky):
         with pytest.raises(grpc.RpcError):
             once.recommend("c003")
         assert servicer.calls["recommend"] == 1
+
+
+def test_readme_python_examples_run_against_a_real_server(running, capsys):
+    """README's "one example per RPC" block, run as written against the served model."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("### Calling it: one example per RPC") :]
+    start = section.index("```python\n") + len("```python\n")
+    code = section[start : section.index("\n```", start)]
+    assert 'address = "127.0.0.1:50051"' in code
+    exec(code.replace("127.0.0.1:50051", f"127.0.0.1:{running.port}"), {})
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("True [('p")  # a personalized answer
+    assert out[3].startswith("unknown-customer False")
+    assert len(out) == 10, out

@@ -290,8 +290,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.content
         else "content snapshot: empty (no --content)"
     )
-    version = publish(bundle, args.models_dir, manifest)
-    print(f"published model {version} to {args.models_dir} (CURRENT → {version})")
+    version = publish(bundle, args.models_dir, manifest, promote=args.promote)
+    if args.promote:
+        print(f"published model {version} to {args.models_dir} (CURRENT → {version})")
+    else:
+        print(
+            f"published model {version} to {args.models_dir}; CURRENT unchanged (go live with "
+            f"`nextbest models promote {version} --models-dir {args.models_dir}`)"
+        )
     return 0
 
 
@@ -468,6 +474,12 @@ def build_parser() -> argparse.ArgumentParser:
         "content snapshot (empty without it)",
     )
     p.add_argument("--models-dir", required=True, help="where model versions and CURRENT live")
+    p.add_argument(
+        "--no-promote",
+        dest="promote",
+        action="store_false",
+        help="publish the version without moving CURRENT (promote it after a check)",
+    )
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="time-split evaluation of every model and the blend")

@@ -116,8 +116,11 @@ def _remove_stale_temporaries(models_dir: Path) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def publish(bundle: ModelBundle, models_dir: str | Path, manifest: dict) -> str:
-    """Write `bundle` as a new version, then point `CURRENT` at it. Returns the version."""
+def publish(
+    bundle: ModelBundle, models_dir: str | Path, manifest: dict, *, promote: bool = True
+) -> str:
+    """Write `bundle` as a new version, then (unless `promote` is False) point `CURRENT` at it.
+    Returns the version."""
     models_dir = Path(models_dir)
     models_dir.mkdir(parents=True, exist_ok=True)
     _remove_stale_temporaries(models_dir)
@@ -187,7 +190,8 @@ def publish(bundle: ModelBundle, models_dir: str | Path, manifest: dict) -> str:
     _fsync_dir(tmp)
     os.rename(tmp, models_dir / version)
     _fsync_dir(models_dir)
-    set_current(models_dir, version)
+    if promote:
+        set_current(models_dir, version)
     logger.info("published model %s in %s", version, models_dir)
     return version
 
