@@ -19,7 +19,7 @@ CJ_CONTENT := $(DATA)/complete-journey/content.parquet
 OR_CUTOFF := 2011-11-01
 CJ_CUTOFF := 2017-12-01
 
-.PHONY: install test lint train evaluate evaluate-cj bench-train bench-serve audit-privacy prepare clean demo serve proto
+.PHONY: install test lint train evaluate evaluate-cj bench-train bench-serve audit-privacy prepare clean demo serve proto docs
 
 $(VENV)/.installed: pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (Python 3.11 is required)"; exit 1; }
@@ -30,7 +30,16 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-test: install
+# The Node.js example client's packages (examples/node, pinned by its package-lock.json), for
+# tests/test_node_client.py. Without npm: an error under CI=true; elsewhere a warning (the test skips).
+NODE_DEPS := examples/node/node_modules/.package-lock.json
+$(NODE_DEPS): examples/node/package.json examples/node/package-lock.json
+	@command -v npm >/dev/null || { \
+		if [ "$$CI" = true ]; then echo "error: npm not found (Node.js 20+ is required in CI)"; exit 1; fi; \
+		echo "warning: npm not found: the Node.js client tests will be skipped"; exit 0; }; \
+	cd examples/node && npm ci --ignore-scripts --no-audit --no-fund && touch node_modules/.package-lock.json
+
+test: install $(NODE_DEPS)
 	$(PY) -m pytest
 
 lint: install
@@ -76,7 +85,7 @@ audit-privacy: install $(CJ_EVENTS) $(CJ_CONTENT)
 		--catalog $(DATA)/complete-journey/catalog.parquet --content $(CJ_CONTENT)
 
 clean:
-	rm -rf $(VENV) $(DATA) build src/*.egg-info
+	rm -rf $(VENV) $(DATA) build src/*.egg-info examples/node/node_modules
 
 # The quick start: install, prepare the real Online Retail data, train and publish, start the gRPC
 # server on a free port, query it with the example client (three real customers, similar products
