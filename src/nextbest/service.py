@@ -6,11 +6,19 @@ CLI, the unary calls and the stream give the same answer for the same customer a
 
     served = ServedModel(load_bundle("models"), settings, fixed_consent(state))
     [answer] = served.recommend([ProductQuery(customer_id="12347")])
+
+Fail closed: when the consent store cannot be read for an answer (`StoreError` from the consent,
+tombstone, event or impression reads), the answer is non-personal with the reason
+`consent_unavailable` (best sellers, nothing sensitive), never an error and never personal on a
+consent that could not be read; the outage is logged (no customer id) and personal answers come
+back with the first call that reads the store again.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -32,10 +40,12 @@ from nextbest.scoring import (
     recommend_for,
     timeliness,
 )
+from nextbest.store.consent_store import StoreError
 
 __all__ = [
     "DEFAULT_LIMIT",
     "MAX_LIMIT",
+    "CONSENT_UNAVAILABLE",
     "Reason",
     "Item",
     "ProductQuery",
@@ -50,8 +60,14 @@ __all__ = [
     "store_consent",
 ]
 
+logger = logging.getLogger(__name__)
+
 DEFAULT_LIMIT = 10
 MAX_LIMIT = 100
+CONSENT_UNAVAILABLE = "consent_unavailable"
+"""The not-personalized reason of answers made while the consent store could not be read."""
+_WHY_NOT = {CONSENT_UNAVAILABLE: "consent_unavailable (the consent store could not be read)"}
+"""Words for a not-personalized reason in `decisions`, where the bare reason says too little."""
 
 
 @dataclass(frozen=True)
@@ -96,7 +112,7 @@ class ProductAnswer:
     items: list[Item]
     personalized: bool
     not_personalized_reason: str = ""
-    """'' when personalized, else no_consent, erased or unknown_customer."""
+    """'' when personalized, else no_consent, erased, unknown_customer or consent_unavailable."""
     decisions: tuple[str, ...] = ()
     """What the consent and privacy rules did to this answer, in words."""
     withheld: int = 0
@@ -134,12 +150,66 @@ class ContentAnswer:
     not_personalized_reason: str = ""
 
 
+def _words(reason: str) -> str:
+    return _WHY_NOT.get(reason, reason)
+
+
 def _texts(table: pa.Table, name: str, rows: np.ndarray) -> list[str]:
     """Column values for catalog rows (-1 = not in the catalog) as strings ('' when unknown)."""
     if name not in table.column_names or table.num_rows == 0:
         return [""] * len(rows)
     values = table.column(name).to_pylist()
     return ["" if r < 0 or values[r] is None else str(values[r]) for r in rows]
+
+
+class _StoreOutage:
+    """Logs the consent store's read failures on the answer path without flooding the log: the
+    first failure at once, then at most one line every `every_s` seconds with the number of
+    answers made non-personal meanwhile, and one line when a read succeeds again. Never a
+    customer id."""
+
+    def __init__(self, every_s: float = 10.0):
+        self.every_s = every_s
+        self._lock = threading.Lock()
+        self._failing = False
+        self._answers = 0
+        self._logged_at = 0.0
+
+    def failed(self, what: str, answers: int, exc: StoreError) -> None:
+        with self._lock:
+            self._answers += answers
+            now = time.monotonic()
+            if self._failing and now - self._logged_at < self.every_s:
+                return
+            first, self._failing, self._logged_at = not self._failing, True, now
+            count = self._answers
+        logger.error(
+            "consent store unreadable%s: %s answered non-personal with reason %s (%d such "
+            "answers since it failed): %s",
+            "" if first else " still",
+            what,
+            CONSENT_UNAVAILABLE,
+            count,
+            exc,
+        )
+
+    def ok(self) -> None:
+        if not self._failing:  # the common case: no lock
+            return
+        with self._lock:
+            if not self._failing:
+                return
+            count, self._failing, self._answers = self._answers, False, 0
+        logger.warning(
+            "consent store readable again: personal answers resume (%d answers were "
+            "non-personal meanwhile)",
+            count,
+        )
+
+
+_outage = _StoreOutage()
+_NOTHING_RECORDED = (np.zeros(0, np.int64), np.zeros(0), np.zeros(0))
+"""`ServedModel._recorded` of a customer without recorded purchases."""
 
 
 @dataclass(frozen=True)
@@ -154,7 +224,8 @@ class CustomerConsent:
 
 
 ConsentSource = Callable[[Sequence[str]], CustomerConsent]
-"""Where a served model reads consent, once per request (or stream batch)."""
+"""Where a served model reads consent, once per request (or stream batch). It may raise
+StoreError: the answers are then non-personal (`consent_unavailable`)."""
 EventSource = Callable[[Sequence[str]], pa.Table]
 """The recorded events (EVENT_SCHEMA) of some customers, e.g. `Store.events`."""
 ImpressionSource = Callable[[Sequence[str], dt.datetime], dict[str, dict[str, int]]]
@@ -308,6 +379,27 @@ class ServedModel:
         trust = policy.trust_full - policy.trust_step * ((~behavioral).astype(float) + ~sensitive)
         return personal, sensitive, why, trust
 
+    def _unreadable(self, n: int) -> tuple[np.ndarray, np.ndarray, list[str], np.ndarray]:
+        """`consent_details` of `n` customers whose consent could not be read: nothing allowed
+        (fail closed), reason consent_unavailable."""
+        policy = self.settings.policy
+        trust = np.full(n, policy.trust_full - 2 * policy.trust_step)
+        no = np.zeros(n, dtype=bool)
+        return no, no.copy(), [CONSENT_UNAVAILABLE] * n, trust
+
+    def _shown(self, customer_ids: list[str], personal_ok: np.ndarray) -> dict[str, dict[str, int]]:
+        """Unanswered impressions of the personalized customers (fatigue), when fatigue is on."""
+        policy = self.settings.policy
+        if self.impressions is None or policy.fatigue_demotion >= 1:
+            return {}
+        personal_ids = [c for c, ok in zip(customer_ids, personal_ok, strict=True) if ok]
+        if not personal_ids:
+            return {}
+        since = dt.datetime.now(dt.UTC).replace(tzinfo=None) - dt.timedelta(
+            days=policy.fatigue_days
+        )
+        return self.impressions(personal_ids, since)
+
     def forget(self, customer_id: str) -> bool:
         """Drop a customer from this loaded model (their factors and CF candidates); True when
         the model knew them. Their answers are non-personal from now on anyway (the store says
@@ -355,17 +447,18 @@ class ServedModel:
     def _recommend(self, queries: list[ProductQuery], limit: int) -> list[ProductAnswer]:
         b, serve = self.bundle, self.settings.serve
         customer_ids = [q.customer_id for q in queries]
-        personal_ok, sensitive_ok, why_not, trust = self.consent_details(customer_ids)
         now = self.now_day()
-        policy = self.settings.policy
-        shown: dict[str, dict[str, int]] = {}
-        if self.impressions is not None and policy.fatigue_demotion < 1:
-            since = dt.datetime.now(dt.UTC).replace(tzinfo=None) - dt.timedelta(
-                days=policy.fatigue_days
-            )
-            personal_ids = [c for c, ok in zip(customer_ids, personal_ok, strict=True) if ok]
-            shown = self.impressions(personal_ids, since) if personal_ids else {}
-        recorded = self._recorded(customer_ids)
+        try:
+            personal_ok, sensitive_ok, why_not, trust = self.consent_details(customer_ids)
+            shown = self._shown(customer_ids, personal_ok)
+            recorded = self._recorded(customer_ids)
+        except StoreError as exc:  # fail closed: nothing personal without a readable consent
+            _outage.failed("product requests", len(queries), exc)
+            personal_ok, sensitive_ok, why_not, trust = self._unreadable(len(customer_ids))
+            shown = {}
+            recorded = [_NOTHING_RECORDED] * len(customer_ids)
+        else:
+            _outage.ok()
         masks = [
             self._without_recorded(self._item_mask(q), q, items, days, now)
             for q, (items, _, days) in zip(queries, recorded, strict=True)
@@ -424,7 +517,7 @@ class ServedModel:
                     ],
                     personalized=False,
                     not_personalized_reason=why_not[r] or recs.reasons[r],
-                    decisions=(f"not personalized: {why_not[r] or recs.reasons[r]}",),
+                    decisions=(f"not personalized: {_words(why_not[r] or recs.reasons[r])}",),
                 )
             else:
                 answer = self._privacy_rule(
@@ -578,8 +671,7 @@ class ServedModel:
     def _recorded(self, customer_ids: list[str]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """Per customer: (item indices, net purchase count, day of the last purchase) of the
         purchases recorded after the model's newest event, on products the model knows."""
-        empty = (np.zeros(0, np.int64), np.zeros(0), np.zeros(0))
-        out = [empty] * len(customer_ids)
+        out = [_NOTHING_RECORDED] * len(customer_ids)
         if self.events is None:
             return out
         table = self.events(customer_ids)
@@ -787,7 +879,12 @@ class ServedModel:
         score[known] = 0.0
         sensitive_ok = False
         if customer_id:
-            (_,), (sensitive_ok,), _ = self.consents([customer_id])
+            try:
+                (_,), (sensitive_ok,), _ = self.consents([customer_id])
+            except StoreError as exc:  # fail closed: no sensitive products
+                _outage.failed("a similar-products request", 1, exc)
+            else:
+                _outage.ok()
         score[~b.item_available] = 0.0
         if not sensitive_ok:
             score[b.item_sensitive] = 0.0
@@ -839,7 +936,13 @@ class ServedModel:
         """
         b = self.bundle
         resolved = [self._content_items(q) for q in candidates]
-        (personal_ok,), (sensitive_ok,), (why_not,) = self.consents([customer_id])
+        try:
+            (personal_ok,), (sensitive_ok,), (why_not,) = self.consents([customer_id])
+        except StoreError as exc:  # fail closed: popularity only, nothing sensitive
+            _outage.failed("a content request", 1, exc)
+            personal_ok, sensitive_ok, why_not = False, False, CONSENT_UNAVAILABLE
+        else:
+            _outage.ok()
         user = int(b.user_index(np.asarray([customer_id]))[0])
         personal = bool(personal_ok) and user >= 0
         if not personal and not why_not:

@@ -17,6 +17,7 @@ import logging
 import os
 import secrets
 import shutil
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -240,6 +241,8 @@ def read_manifest(models_dir: str | Path, version: str) -> dict:
         raise ModelError(f"{path}: not found (incomplete or unknown model version)") from None
     except json.JSONDecodeError as exc:
         raise ModelError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(manifest, dict):
+        raise ModelError(f"{path}: not a manifest (a JSON {type(manifest).__name__})")
     if manifest.get("format") != FORMAT:
         raise ModelError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT}")
     return manifest
@@ -255,29 +258,61 @@ def _verify(directory: Path, manifest: dict) -> None:
             raise ModelError(f"{path}: checksum does not match the manifest")
 
 
+_CORRUPT = (
+    OSError,
+    ValueError,
+    KeyError,
+    TypeError,
+    AttributeError,
+    IndexError,
+    EOFError,
+    zipfile.BadZipFile,
+    pa.ArrowException,
+)
+"""What reading a corrupt or inconsistent version can raise (a truncated .npz: BadZipFile)."""
+
+
 def _load_npz(path: Path) -> dict[str, np.ndarray]:
     try:
         with np.load(path, allow_pickle=False) as npz:
             return {k: npz[k] for k in npz.files}
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"{path}: cannot be read ({exc})") from None
+    except _CORRUPT as exc:
+        raise ModelError(f"{path}: cannot be read ({type(exc).__name__}: {exc})") from None
+
+
+def _load_catalog(path: Path) -> pa.Table:
+    try:
+        return pq.read_table(path)
+    except _CORRUPT as exc:
+        raise ModelError(f"{path}: not a catalog snapshot ({exc})") from None
 
 
 def _load_content(path: Path) -> pa.Table:
     try:
         table = pq.read_table(path)
         return table.select(CONTENT_SCHEMA.names).cast(CONTENT_SCHEMA)
-    except (OSError, KeyError, pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+    except _CORRUPT as exc:
         raise ModelError(f"{path}: not a content snapshot ({exc})") from None
 
 
 def load_bundle(models_dir: str | Path, version: str | None = None) -> ModelBundle:
-    """Load one version (default: `CURRENT`), verifying every file against the manifest."""
+    """Load one version (default: `CURRENT`), verifying every file against the manifest.
+    ModelError for anything broken: a missing, unreadable or truncated file (even one whose
+    checksum the manifest repeats), a manifest of another format or with missing fields."""
     models_dir = Path(models_dir)
     version = version or current_version(models_dir)
     directory = models_dir / version
     manifest = read_manifest(models_dir, version)
-    _verify(directory, manifest)
+    try:
+        _verify(directory, manifest)
+        return _read_bundle(directory, manifest)
+    except _CORRUPT as exc:
+        raise ModelError(
+            f"{directory}: cannot be loaded ({type(exc).__name__}: {exc})".splitlines()[0]
+        ) from None
+
+
+def _read_bundle(directory: Path, manifest: dict) -> ModelBundle:
     ids = _load_npz(directory / "ids.npz")
     ui = _load_npz(directory / "user_items.npz")
     rep = _load_npz(directory / "repeat.npz")
@@ -320,7 +355,7 @@ def load_bundle(models_dir: str | Path, version: str | None = None) -> ModelBund
         item_repurchase_days=items["item_repurchase_days"],
         best_sellers=items["best_sellers"],
         recent_best_sellers=items["recent_best_sellers"],
-        catalog=pq.read_table(directory / "catalog.parquet"),
+        catalog=_load_catalog(directory / "catalog.parquet"),
         content=_load_content(directory / "content.parquet"),
         manifest=manifest,
     )

@@ -12,6 +12,9 @@ Guarantees:
 - No caching: every call reads the database, so replicas sharing one PostgreSQL store see each
   other's committed writes on their next call. Safe to call from many threads (a small pool of
   connections, one per concurrent call).
+- Reconnects by itself: a connection that failed is dropped, and an idle PostgreSQL connection the
+  server or the network closed meanwhile (restart, failover, idle timeout, a cut) is noticed
+  before it is used and replaced, so the first call after the database is back succeeds.
 - Consent: one record per customer and purpose; a purpose without a record follows
   `policy.default_consent` (`consent_state(..., default_allow)`). The latest `updated_at` wins: a
   change dated before the stored record is ignored. Setting the value a record already has moves
@@ -34,6 +37,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import re
+import select
 import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
@@ -297,6 +301,10 @@ class Store:
     def _is_broken(self, conn: Any) -> bool:
         return False
 
+    def _is_stale(self, conn: Any) -> bool:
+        """An idle connection that must not be used again (checked before each reuse)."""
+        return self._is_broken(conn)
+
     @contextmanager
     def _transaction(self, conn: Any) -> Iterator[Any]:
         raise NotImplementedError
@@ -340,8 +348,7 @@ class Store:
         """A connection for this call, back to the pool afterwards (dropped if broken)."""
         if self._closed:
             raise StoreError(f"{self.url}: store is closed")
-        with self._pool_lock:
-            conn = self._idle.pop() if self._idle else None
+        conn = self._checkout()
         if conn is None:
             conn = self._connect()
             with self._pool_lock:
@@ -352,6 +359,17 @@ class Store:
             raise StoreError(f"{self.url}: {_first_line(exc)}") from exc
         finally:
             self._release(conn)
+
+    def _checkout(self) -> Any:
+        """An idle connection that is still usable, or None; stale ones are closed."""
+        while True:
+            with self._pool_lock:
+                conn = self._idle.pop() if self._idle else None
+            if conn is None or not self._is_stale(conn):
+                return conn
+            with self._pool_lock:
+                self._all = [c for c in self._all if c is not conn]
+            self._close_quietly(conn)
 
     def _release(self, conn: Any) -> None:
         with self._pool_lock:
@@ -943,6 +961,17 @@ class PostgresStore(Store):
     def _is_broken(self, conn: Any) -> bool:
         return bool(conn.closed or conn.broken)
 
+    def _is_stale(self, conn: Any) -> bool:
+        """Broken, or readable while idle: between calls the server sends nothing (no LISTEN),
+        so input means it closed the connection (EOF) or is closing it (an admin shutdown, an
+        idle timeout); psycopg would only find out by failing the next query."""
+        if self._is_broken(conn):
+            return True
+        try:
+            return _readable(conn.fileno())
+        except Exception:  # noqa: BLE001 - no usable socket: stale
+            return True
+
     def _connect(self) -> Any:
         import psycopg
         from psycopg import sql
@@ -997,6 +1026,16 @@ class PostgresStore(Store):
         with cur.copy(f"COPY {table} ({columns}) FROM STDIN") as copy:
             for row in rows:
                 copy.write_row(row)
+
+
+def _readable(fd: int) -> bool:
+    """Whether `fd` has input (or EOF, or an error) now, without waiting."""
+    if hasattr(select, "poll"):
+        poller = select.poll()
+        poller.register(fd, select.POLLIN | select.POLLERR | select.POLLHUP)
+        return bool(poller.poll(0))
+    readable, _, errors = select.select([fd], [], [fd], 0)
+    return bool(readable or errors)
 
 
 # --- opening -------------------------------------------------------------------------------------

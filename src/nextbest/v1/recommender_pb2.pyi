@@ -20,6 +20,7 @@ class NotPersonalizedReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     NOT_PERSONALIZED_REASON_NO_CONSENT: _ClassVar[NotPersonalizedReason]
     NOT_PERSONALIZED_REASON_UNKNOWN_CUSTOMER: _ClassVar[NotPersonalizedReason]
     NOT_PERSONALIZED_REASON_ERASED: _ClassVar[NotPersonalizedReason]
+    NOT_PERSONALIZED_REASON_CONSENT_UNAVAILABLE: _ClassVar[NotPersonalizedReason]
 
 class ReasonKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -39,6 +40,7 @@ NOT_PERSONALIZED_REASON_UNSPECIFIED: NotPersonalizedReason
 NOT_PERSONALIZED_REASON_NO_CONSENT: NotPersonalizedReason
 NOT_PERSONALIZED_REASON_UNKNOWN_CUSTOMER: NotPersonalizedReason
 NOT_PERSONALIZED_REASON_ERASED: NotPersonalizedReason
+NOT_PERSONALIZED_REASON_CONSENT_UNAVAILABLE: NotPersonalizedReason
 REASON_KIND_UNSPECIFIED: ReasonKind
 REASON_KIND_BOUGHT_RELATED: ReasonKind
 REASON_KIND_REPURCHASE_DUE: ReasonKind
