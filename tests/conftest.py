@@ -216,14 +216,26 @@ def store_url(workdir: Path) -> str:
     return f"sqlite:///{workdir / 'store.db'}"
 
 
+def copy_workdir(workdir: Path, dest: Path) -> Path:
+    """A copy of the trained model, the store and the inputs in `dest`: a server writing
+    consent, events or impressions there leaves the session's store as it was."""
+    shutil.copytree(workdir / "models", dest / "models")
+    shutil.copy(workdir / "store.db", dest / "store.db")
+    for name in ("nextbest.toml", "events.parquet", "catalog.csv", "content.csv", "consent.csv"):
+        shutil.copy(workdir / name, dest / name)
+    return dest
+
+
 @pytest.fixture
 def own(workdir, tmp_path):
     """A copy of the trained model and of the store, so that changes stay in this test."""
-    shutil.copytree(workdir / "models", tmp_path / "models")
-    shutil.copy(workdir / "store.db", tmp_path / "store.db")
-    for name in ("nextbest.toml", "events.parquet", "catalog.csv", "content.csv"):
-        shutil.copy(workdir / name, tmp_path / name)
-    return tmp_path
+    return copy_workdir(workdir, tmp_path)
+
+
+@pytest.fixture(scope="module")
+def module_own(workdir, tmp_path_factory):
+    """Like `own`, shared by one test module (its module-scoped server writes there)."""
+    return copy_workdir(workdir, tmp_path_factory.mktemp("module"))
 
 
 def served_settings(workdir: Path, models: Path):

@@ -3,7 +3,6 @@ token), and a small scripted server that fails on purpose to show what is retrie
 
 from __future__ import annotations
 
-import shutil
 from concurrent import futures
 from pathlib import Path
 
@@ -20,12 +19,8 @@ from nextbest.v1 import recommender_pb2_grpc as rpb
 
 
 @pytest.fixture(scope="module")
-def folder(workdir, tmp_path_factory):
-    d = tmp_path_factory.mktemp("client")
-    shutil.copytree(workdir / "models", d / "models")
-    shutil.copy(workdir / "store.db", d / "store.db")
-    shutil.copy(workdir / "nextbest.toml", d / "nextbest.toml")
-    return d
+def folder(module_own) -> Path:
+    return module_own
 
 
 @pytest.fixture(scope="module")

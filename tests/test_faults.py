@@ -264,6 +264,7 @@ def test_a_broken_publication_is_refused_and_a_good_one_picked_up(own, serving):
         refused = [f"29990101T0000{k:02d}000Z-{kind}" for k, kind in enumerate(BROKEN, 1)]
         for k, (version, breaker) in enumerate(zip(refused, BROKEN.values(), strict=True), 1):
             shutil.copytree(models / good, models / version)
+            _edit_manifest(models / version, version=version)  # a copy under its own name
             breaker(models / version)
             mark = len(server.err)
             set_current(models, version)  # atomically, as a publisher does
@@ -725,6 +726,18 @@ def test_store_outage_fails_closed_and_recovers_without_a_restart(own, proxied_s
             timings[name] = took
             assert code == grpc.StatusCode.UNAVAILABLE, (name, code, details)
             assert details.startswith("consent store unavailable"), (name, details)
+        # A model published meanwhile waits for the store (its tombstones are read at load):
+        # one log line, the old model keeps serving, the new one loads once the store is back.
+        models = own / "models"
+        served = recommend(channel, "c004").model_version
+        waiting = "29990101T000000000Z-published-in-outage"
+        shutil.copytree(models / served, models / waiting)
+        _edit_manifest(models / waiting, version=waiting)
+        set_current(models, waiting)
+        server.wait_log(rf"model {waiting} not loaded yet: the store cannot be read", since=mark)
+        time.sleep(0.6)  # a few watcher rounds: one line, not one per round
+        assert sum(waiting in x for x in server.err[mark:]) == 1
+        assert recommend(channel, "c004").model_version == served
         # Health stays SERVING: the server answers every Recommender call (non-personal); a
         # NOT_SERVING would take every replica sharing this store out of a load balancer.
         assert health(channel) == SERVING
@@ -753,6 +766,11 @@ def test_store_outage_fails_closed_and_recovers_without_a_restart(own, proxied_s
             )
         )
         server.wait_log(r"consent store readable again", since=mark)
+        wait_until(
+            lambda: recommend(channel, "c004").model_version == waiting,
+            "the new model",
+            explain=lambda: "\n".join(x for x in server.err[mark:] if "\"call\"" not in x)[-3000:],
+        )
         assert health(channel) == SERVING
     store = open_store(url)
     try:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import json
-import shutil
 import subprocess
 import sys
 import threading
@@ -114,12 +113,8 @@ CLIENTS = tuple(
 
 
 @pytest.fixture(scope="module")
-def folder(workdir, tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("security")
-    shutil.copytree(workdir / "models", d / "models")
-    shutil.copy(workdir / "store.db", d / "store.db")
-    shutil.copy(workdir / "nextbest.toml", d / "nextbest.toml")
-    return d
+def folder(module_own) -> Path:
+    return module_own
 
 
 @pytest.fixture(scope="module")

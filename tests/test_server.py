@@ -27,8 +27,8 @@ from nextbest.v1 import recommender_pb2_grpc as rpb
 
 
 @pytest.fixture(scope="module")
-def running(workdir):
-    running = create_server(served_settings(workdir, workdir / "models"))
+def running(module_own):
+    running = create_server(served_settings(module_own, module_own / "models"))
     yield running
     running.stop(0)
 
@@ -447,8 +447,9 @@ def test_model_info(channel, bundle):
     assert json.loads(info.manifest_json)["version"] == bundle.version
 
 
-def test_not_serving_until_a_model_is_published(workdir, tmp_path):
-    models = tmp_path / "models"
+def test_not_serving_until_a_model_is_published(own, tmp_path):
+    workdir = own
+    models = tmp_path / "published-later"
     running = create_server(served_settings(workdir, models))
     try:
         with grpc.insecure_channel(f"127.0.0.1:{running.port}") as ch:
@@ -477,14 +478,16 @@ def test_not_serving_until_a_model_is_published(workdir, tmp_path):
         running.stop(0)
 
 
-def test_broken_model_is_refused_and_the_old_one_keeps_serving(workdir, tmp_path):
-    models = tmp_path / "models"
-    shutil.copytree(workdir / "models", models)
+def test_broken_model_is_refused_and_the_old_one_keeps_serving(own):
+    workdir = own
+    models = own / "models"
     good = current_version(models)
     running = create_server(served_settings(workdir, models))
     try:
         broken = "29990101T000000000Z-badbad"
         shutil.copytree(models / good, models / broken)
+        manifest = json.loads((models / broken / "manifest.json").read_text())
+        (models / broken / "manifest.json").write_text(json.dumps({**manifest, "version": broken}))
         with open(models / broken / "cf.npz", "r+b") as fh:
             fh.seek(100)
             fh.write(b"\x00garbage\x00")
@@ -492,6 +495,10 @@ def test_broken_model_is_refused_and_the_old_one_keeps_serving(workdir, tmp_path
             admin = admin_pb2_grpc.AdminStub(ch)
             code, details = _code(admin.ReloadModel, admin_pb2.ReloadModelRequest(version=broken))
             assert code == grpc.StatusCode.FAILED_PRECONDITION and "checksum" in details
+            renamed = "29990101T000000000Z-renamed"
+            shutil.copytree(models / good, models / renamed)
+            code, details = _code(admin.ReloadModel, admin_pb2.ReloadModelRequest(version=renamed))
+            assert code == grpc.StatusCode.FAILED_PRECONDITION and "names version" in details
             code, details = _code(admin.ReloadModel, admin_pb2.ReloadModelRequest(version="nope"))
             assert code == grpc.StatusCode.NOT_FOUND and details.startswith("version")
             code, _ = _code(admin.ReloadModel, admin_pb2.ReloadModelRequest(version="../x"))
@@ -511,9 +518,9 @@ def test_broken_model_is_refused_and_the_old_one_keeps_serving(workdir, tmp_path
         running.stop(0)
 
 
-def test_hot_swap_under_load_drops_no_call(workdir, tmp_path):
-    models = tmp_path / "models"
-    shutil.copytree(workdir / "models", models)
+def test_hot_swap_under_load_drops_no_call(own):
+    workdir = own
+    models = own / "models"
     first = current_version(models)
     running = create_server(served_settings(workdir, models))
     failures: list[str] = []

@@ -19,6 +19,7 @@ import datetime as dt
 import json
 import logging
 import queue
+import re
 import signal
 import threading
 import time
@@ -187,6 +188,7 @@ class ModelHolder:
         self._current: ServedModel | None = None
         self._lock = threading.Lock()
         self._refused: str | None = None
+        self._waiting_for_store: str | None = None
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
         self.on_loaded: Callable[[ServedModel], None] = lambda model: None
@@ -209,7 +211,11 @@ class ModelHolder:
             old = self._current
             if old is not None and old.version == wanted:
                 return old, False
-            if not (self.models_dir / wanted).is_dir():
+            try:
+                exists = (self.models_dir / wanted).is_dir()
+            except OSError:  # e.g. a name longer than the file system allows
+                exists = False
+            if not exists:
                 raise NotFound(f"version: {wanted!r} is not a model in {self.models_dir}")
             erased = list(self.store.tombstones()) if self.store is not None else []
             bundle = load_bundle(self.models_dir, wanted)
@@ -244,13 +250,25 @@ class ModelHolder:
             return
         if wanted == self._refused:
             return
+        serving = self._current.version if self._current else "none"
         try:
             self.load(wanted)
         except (ModelError, NotFound) as exc:
             self.metrics.reload_failures.inc()
             self._refused = wanted
-            serving = self._current.version if self._current else "none"
             logger.error("refused model %s: %s (still serving %s)", wanted, exc, serving)
+        except StoreError as exc:  # the tombstones cannot be read: try again next round
+            if self._waiting_for_store != wanted:
+                self._waiting_for_store = wanted
+                logger.error(
+                    "model %s not loaded yet: the store cannot be read (%s); still serving %s, "
+                    "retrying",
+                    wanted,
+                    exc,
+                    serving,
+                )
+        else:
+            self._waiting_for_store = None
 
     def watch(self, interval_s: float) -> None:
         """Check for new models every `interval_s` seconds in a daemon thread."""
@@ -274,6 +292,10 @@ class ModelHolder:
 # --- request validation ------------------------------------------------------------------------
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_VERSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
 def _id(value: str, field: str, *, required: bool = True) -> str:
     value = value.strip()
     if not value:
@@ -282,6 +304,10 @@ def _id(value: str, field: str, *, required: bool = True) -> str:
         return value
     if len(value) > MAX_ID_LENGTH:
         raise InvalidRequest(f"{field} is longer than {MAX_ID_LENGTH} characters")
+    if _CONTROL.search(value):
+        # "c001\x00" must not be c001 to one part (numpy strings drop trailing NULs) and a
+        # stranger to another (the store compares exactly): found by tests/test_fuzz.py.
+        raise InvalidRequest(f"{field} contains a control character")
     return value
 
 
@@ -397,6 +423,10 @@ def _unary(method):
         try:
             return method(self, request, context)
         except (InvalidRequest, NotFound, NoModel, ModelError, StoreError) as exc:
+            context.abort(*_status_of(exc))
+        except Exception as exc:  # a bug: logged with its traceback, no details to the caller
+            if context.code() is not None:  # context.abort() already chose the status
+                raise
             context.abort(*_status_of(exc))
 
     handler.__name__ = method.__name__
@@ -580,7 +610,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
     @_unary
     def ReloadModel(self, request, context):
         version = _id(request.version, "version", required=False)
-        if version and ("/" in version or version.startswith(".")):
+        if version and not _VERSION.fullmatch(version):
             raise InvalidRequest(f"version {version!r} is not a version name")
         try:
             model, changed = self.holder.load(version or None)
@@ -720,6 +750,8 @@ class EventsService(events_pb2_grpc.EventsServicer):
             rows["timestamp"].append(when)
             if len(e.channel) > 32:
                 raise InvalidRequest(f"{field}.channel is longer than 32 characters")
+            if _CONTROL.search(e.channel):
+                raise InvalidRequest(f"{field}.channel contains a control character")
             rows["channel"].append(e.channel or None)
         state = self.store.consent_state(rows["customer_id"], self.default_allow)
         ids = pa.array(rows["customer_id"], pa.string())

@@ -245,6 +245,10 @@ def read_manifest(models_dir: str | Path, version: str) -> dict:
         raise ModelError(f"{path}: not a manifest (a JSON {type(manifest).__name__})")
     if manifest.get("format") != FORMAT:
         raise ModelError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT}")
+    if manifest.get("version") != version:
+        # A copied or renamed directory: served under the manifest's name it would never match
+        # CURRENT, and a watcher would load it again every round.
+        raise ModelError(f"{path}: names version {manifest.get('version')!r}, not {version!r}")
     return manifest
 
 
