@@ -19,7 +19,7 @@ CJ_CONTENT := $(DATA)/complete-journey/content.parquet
 OR_CUTOFF := 2011-11-01
 CJ_CUTOFF := 2017-12-01
 
-.PHONY: install test lint train evaluate evaluate-cj bench-train bench-serve audit-privacy prepare clean demo serve proto docs
+.PHONY: install test lint train evaluate evaluate-cj bench-train bench-serve bench-soak audit-privacy prepare clean demo serve proto docs
 
 $(VENV)/.installed: pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (Python 3.11 is required)"; exit 1; }
@@ -74,6 +74,15 @@ bench-train: install $(CJ_EVENTS)
 # one run; trains its own ALS-only model into $(DATA)/bench-serve once, updates BENCHMARKS.md.
 bench-serve: install $(CJ_EVENTS)
 	$(PY) benchmarks/bench_serve.py --events $(CJ_EVENTS) --catalog $(DATA)/complete-journey/catalog.parquet --write
+
+# Five minutes of steady mixed traffic (50 operations/s, open loop) against one plaintext server:
+# recommendations on every channel, content scores, similar products, events, consent changes,
+# streams, model info and one model swap half way (two versions trained into $(DATA)/bench-soak);
+# per-minute calls, failures, p50/p99 and the server's resident memory; updates BENCHMARKS.md and
+# fails on a failed call (`benchmarks/bench_soak.py --minutes 1` for a short run).
+bench-soak: install $(CJ_EVENTS) $(CJ_CONTENT)
+	$(PY) benchmarks/bench_soak.py --events $(CJ_EVENTS) --catalog $(DATA)/complete-journey/catalog.parquet \
+		--content $(CJ_CONTENT) --write
 
 # The privacy rules (SPEC §5) through the running server on Complete Journey: baby, health and
 # tobacco categories and the SPIRITS department sensitive, half the households without sensitive

@@ -168,16 +168,25 @@ def serve_command(config: Path, models_dir: Path) -> tuple[list[str], str]:
     return [*cmd, "--port", "0", "--store", store], "nextbest serve"
 
 
+def train_command(
+    config: Path, events: str, catalog: str | None, models_dir: Path, content: str | None = None
+) -> list[str]:
+    """`nextbest train` of a benchmark model (its settings in `config`) into `models_dir`."""
+    cmd = [*nextbest_cli(), "train", "--config", str(config), "--events", str(events)]
+    if catalog:
+        cmd += ["--catalog", str(catalog)]
+    if content:
+        cmd += ["--content", str(content)]
+    return [*cmd, "--models-dir", str(models_dir), "--no-progress"]
+
+
 def ensure_model(args: argparse.Namespace, config: Path, models_dir: Path) -> None:
     if args.retrain and models_dir.exists():
         shutil.rmtree(models_dir)
     if (models_dir / "CURRENT").exists():
         print(f"reusing the model in {models_dir} (--retrain to train again)", flush=True)
         return
-    cmd = [*nextbest_cli(), "train", "--config", str(config), "--events", args.events]
-    if args.catalog:
-        cmd += ["--catalog", args.catalog]
-    cmd += ["--models-dir", str(models_dir), "--no-progress"]
+    cmd = train_command(config, args.events, args.catalog, models_dir)
     print("training:", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True, cwd=ROOT)
 
@@ -512,15 +521,16 @@ def _wrap(line: str, width: int = 100) -> str:
     )
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace the `## make bench-serve` section of BENCHMARKS.md (or append it), keeping a
-    hand-written `### Notes` part of the old section."""
+def write_section(path: Path, section: str, title: str = SECTION) -> None:
+    """Replace the section of BENCHMARKS.md whose heading starts with `title` (`## make
+    bench-serve` by default; appended when missing), keeping a hand-written `### Notes` part of
+    the old section."""
     text = path.read_text() if path.exists() else "# Benchmarks\n"
-    start = text.find(SECTION)
+    start = text.find(title)
     if start < 0:
         before, old, after = text.rstrip("\n") + "\n\n", "", ""
     else:
-        nxt = text.find("\n## ", start + len(SECTION))
+        nxt = text.find("\n## ", start + len(title))
         end = len(text) if nxt < 0 else nxt + 1
         before, old, after = text[:start], text[start:end], text[end:]
     notes = old[old.index("### Notes") :].rstrip("\n") if "### Notes" in old else ""
