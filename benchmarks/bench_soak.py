@@ -1,8 +1,8 @@
 """make bench-soak: a real `nextbest serve` under steady mixed traffic for five minutes (issue #5).
 
-Two model versions are trained up front into `<work-dir>/models` (ALS only, no tuning): the older
-one on the events up to two weeks before the last, the newer one on every event (yesterday's
-model and today's). The server starts on the older one, as a subprocess, plaintext
+Two model versions are trained up front into `<work-dir>/models` (ALS only, no tuning), both on
+every event with different seeds (a retrain of the same size, so that resident memory before and
+after the swap compares). The server starts on the older one, as a subprocess, plaintext
 (`serve.insecure`), with a fresh SQLite store; this process is its client. It sends an open-loop
 schedule of calls at a fixed rate (the n-th operation is sent at n / rate seconds whether or not
 earlier calls have returned):
@@ -54,7 +54,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -79,8 +78,10 @@ from bench_serve import (  # noqa: E402
 )
 
 SECTION = "## make bench-soak"
-OLDER_BY_DAYS = 14
-"""The older model version is trained on the events up to this many days before the last."""
+SEEDS = (42, 43)
+"""Both versions are trained on every event, with these seeds: a retrain of the same size, so
+that the server's resident memory before and after the swap compares (a newer model trained on
+more events is larger, and its size would read as growth)."""
 MIX = {
     "RecommendProducts": 0.60,
     "ScoreContent": 0.13,
@@ -132,8 +133,8 @@ def ensure_versions(
     args: argparse.Namespace, config: Path, models_dir: Path
 ) -> tuple[str, str, bool]:
     """The older and the newer version in `models_dir` and whether they were trained now:
-    reused when exactly two are there (and not `--retrain`), else trained (the older one on the
-    events up to `OLDER_BY_DAYS` before the last)."""
+    reused when exactly two are there (and not `--retrain`), else trained (on every event, one
+    version per seed of `SEEDS`)."""
     from nextbest.store.artifacts import list_versions
 
     if models_dir.exists():
@@ -142,19 +143,13 @@ def ensure_versions(
             print(f"reusing the versions in {models_dir} (--retrain to train again)", flush=True)
             return versions[0], versions[1], False
         shutil.rmtree(models_dir)
-    events = pq.read_table(args.events)
-    last = pc.max(events["timestamp"]).as_py()
-    cut = last - dt.timedelta(days=OLDER_BY_DAYS)
-    older = models_dir.parent / "events-older.parquet"
-    pq.write_table(events.filter(pc.less(events["timestamp"], cut)), older)
-    del events
-    for path, what in ((older, f"events before {cut:%Y-%m-%d}"), (args.events, "every event")):
-        cmd = train_command(config, str(path), args.catalog, models_dir, args.content)
-        print(f"training on {what}:", " ".join(cmd), flush=True)
+    for seed in SEEDS:
+        cmd = train_command(config, str(args.events), args.catalog, models_dir, args.content)
+        print(f"training with train.seed = {seed}:", " ".join(cmd), flush=True)
         t0 = time.perf_counter()
-        subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+        env = {**os.environ, "NEXTBEST_TRAIN__SEED": str(seed)}
+        subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL, env=env)
         print(f"  {time.perf_counter() - t0:.1f} s", flush=True)
-    older.unlink()
     versions = sorted(v["version"] for v in list_versions(models_dir))
     assert len(versions) == 2, versions
     return versions[0], versions[1], True
@@ -777,8 +772,9 @@ def report(r: dict) -> str:
         f"({STREAM_CUSTOMERS - 10} known, 10 unknown).",
         "",
         f"Model swap: two versions trained up front into the benchmark's own models directory "
-        f"(ALS only, no tuning; `{older}` on the events up to {OLDER_BY_DAYS} days before the "
-        f"last, `{newer}` on every event); the server started on the older one; {swapped} "
+        f"(ALS only, no tuning; `{older}` and `{newer}` both on every event, with train.seed "
+        f"{SEEDS[0]} and {SEEDS[1]}: the same size, so memory before and after the swap compares); "
+        f"the server started on the older one; {swapped} "
         "Answers by version: "
         + ", ".join(f"`{v}` {n:,}" for v, n in sorted(f["by_version"].items()))
         + " (stream answers counted one by one).",

@@ -14,13 +14,16 @@ is refused (logged) and the old one keeps serving. Health is NOT_SERVING until a
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import datetime as dt
 import json
 import logging
+import os
 import queue
 import re
 import signal
+import sys
 import threading
 import time
 import uuid
@@ -237,6 +240,8 @@ class ModelHolder:
             len(model.content_ids),
         )
         self.metrics.model.info({"version": model.version, "cf_model": model.bundle.cf.kind})
+        del old  # the previous model: freed once its calls in flight finish
+        trim_malloc()
         self.on_loaded(model)
         return model, True
 
@@ -1087,8 +1092,45 @@ def create_server(settings: Settings) -> Running:
     )
 
 
+M_ARENA_MAX = -8
+"""glibc's mallopt parameter for the number of malloc arenas (malloc.h)."""
+
+
+def _libc() -> ctypes.CDLL | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt, libc.malloc_trim  # noqa: B018 - glibc, not musl
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+def limit_malloc_arenas(arenas: int = 2) -> bool:
+    """Cap glibc's malloc arenas, as `MALLOC_ARENA_MAX=2` would (unless that is set already).
+
+    Every call allocates arrays as long as the catalog on one of the worker threads; with glibc's
+    default of up to 8 arenas per core, freed memory stays spread over many arenas and the
+    resident size of a server under steady load kept growing (`make bench-soak`: +55% in 10
+    minutes; with two arenas, flat). Returns whether the cap was set."""
+    libc = _libc()
+    if libc is None or os.environ.get("MALLOC_ARENA_MAX"):
+        return False
+    return libc.mallopt(M_ARENA_MAX, arenas) == 1
+
+
+def trim_malloc() -> None:
+    """Give freed heap memory back to the system (after a model swap frees the old model)."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
 def serve(settings: Settings) -> int:
     """Run until SIGTERM or SIGINT, then drain calls in flight for up to `serve.grace_s`."""
+    if limit_malloc_arenas():
+        logger.info("glibc malloc arenas capped at 2 (set MALLOC_ARENA_MAX to choose otherwise)")
     running = create_server(settings)
     stop = threading.Event()
 
