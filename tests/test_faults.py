@@ -769,7 +769,7 @@ def test_store_outage_fails_closed_and_recovers_without_a_restart(own, proxied_s
         wait_until(
             lambda: recommend(channel, "c004").model_version == waiting,
             "the new model",
-            explain=lambda: "\n".join(x for x in server.err[mark:] if "\"call\"" not in x)[-3000:],
+            explain=lambda: "\n".join(x for x in server.err[mark:] if '"call"' not in x)[-3000:],
         )
         assert health(channel) == SERVING
     store = open_store(url)

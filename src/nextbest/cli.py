@@ -79,7 +79,22 @@ def _settings(args: argparse.Namespace) -> Settings:
         settings = settings.with_overrides("policy", default_consent=args.default_consent)
     if getattr(args, "max_reject_share", None) is not None:
         settings = settings.with_overrides("data", max_reject_share=args.max_reject_share)
+    engine = {
+        "engine": getattr(args, "engine", None),
+        "spark_master": getattr(args, "spark_master", None),
+    }
+    if any(v is not None for v in engine.values()):
+        settings = settings.with_overrides("train", **{k: v for k, v in engine.items() if v})
     return settings
+
+
+def _check_engine(settings: Settings) -> None:
+    """With train.engine = spark: a one-line error now when pyspark or Java is missing, before
+    any data is read (pyspark is imported only on this path)."""
+    if settings.train.engine == "spark":
+        from nextbest.spark_engine import check_available
+
+        check_available()
 
 
 def _rejects_path(base: str | None, kind: str) -> Path | None:
@@ -256,6 +271,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from nextbest.training import train
 
     settings = _settings(args)
+    _check_engine(settings)
     events, catalog, meta = _load_training_inputs(args, settings)
     content = None
     if args.content:
@@ -313,13 +329,33 @@ def _library_versions() -> dict[str, str]:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from nextbest.training import evaluate_at
+    from nextbest.training import evaluate_at, evaluate_ranked_at
 
+    if args.report:
+        from nextbest.report import REPORT_DEPTH, check_available, write_report
+
+        check_available()  # before the training, not after it
     settings = _settings(args)
+    _check_engine(settings)
     events, catalog, meta = _load_training_inputs(args, settings)
-    results, report = evaluate_at(
-        events, catalog, settings, args.cutoff[1], k=args.k, progress=_progress(args)
-    )
+    run = None
+    if args.report:
+        # One ranking of depth max(k, 20) per customer and model: the table's metrics at k and
+        # the report's curves at k = 1..20 both come from it.
+        run = evaluate_ranked_at(
+            events,
+            catalog,
+            settings,
+            args.cutoff[1],
+            k=args.k,
+            depth=REPORT_DEPTH,
+            progress=_progress(args),
+        )
+        results, report = run.results, run.report
+    else:
+        results, report = evaluate_at(
+            events, catalog, settings, args.cutoff[1], k=args.k, progress=_progress(args)
+        )
     if args.json:
         json.dump(
             {
@@ -328,6 +364,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                 "results": results,
                 "params": report.params,
                 "als_grid": report.als_grid,
+                "timings": report.timings,
                 "data": meta["data"],
             },
             sys.stdout,
@@ -338,6 +375,19 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     else:
         print(f"cutoff {args.cutoff[0]}: trained on events before it, tested on purchases after")
         _print_table(results, args.k)
+    if run is not None:
+        import shlex
+
+        index = write_report(
+            args.report,
+            run,
+            events,
+            k=args.k,
+            cutoff=args.cutoff[0],
+            command=shlex.join(["nextbest", *sys.argv[1:]]),
+            data=meta["data"],
+        )
+        print(f"report: {index}", file=sys.stderr if args.json else sys.stdout)
     return 0
 
 
@@ -445,6 +495,21 @@ def _add_inputs(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+def _add_engine(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--engine",
+        choices=("implicit", "spark"),
+        help="what fits ALS: implicit on this machine or Apache Spark MLlib (needs the `spark` "
+        "extra and Java 17+; default train.engine, implicit)",
+    )
+    p.add_argument(
+        "--spark-master",
+        metavar="URL",
+        help="Spark master with --engine spark: local[*], spark://host:7077, yarn, k8s://... "
+        "(default train.spark_master, local[*])",
+    )
+
+
 def _add_consent_default(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--default-consent",
@@ -480,6 +545,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_false",
         help="publish the version without moving CURRENT (promote it after a check)",
     )
+    _add_engine(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="time-split evaluation of every model and the blend")
@@ -487,6 +553,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cutoff", required=True, type=_date_arg, help="train before, test after")
     p.add_argument("--k", type=_positive_int, default=10, help="metrics at k (default 10)")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    p.add_argument(
+        "--report",
+        metavar="DIR",
+        help="also write an HTML report with plots to DIR/index.html (metrics at k = 1..20, "
+        "coverage, popularity bias, customer activity; needs the `report` extra, matplotlib)",
+    )
+    _add_engine(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("recommend", help="batch export of the served ranking (email channel)")

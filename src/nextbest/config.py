@@ -13,6 +13,7 @@ import ast
 import dataclasses
 import json
 import os
+import re
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -113,6 +114,27 @@ class TrainSettings:
     """Blend weights used when `tune` is off (feature name → weight); empty = built-in defaults."""
     num_threads: int = 0
     """Threads of implicit's fit (0 = all cores). BLAS is held to one thread during fits."""
+    engine: str = "implicit"
+    """What fits ALS: `implicit` (this machine; the default) or `spark` (Apache Spark MLlib ALS on
+    `spark_master`; needs `pip install nextbest[spark]` and Java 17+). Only the ALS fits move,
+    tuning grid included: data preparation, consent rules, BPR, item-item, the repeat-purchase
+    model and the blend run here either way. `als_*` and `als_grid` mean the same on both: they
+    are translated into Spark's ratings, alpha and regParam (README, "Training on Apache
+    Spark")."""
+    spark_master: str = "local[*]"
+    """Spark master URL (`local[*]`: every core of this machine; `spark://host:7077`, `yarn`,
+    `k8s://...` for a cluster). Ignored under spark-submit, which sets its own."""
+    spark_driver_memory: str = "2g"
+    """JVM heap of the Spark driver started by `nextbest train` (ignored under spark-submit: use
+    its --driver-memory)."""
+    spark_checkpoint_dir: str = ""
+    """Where Spark checkpoints ALS (a fresh subdirectory, removed after each fit). Empty = a
+    temporary directory on this machine, right for local masters; on a cluster, a path every
+    executor can reach (hdfs://..., or a shared mount)."""
+    spark_checkpoint_interval: int = 5
+    """ALS iterations between checkpoints (cuts the lineage that otherwise overflows the stack)."""
+    spark_blocks: int = 0
+    """ALS user and item blocks (partitions) in Spark; 0 = Spark's default parallelism."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -328,6 +350,20 @@ def _validate(section: str, s: object) -> None:
         need(s.candidate_pool >= 1, "candidate_pool", "must be >= 1")
         for spec in s.als_grid:
             parse_als_spec(spec)
+        need(s.engine in ("implicit", "spark"), "engine", "must be implicit or spark")
+        need(
+            s.engine == "implicit" or s.cf_model == "als",
+            "engine",
+            "= spark fits ALS only: set train.cf_model = als",
+        )
+        need(bool(s.spark_master.strip()), "spark_master", "must not be empty")
+        need(
+            re.fullmatch(r"\d+[kmgt]?", s.spark_driver_memory.strip().lower()) is not None,
+            "spark_driver_memory",
+            "must be a JVM memory size such as 2g or 512m",
+        )
+        need(s.spark_checkpoint_interval >= 1, "spark_checkpoint_interval", "must be >= 1")
+        need(s.spark_blocks >= 0, "spark_blocks", "must be >= 0")
     elif isinstance(s, PolicySettings):
         need(s.default_consent in CONSENT_DEFAULTS, "default_consent", "must be allow or deny")
         channels = ("email", "app", "web")

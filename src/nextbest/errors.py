@@ -5,6 +5,7 @@ NextbestError
 ├── DataError            an input file cannot be used at all (missing column, empty, unreadable)
 │   └── RejectShareError the share of rejected rows passed --max-reject-share
 ├── ModelError           a model directory is missing, incomplete or inconsistent
+├── EngineError          the Spark training engine is missing (pyspark, Java) or failed
 ├── InvalidRequest       a request names a bad value (field named in the message)
 └── NotFound             a request names something the model does not know (named in the message)
 """
@@ -15,6 +16,7 @@ __all__ = [
     "DataError",
     "RejectShareError",
     "ModelError",
+    "EngineError",
     "InvalidRequest",
     "NotFound",
 ]
@@ -38,6 +40,10 @@ class RejectShareError(DataError):
 
 class ModelError(NextbestError):
     """A model version is missing, incomplete or does not match what the caller expects."""
+
+
+class EngineError(NextbestError):
+    """The training engine cannot run (pyspark or Java missing) or its fit failed."""
 
 
 class InvalidRequest(NextbestError):

@@ -27,7 +27,21 @@ from nextbest.scoring import (
     top_n,
 )
 
-__all__ = ["PROTOCOLS", "METRICS", "Relevance", "relevance", "ranking_metrics", "evaluate_models"]
+__all__ = [
+    "PROTOCOLS",
+    "METRICS",
+    "Relevance",
+    "Rankings",
+    "relevance",
+    "metric_curves",
+    "ranking_metrics",
+    "metrics_at",
+    "item_popularity",
+    "popularity_percentile",
+    "popularity_profile",
+    "rank_models",
+    "evaluate_models",
+]
 
 PROTOCOLS = ("all", "new")
 METRICS = ("precision", "recall", "ndcg", "map", "hit_rate", "coverage")
@@ -68,30 +82,94 @@ def relevance(bundle: ModelBundle, test_events: pa.Table) -> dict[str, Relevance
     return out
 
 
+def _hits(ids: np.ndarray, rel: Relevance, n_items: int) -> np.ndarray:
+    """hits[p, r]: the product at rank r of `ids[p]` is relevant for `rel.users[p]`."""
+    n, k = ids.shape
+    if len(rel.keys) == 0:
+        return np.zeros((n, k), bool)
+    keys = np.arange(n, dtype=np.int64)[:, None] * n_items + np.where(ids >= 0, ids, 0)
+    at = np.minimum(np.searchsorted(rel.keys, keys), len(rel.keys) - 1)
+    return (rel.keys[at] == keys) & (ids >= 0)
+
+
+def metric_curves(ids: np.ndarray, rel: Relevance, n_items: int) -> dict[str, np.ndarray]:
+    """Every metric of METRICS at each k = 1..K from one ranking of depth K = ids.shape[1].
+
+    Entry k-1 of each array is the metric of the top k, `ids[:, :k]`: one pass over the ranking,
+    cumulative sums along the ranks instead of K evaluations. `ids[p]` is the ranking for
+    `rel.users[p]` (-1 for empty slots). Per customer, at k:
+    precision = hits / k; recall = hits / relevant; NDCG = DCG / ideal DCG of min(relevant, k)
+    hits; AP = sum of precision at each hit rank / min(relevant, k); hit rate = any hit. Means over
+    customers. Coverage@k = distinct products in the top k of any customer / products in the model.
+    """
+    n, depth = ids.shape
+    hits = _hits(ids, rel, n_items)
+    ranks = np.arange(1, depth + 1)
+    n_rel = rel.n_relevant.astype(np.float64)[:, None]
+    discounts = 1.0 / np.log2(ranks + 1)
+    hits_at = np.cumsum(hits, axis=1)
+    dcg_at = np.cumsum(hits * discounts, axis=1)
+    ideal_at = np.cumsum(discounts)[np.minimum(rel.n_relevant[:, None], ranks) - 1]
+    precision_at = hits_at / ranks
+    ap_at = np.cumsum(precision_at * hits, axis=1) / np.minimum(n_rel, ranks)
+    # Coverage: the best rank at which each product is recommended to anyone.
+    valid = ids >= 0
+    first = np.full(n_items, depth, dtype=np.int64)
+    np.minimum.at(first, ids[valid], np.broadcast_to(np.arange(depth), ids.shape)[valid])
+    first_counts = np.bincount(first, minlength=depth + 1)[:depth]
+    return {
+        "precision": precision_at.mean(axis=0),
+        "recall": (hits_at / n_rel).mean(axis=0),
+        "ndcg": (dcg_at / ideal_at).mean(axis=0),
+        "map": ap_at.mean(axis=0),
+        "hit_rate": (hits_at > 0).mean(axis=0),
+        "coverage": np.cumsum(first_counts) / max(n_items, 1),
+    }
+
+
 def ranking_metrics(ids: np.ndarray, rel: Relevance, n_items: int) -> dict[str, float]:
-    """Mean precision, recall, NDCG, MAP and hit rate at k = ids.shape[1], and catalog coverage.
+    """Mean precision, recall, NDCG, MAP and hit rate at k = ids.shape[1], and catalog coverage
+    (the last point of `metric_curves`), plus the number of customers (`users`).
 
     `ids[p]` is the ranking for `rel.users[p]` (-1 for empty slots).
     """
-    n, k = ids.shape
-    keys = np.arange(n, dtype=np.int64)[:, None] * n_items + np.where(ids >= 0, ids, 0)
-    at = np.minimum(np.searchsorted(rel.keys, keys), max(len(rel.keys) - 1, 0))
-    hits = (rel.keys[at] == keys) & (ids >= 0) if len(rel.keys) else np.zeros((n, k), bool)
-    n_rel = rel.n_relevant.astype(np.float64)
-    discounts = 1.0 / np.log2(np.arange(2, k + 2))
-    dcg = (hits * discounts).sum(axis=1)
-    ideal = np.cumsum(discounts)[np.minimum(rel.n_relevant, k) - 1]
-    precision_at = np.cumsum(hits, axis=1) / np.arange(1, k + 1)
-    ap = (precision_at * hits).sum(axis=1) / np.minimum(n_rel, k)
-    valid = ids[ids >= 0]
+    curves = metric_curves(ids, rel, n_items)
+    return {**{m: float(curves[m][-1]) for m in METRICS}, "users": int(ids.shape[0])}
+
+
+def item_popularity(bundle: ModelBundle) -> np.ndarray:
+    """Distinct buyers per model item in the training data (what best sellers are ranked by)."""
+    return np.asarray(bundle.repeat.item_buyers, dtype=np.float64)
+
+
+def popularity_percentile(popularity: np.ndarray) -> np.ndarray:
+    """Each item's popularity percentile in the catalog, 0 (least bought) .. 100 (most bought);
+    tied items share their mid-rank, so the catalog's mean is 50."""
+    n = len(popularity)
+    if n == 0:
+        return np.zeros(0)
+    order = np.sort(popularity)
+    below = np.searchsorted(order, popularity, side="left")
+    ties = np.searchsorted(order, popularity, side="right") - below
+    return 100.0 * (below + 0.5 * ties) / n
+
+
+def popularity_profile(
+    ids: np.ndarray, popularity: np.ndarray, *, top_share: float = 0.1
+) -> dict[str, float]:
+    """Popularity bias of a ranking (every non-empty slot counts once): the mean popularity
+    percentile of the recommended products (the catalog's is 50) and the share of recommendations
+    that are among the top `top_share` best sellers (the catalog's share is `top_share`)."""
+    items = ids[ids >= 0]
+    if len(items) == 0 or len(popularity) == 0:
+        return {"mean_percentile": float("nan"), "top_share": float("nan")}
+    percentile = popularity_percentile(popularity)
+    n_top = max(int(np.ceil(top_share * len(popularity))), 1)
+    top = np.zeros(len(popularity), bool)
+    top[np.lexsort((np.arange(len(popularity)), -popularity))[:n_top]] = True
     return {
-        "precision": float(np.mean(hits.sum(axis=1) / k)),
-        "recall": float(np.mean(hits.sum(axis=1) / n_rel)),
-        "ndcg": float(np.mean(dcg / ideal)),
-        "map": float(np.mean(ap)),
-        "hit_rate": float(np.mean(hits.any(axis=1))),
-        "coverage": float(len(np.unique(valid)) / max(n_items, 1)),
-        "users": int(n),
+        "mean_percentile": float(percentile[items].mean()),
+        "top_share": float(top[items].mean()),
     }
 
 
@@ -164,7 +242,17 @@ def _repeat_model(bundle: ModelBundle, users: np.ndarray, k: int, now_day: float
     return _own_history(bundle, users, k, score)
 
 
-def evaluate_models(
+@dataclass(frozen=True)
+class Rankings:
+    """Every model's ranking of the customers evaluated in one protocol."""
+
+    relevance: Relevance
+    """The protocol's evaluated customers and their held-out products."""
+    ids: dict[str, np.ndarray]
+    """Per model name, item indices of shape (customers, depth), best first, -1 for empty slots."""
+
+
+def rank_models(
     bundle: ModelBundle,
     test_events: pa.Table,
     *,
@@ -175,22 +263,20 @@ def evaluate_models(
     protocols: tuple[str, ...] = PROTOCOLS,
     baselines: bool = True,
     blend: bool = True,
-) -> dict[str, dict[str, dict[str, float]]]:
-    """Metrics per protocol, per model name: best sellers, buy again, repeat (with `baselines`),
-    each CF candidate, and the blend (`blend`)."""
+) -> dict[str, Rankings]:
+    """Each model's top k per evaluated customer, per protocol: best sellers, buy again, repeat
+    (with `baselines`), each CF candidate, and the blend (`blend`)."""
     rels = relevance(bundle, test_events)
-    n_items = bundle.shape[1]
     candidates = candidates or {bundle.cf.kind: bundle.cf}
-    out: dict[str, dict[str, dict[str, float]]] = {}
+    out: dict[str, Rankings] = {}
     for protocol in protocols:
         rel = rels[protocol]
         users = rel.users
         new = protocol == "new"
-        results: dict[str, dict[str, float]] = {}
+        rankings: dict[str, np.ndarray] = {}
+        out[protocol] = Rankings(relevance=rel, ids=rankings)
         if len(users) == 0:
-            out[protocol] = results
             continue
-        rankings = {}
         if baselines:
             rankings["best sellers"] = _best_sellers(bundle, users, k, exclude_bought=new)
         if baselines and not new:
@@ -205,7 +291,45 @@ def evaluate_models(
             rankings["blend"] = rank_blend(
                 bundle, users, N=k, now_day=now_day, pool=pool, allow=allow
             )[0]
-        for name, ids in rankings.items():
-            results[name] = ranking_metrics(ids, rel, n_items)
-        out[protocol] = results
     return out
+
+
+def metrics_at(
+    rankings: dict[str, Rankings], n_items: int, k: int | None = None
+) -> dict[str, dict[str, dict[str, float]]]:
+    """`ranking_metrics` per protocol and model of the top k of each ranking (all of it when k is
+    None); a protocol without evaluated customers maps to {}."""
+    return {
+        protocol: {
+            name: ranking_metrics(ids[:, :k], r.relevance, n_items) for name, ids in r.ids.items()
+        }
+        for protocol, r in rankings.items()
+    }
+
+
+def evaluate_models(
+    bundle: ModelBundle,
+    test_events: pa.Table,
+    *,
+    k: int,
+    now_day: float,
+    pool: int,
+    candidates: dict[str, CFModel] | None = None,
+    protocols: tuple[str, ...] = PROTOCOLS,
+    baselines: bool = True,
+    blend: bool = True,
+) -> dict[str, dict[str, dict[str, float]]]:
+    """Metrics at k per protocol, per model name: best sellers, buy again, repeat (with
+    `baselines`), each CF candidate, and the blend (`blend`)."""
+    rankings = rank_models(
+        bundle,
+        test_events,
+        k=k,
+        now_day=now_day,
+        pool=pool,
+        candidates=candidates,
+        protocols=protocols,
+        baselines=baselines,
+        blend=blend,
+    )
+    return metrics_at(rankings, bundle.shape[1])

@@ -3,6 +3,7 @@ and run the time-split evaluation.
 
     bundle, report, _ = train(events, catalog, settings)     # what `nextbest train` publishes
     results = evaluate_at(events, catalog, settings, cutoff)  # what `nextbest evaluate` prints
+    run = evaluate_ranked_at(events, catalog, settings, cutoff, k=10, depth=20)  # and --report
 
 The validation window is always cut from the end of the data the model is trained on, never from a
 test period: `evaluate_at` trains on the events before the cutoff exactly as `train` would.
@@ -15,6 +16,7 @@ import logging
 import time
 import warnings
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -39,11 +41,23 @@ from nextbest.data.interactions import (
 )
 from nextbest.data.readers import CONTENT_SCHEMA
 from nextbest.errors import DataError
-from nextbest.evaluation import evaluate_models
+from nextbest.evaluation import Rankings, evaluate_models, metrics_at, rank_models
 from nextbest.policy import sensitive_mask
 from nextbest.scoring import candidate_features
 
-__all__ = ["DEFAULT_BLEND", "TrainReport", "fit_cf", "train", "evaluate_at", "split_at"]
+if TYPE_CHECKING:  # the Spark engine (and pyspark) is imported only when train.engine = "spark"
+    from nextbest.spark_engine import SparkALS
+
+__all__ = [
+    "DEFAULT_BLEND",
+    "TrainReport",
+    "RankedEvaluation",
+    "fit_cf",
+    "train",
+    "evaluate_at",
+    "evaluate_ranked_at",
+    "split_at",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -108,11 +122,27 @@ def fit_cf(
     *,
     als: tuple[int, float, float] | None = None,
     progress: bool = False,
+    engine: SparkALS | None = None,
 ) -> CFModel:
-    """Fit one implicit model on the user×item weight matrix (BLAS held to one thread)."""
+    """Fit one implicit model on the user×item weight matrix (BLAS held to one thread).
+
+    With `engine` (the Spark engine of `train.engine = "spark"`), ALS is fitted there on the same
+    log1p weights instead; the factors come back as plain arrays in a CFModel like implicit's."""
     t = settings.train
     x = matrix.copy()
     x.data = np.log1p(x.data).astype(np.float32)
+    if kind == "als" and engine is not None:
+        factors, reg, alpha = als or (t.als_factors, t.als_regularization, t.als_alpha)
+        user_factors, item_factors = engine.fit(
+            x,
+            factors=factors,
+            regularization=reg,
+            alpha=alpha,
+            iterations=t.als_iterations,
+            seed=t.seed,
+        )
+        arrays = {"user_factors": user_factors, "item_factors": item_factors}
+        return CFModel.from_arrays("als", arrays)
     with threadpool_limits(1, "blas"):
         if kind == "als":
             factors, reg, alpha = als or (t.als_factors, t.als_regularization, t.als_alpha)
@@ -255,6 +285,7 @@ def train(
     progress: bool = False,
     fit_candidates: bool = False,
     content: pa.Table | None = None,
+    engine: SparkALS | None = None,
 ) -> tuple[ModelBundle, TrainReport, dict[str, CFModel]]:
     """Train the served model on `events` (already consent-filtered).
 
@@ -265,8 +296,24 @@ def train(
     hyperparameters are chosen by the NDCG@k of new-to-customer purchases there, and the blend is
     fitted there; the final models are then refitted on all events. Returns the bundle, the report
     and, with `fit_candidates`, every candidate CF model refitted on all events.
+
+    With `train.engine = "spark"` every ALS fit (grid and final) runs on one Spark session,
+    started here and stopped before returning, or on `engine` when given (left running).
     """
     t = settings.train
+    if engine is None and t.engine == "spark":
+        from nextbest.spark_engine import SparkALS
+
+        with SparkALS(t) as spark:
+            return train(
+                events,
+                catalog,
+                settings,
+                progress=progress,
+                fit_candidates=fit_candidates,
+                content=content,
+                engine=spark,
+            )
     report = TrainReport()
     clock = time.perf_counter()
     candidates = tuple(dict.fromkeys((t.cf_model, *t.candidates)))
@@ -288,7 +335,7 @@ def train(
         best_ndcg = -1.0
         grid = [parse_als_spec(s) for s in t.als_grid] if t.cf_model == "als" else []
         for spec in grid:
-            model = fit_cf("als", prep.matrix, settings, als=spec, progress=progress)
+            model = fit_cf("als", prep.matrix, settings, als=spec, progress=progress, engine=engine)
             probe = _assemble(prep, model, blend, catalog, settings, base_manifest)
             res = evaluate_models(
                 probe,
@@ -316,7 +363,7 @@ def train(
         for kind in candidates:
             if kind not in fitted:
                 fitted[kind] = fit_cf(
-                    kind, prep.matrix, settings, als=als_params, progress=progress
+                    kind, prep.matrix, settings, als=als_params, progress=progress, engine=engine
                 )
         base_manifest = {"params": _params(settings, als_params)}
         probe = _assemble(prep, fitted[t.cf_model], blend, catalog, settings, base_manifest)
@@ -337,9 +384,15 @@ def train(
     clock = time.perf_counter()
     final: dict[str, CFModel] = {}
     for kind in candidates if fit_candidates else (t.cf_model,):
-        final[kind] = fit_cf(kind, prep.matrix, settings, als=als_params, progress=progress)
+        started = time.perf_counter()
+        final[kind] = fit_cf(
+            kind, prep.matrix, settings, als=als_params, progress=progress, engine=engine
+        )
+        report.timings[f"fit_{kind}_s"] = time.perf_counter() - started
     report.timings["fit_s"] = time.perf_counter() - clock
     report.params = {**_params(settings, als_params), "blend": blend}
+    if engine is not None:
+        report.params["spark"] = engine.describe()
     manifest = {"params": report.params}
     bundle = _assemble(prep, final[t.cf_model], blend, catalog, settings, manifest, content)
     links = pc.list_flatten(bundle.content["product_ids"]).to_numpy(zero_copy_only=False)
@@ -359,6 +412,7 @@ def _params(settings: Settings, als: tuple[int, float, float]) -> dict[str, obje
     t = settings.train
     return {
         "cf_model": t.cf_model,
+        "als_engine": t.engine,
         "als_factors": als[0],
         "als_regularization": als[1],
         "als_alpha": als[2],
@@ -377,6 +431,21 @@ def _params(settings: Settings, als: tuple[int, float, float]) -> dict[str, obje
     }
 
 
+def _train_before(
+    events: pa.Table, catalog: pa.Table | None, settings: Settings, cutoff_day: float, progress
+) -> tuple[ModelBundle, TrainReport, dict[str, CFModel], pa.Table]:
+    """Train on the events before the cutoff; also returns the events from the cutoff on."""
+    before, after = split_at(events, cutoff_day)
+    if before.num_rows == 0:
+        raise DataError("no events before --cutoff")
+    if after.num_rows == 0:
+        raise DataError("no events on or after --cutoff")
+    bundle, report, fitted = train(
+        before, catalog, settings, progress=progress, fit_candidates=True
+    )
+    return bundle, report, fitted, after
+
+
 def evaluate_at(
     events: pa.Table,
     catalog: pa.Table | None,
@@ -388,14 +457,7 @@ def evaluate_at(
 ) -> tuple[dict[str, dict[str, dict[str, float]]], TrainReport]:
     """Train on events before the cutoff (tuning inside that period only) and evaluate every
     model on the purchases from the cutoff on."""
-    before, after = split_at(events, cutoff_day)
-    if before.num_rows == 0:
-        raise DataError("no events before --cutoff")
-    if after.num_rows == 0:
-        raise DataError("no events on or after --cutoff")
-    bundle, report, fitted = train(
-        before, catalog, settings, progress=progress, fit_candidates=True
-    )
+    bundle, report, fitted, after = _train_before(events, catalog, settings, cutoff_day, progress)
     results = evaluate_models(
         bundle,
         after,
@@ -405,3 +467,49 @@ def evaluate_at(
         candidates=fitted,
     )
     return results, report
+
+
+@dataclass(frozen=True)
+class RankedEvaluation:
+    """What `evaluate_ranked_at` measured: the metrics at k and the rankings behind them."""
+
+    results: dict[str, dict[str, dict[str, float]]]
+    """Metrics at k per protocol and model, as `evaluate_at` returns them."""
+    report: TrainReport
+    bundle: ModelBundle
+    """The model trained on the events before the cutoff."""
+    rankings: dict[str, Rankings]
+    """Every model's top max(k, depth) per protocol (metric curves, popularity bias)."""
+    test_events: pa.Table
+    """The events from the cutoff on."""
+
+
+def evaluate_ranked_at(
+    events: pa.Table,
+    catalog: pa.Table | None,
+    settings: Settings,
+    cutoff_day: float,
+    *,
+    k: int,
+    depth: int,
+    progress: bool = False,
+) -> RankedEvaluation:
+    """`evaluate_at` that ranks max(k, depth) products once per customer and model and keeps the
+    rankings: the metrics at k come from their top k, the curves at 1..depth from the same
+    rankings (`evaluation.metric_curves`)."""
+    bundle, report, fitted, after = _train_before(events, catalog, settings, cutoff_day, progress)
+    rankings = rank_models(
+        bundle,
+        after,
+        k=max(k, depth),
+        now_day=cutoff_day,
+        pool=settings.train.candidate_pool,
+        candidates=fitted,
+    )
+    return RankedEvaluation(
+        results=metrics_at(rankings, bundle.shape[1], k),
+        report=report,
+        bundle=bundle,
+        rankings=rankings,
+        test_events=after,
+    )
