@@ -104,8 +104,8 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def running(workdir):
-    running = create_server(served_settings(workdir, workdir / "models"))
+def running(module_own):
+    running = create_server(served_settings(module_own, module_own / "models"))
     yield running
     running.stop(0)
 
@@ -371,3 +371,31 @@ def test_mutual_tls_with_a_client_certificate(node, folder, pki, tmp_path):
         assert answer["customer_id"] == "c004" and answer["items"]
     finally:
         running.stop(0)
+
+
+def test_readme_node_example_of_consent_events_and_admin(node, running, tmp_path):
+    """README's Node.js block for the services client.js does not cover, run as written."""
+    readme = (REPO / "README.md").read_text()
+    start = readme.index("```js\n") + len("```js\n")
+    code = readme[start : readme.index("\n```", start)]
+    script = CLIENT.parent / f".readme-example-{os.getpid()}.js"  # beside node_modules
+    script.write_text(code)
+    try:
+        done = subprocess.run(
+            [node, str(script)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=CLIENT.parent,
+            env={**os.environ, "NEXTBEST_ADDRESS": f"127.0.0.1:{running.port}"},
+        )
+    finally:
+        script.unlink()
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        "SetConsent PURPOSE_BEHAVIORAL true",
+        "GetConsent PURPOSE_PERSONALIZATION=true PURPOSE_BEHAVIORAL=true PURPOSE_SENSITIVE=true",
+        "ForgetCustomer c998 false",
+        "RecordEvents 1",
+        "Admin true false",
+    ]
