@@ -238,6 +238,16 @@ def module_own(workdir, tmp_path_factory):
     return copy_workdir(workdir, tmp_path_factory.mktemp("module"))
 
 
+@pytest.fixture(scope="module")
+def running(module_own):
+    """A real server on a free port over `module_own`, shared by one test module."""
+    from nextbest.server import create_server
+
+    running = create_server(served_settings(module_own, module_own / "models"))
+    yield running
+    running.stop(0)
+
+
 def served_settings(workdir: Path, models: Path):
     s = load_settings(workdir / "nextbest.toml")
     return s.with_overrides("serve", models_dir=str(models), store=store_url(workdir))

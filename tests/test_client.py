@@ -8,7 +8,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest import served_settings
 from test_security import TOKENS, Pki, secure_settings
 
 from nextbest.client import Client
@@ -21,13 +20,6 @@ from nextbest.v1 import recommender_pb2_grpc as rpb
 @pytest.fixture(scope="module")
 def folder(module_own) -> Path:
     return module_own
-
-
-@pytest.fixture(scope="module")
-def running(folder):
-    running = create_server(served_settings(folder, folder / "models"))
-    yield running
-    running.stop(0)
 
 
 def test_client_calls_every_service(running):

@@ -36,14 +36,13 @@ from collections.abc import Callable
 
 import grpc
 import pytest
-from conftest import served_content, served_settings
+from conftest import served_content
 from google.protobuf.message import DecodeError, Message
 from google.protobuf.timestamp_pb2 import Timestamp
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
-from nextbest.server import create_server
 from nextbest.v1 import admin_pb2, admin_pb2_grpc, consent_pb2, consent_pb2_grpc
 from nextbest.v1 import events_pb2 as epb
 from nextbest.v1 import events_pb2_grpc as erpc
@@ -94,13 +93,6 @@ def fuzz(examples: int) -> settings:
 
 
 # --- the server ---------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def running(module_own):
-    running = create_server(served_settings(module_own, module_own / "models"))
-    yield running
-    running.stop(0)
 
 
 @pytest.fixture(scope="module")

@@ -104,13 +104,6 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def running(module_own):
-    running = create_server(served_settings(module_own, module_own / "models"))
-    yield running
-    running.stop(0)
-
-
-@pytest.fixture(scope="module")
 def address(running) -> str:
     return f"127.0.0.1:{running.port}"
 

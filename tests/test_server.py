@@ -27,13 +27,6 @@ from nextbest.v1 import recommender_pb2_grpc as rpb
 
 
 @pytest.fixture(scope="module")
-def running(module_own):
-    running = create_server(served_settings(module_own, module_own / "models"))
-    yield running
-    running.stop(0)
-
-
-@pytest.fixture(scope="module")
 def channel(running):
     with grpc.insecure_channel(f"127.0.0.1:{running.port}") as ch:
         yield ch
