@@ -581,6 +581,18 @@ async def soak(
 # --- figures and report ------------------------------------------------------------------------
 
 
+def _counts(calls: list[Call], ms: np.ndarray) -> dict:
+    """Calls, failures, non-personal answers and the latency percentiles of `ms`."""
+    return {
+        "calls": len(calls),
+        "failed": sum(c.code != "OK" for c in calls),
+        "non_personal": sum(c.personalized is False for c in calls),
+        "p50": float(np.percentile(ms, 50)),
+        "p99": float(np.percentile(ms, 99)),
+        "max": float(ms.max()),
+    }
+
+
 def figures(
     run: Run, minutes: int, versions: tuple[str, str], server_ms: list[list[float]]
 ) -> dict:
@@ -605,12 +617,7 @@ def figures(
         rows.append(
             {
                 "minute": m + 1,
-                "calls": len(calls),
-                "failed": sum(c.code != "OK" for c in calls),
-                "non_personal": sum(c.personalized is False for c in calls),
-                "p50": float(np.percentile(unary, 50)),
-                "p99": float(np.percentile(unary, 99)),
-                "max": float(unary.max()),
+                **_counts(calls, unary),
                 "server_p99": float(np.percentile(server_ms[m], 99)) if server_ms[m] else 0.0,
                 "lag_p99": float(np.percentile(lag, 99)),
                 "cpu": (end["cpu"] - start["cpu"]) / span,
@@ -631,18 +638,7 @@ def figures(
     for kind in [*MIX, "StreamRecommendations"]:
         calls = [c for c in run.calls if c.kind == kind]
         if calls:
-            ms = np.asarray([c.ms for c in calls])
-            kinds.append(
-                {
-                    "kind": kind,
-                    "calls": len(calls),
-                    "failed": sum(c.code != "OK" for c in calls),
-                    "non_personal": sum(c.personalized is False for c in calls),
-                    "p50": float(np.percentile(ms, 50)),
-                    "p99": float(np.percentile(ms, 99)),
-                    "max": float(ms.max()),
-                }
-            )
+            kinds.append({"kind": kind, **_counts(calls, np.asarray([c.ms for c in calls]))})
     failures = Counter(f"{c.kind} {c.code}" for c in run.calls if c.code != "OK")
     # The swap: answers by version, and old answers to calls sent once the new one was served.
     served_at = run.swap.get("served_at")
