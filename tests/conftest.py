@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
 import shutil
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -210,6 +212,44 @@ def workdir(tmp_path_factory) -> Path:
     assert "2 applied" in done.stdout
     train(d, d / "models")
     return d
+
+
+PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
+"""The machine's (and CI's) PostgreSQL: trust auth, database `test`."""
+
+
+@pytest.fixture
+def pg_schema():
+    """A fresh PostgreSQL schema name (dropped afterwards); fails in CI when PG is unreachable."""
+    from nextbest.store.consent_store import StoreError, open_store
+
+    schema = f"nextbest_test_{uuid.uuid4().hex[:10]}"
+    try:
+        open_store(f"{PG_URL}?schema={schema}").close()
+    except StoreError as exc:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"PostgreSQL is required in CI: {exc}")
+        pytest.skip(f"PostgreSQL not reachable: {exc}")
+    yield schema
+    import psycopg
+
+    with psycopg.connect(PG_URL, autocommit=True) as conn:
+        conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+
+
+@pytest.fixture
+def pg_store_url(pg_schema) -> str:
+    """The store URL of a fresh PostgreSQL schema (see `pg_schema`)."""
+    return f"{PG_URL}?schema={pg_schema}"
+
+
+def serve_command(folder: Path, store: str) -> list[str]:
+    """`nextbest serve` on a free port over `folder` (its config and models) and `store`."""
+    return (
+        [sys.executable, "-m", "nextbest.cli", "serve", "--port", "0"]
+        + ["--config", str(folder / "nextbest.toml"), "--models-dir", str(folder / "models")]
+        + ["--store", store]
+    )
 
 
 def store_url(workdir: Path) -> str:

@@ -3,20 +3,18 @@ to end (forget → non-personal → retrain → gone), and two server processes 
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
-from conftest import served_settings, store_url, train
+from conftest import serve_command, served_settings, store_url, train
 
 from nextbest.server import create_server
 from nextbest.store.artifacts import current_version, load_bundle
-from nextbest.store.consent_store import StoreError, open_store
+from nextbest.store.consent_store import open_store
 from nextbest.v1 import consent_pb2 as cpb
 from nextbest.v1 import consent_pb2_grpc as crpc
 from nextbest.v1 import recommender_pb2 as pb
@@ -187,32 +185,10 @@ def test_erasure_end_to_end(own, server):
 
 # --- two server processes sharing one PostgreSQL store ----------------------------------------
 
-PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
-
-
-@pytest.fixture
-def pg_store_url():
-    schema = f"nextbest_test_{uuid.uuid4().hex[:10]}"
-    url = f"{PG_URL}?schema={schema}"
-    try:
-        store = open_store(url)
-    except StoreError as exc:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"PostgreSQL is required in CI: {exc}")
-        pytest.skip(f"PostgreSQL not reachable: {exc}")
-    store.close()
-    yield url
-    import psycopg
-
-    with psycopg.connect(PG_URL, autocommit=True) as conn:
-        conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
-
 
 def start_server(folder: Path, store: str) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "nextbest.cli", "serve", "--port", "0"]
-        + ["--config", str(folder / "nextbest.toml"), "--models-dir", str(folder / "models")]
-        + ["--store", store],
+        serve_command(folder, store),
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,

@@ -26,7 +26,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from conftest import served_settings, store_url, train
+from conftest import PG_URL, serve_command, served_settings, store_url, train
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -55,7 +55,6 @@ from nextbest.v1 import recommender_pb2_grpc as rpb
 SERVING = health_pb2.HealthCheckResponse.SERVING
 UNAVAILABLE_REASON = pb.NOT_PERSONALIZED_REASON_CONSENT_UNAVAILABLE
 SENSITIVE_PRODUCTS = {"p006", "p007"}  # the "pharmacy" category of the served catalog
-PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
 WAIT_S = 60.0  # generous: a loaded 2-core machine
 
 
@@ -81,9 +80,7 @@ class Served:
 
     def __init__(self, folder: Path, store: str):
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "nextbest.cli", "serve", "--port", "0"]
-            + ["--config", str(folder / "nextbest.toml"), "--models-dir", str(folder / "models")]
-            + ["--store", store],
+            serve_command(folder, store),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -438,23 +435,6 @@ def test_kill_9_of_the_trainer_never_leaves_current_on_a_broken_model(own, servi
 
 
 # --- 3. acknowledged writes survive kill -9 of the server ---------------------------------------
-
-
-@pytest.fixture
-def pg_schema():
-    """A fresh PostgreSQL schema name (dropped afterwards); fails in CI when PG is unreachable."""
-    schema = f"nextbest_faults_{uuid.uuid4().hex[:10]}"
-    try:
-        open_store(f"{PG_URL}?schema={schema}").close()
-    except StoreError as exc:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"PostgreSQL is required in CI: {exc}")
-        pytest.skip(f"PostgreSQL not reachable: {exc}")
-    yield schema
-    import psycopg
-
-    with psycopg.connect(PG_URL, autocommit=True) as conn:
-        conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
