@@ -180,7 +180,7 @@ def test_customer_without_consent_leaves_no_trace(
     assert u >= 0 and not pharmacy & set(bundle.user_items[u].indices.tolist())
 
 
-def test_evaluate_json_has_every_model_and_both_protocols(
+def test_evaluate_json_has_every_model_and_three_protocols(
     tmp_path, events_file, catalog_file, small_config
 ):
     proc = run(
@@ -200,11 +200,13 @@ def test_evaluate_json_has_every_model_and_both_protocols(
         "5",
     )
     result = json.loads(proc.stdout)
-    assert set(result["results"]) == {"all", "new"}
-    assert {"best sellers", "buy again", "repeat", "als", "bpr", "cosine", "bm25", "blend"} <= set(
-        result["results"]["all"]
-    )
+    assert set(result["results"]) == {"next_basket", "all", "new"}
+    every = {"served", "best sellers", "buy again", "repeat", "tifu-knn", "blend"}
+    every |= {"als", "bpr", "cosine", "bm25"}
+    assert every <= set(result["results"]["all"]) and every <= set(result["results"]["next_basket"])
     assert "buy again" not in result["results"]["new"]
+    assert {"served", "best sellers", "tifu-knn"} <= set(result["results"]["new"])
+    assert result["durable_share"] == 0.0
     for metrics in result["results"]["all"].values():
         assert set(metrics) >= {"precision", "recall", "ndcg", "map", "hit_rate", "coverage"}
         assert 0.0 <= metrics["ndcg"] <= 1.0
@@ -224,7 +226,8 @@ def test_evaluate_json_has_every_model_and_both_protocols(
         "--default-consent",
         "allow",
     ).stdout
-    assert "new-to-customer purchases only" in table and "blend" in table
+    assert "new-to-customer purchases within 30 days" in table and "next basket" in table
+    assert "served NDCG / best baseline" in table and "durable rule: 0.00%" in table
 
 
 def test_recommend_exports_the_served_ranking(tmp_path, events_file, catalog_file, small_config):

@@ -9,6 +9,7 @@ import logging
 import sys
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -229,21 +230,44 @@ def _load_training_inputs(args: argparse.Namespace, settings: Settings):
     return events, catalog, meta
 
 
+PROTOCOL_TITLES = {
+    "next_basket": "next basket: the first purchase day after the cutoff",
+    "all": "all purchases within 30 days of the cutoff",
+    "new": "new-to-customer purchases within 30 days",
+}
+BASELINES = ("buy again", "best sellers")
+
+
+def best_baseline(rows: dict) -> tuple[str, float]:
+    """The better of buy again and best sellers by NDCG (TIFU-KNN is reported beside them)."""
+    found = {b: rows[b]["ndcg"] for b in BASELINES if b in rows}
+    if not found:
+        return "", 0.0
+    name = max(found, key=found.get)
+    return name, found[name]
+
+
 def _print_table(results: dict, k: int, out=sys.stdout) -> None:
     for protocol in PROTOCOLS:
         rows = results.get(protocol, {})
         if not rows:
             continue
-        title = "all test purchases" if protocol == "all" else "new-to-customer purchases only"
+        title = PROTOCOL_TITLES[protocol]
         print(f"\n{title} (k={k}, customers={next(iter(rows.values()))['users']:,})", file=out)
         header = f"{'model':<14}" + "".join(f"{m:>11}" for m in METRICS)
         print(header, file=out)
         print("-" * len(header), file=out)
         for name, m in rows.items():
             print(f"{name:<14}" + "".join(f"{m[x]:>11.4f}" for x in METRICS), file=out)
-        base = max((rows[b]["ndcg"] for b in ("best sellers", "buy again") if b in rows), default=0)
-        if "blend" in rows and base > 0:
-            print(f"blend NDCG / best baseline NDCG = {rows['blend']['ndcg'] / base:.2f}", file=out)
+        name, base = best_baseline(rows)
+        for model in ("served", "blend"):
+            if model in rows and base > 0:
+                line = (
+                    f"{model} NDCG / best baseline ({name}) NDCG = {rows[model]['ndcg'] / base:.2f}"
+                )
+                if "tifu-knn" in rows and rows["tifu-knn"]["ndcg"] > 0:
+                    line += f"; / TIFU-KNN = {rows[model]['ndcg'] / rows['tifu-knn']['ndcg']:.2f}"
+                print(line, file=out)
 
 
 def _progress(args: argparse.Namespace) -> bool:
@@ -291,14 +315,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             "(the blend was fitted there: its figures are optimistic; see `nextbest evaluate`)"
         )
         _print_table(report.validation, settings.train.k)
-    manifest = {
-        **meta,
-        "params": report.params,
-        "metrics": {"validation": report.validation, "als_grid": report.als_grid},
-        "timings": report.timings,
-        "counts": report.counts,
-        "libraries": _library_versions(),
-    }
+    manifest = _manifest(meta, report)
     c = report.counts
     print(
         f"content snapshot: {c['content_items']:,} items linking {c['content_product_links']:,} "
@@ -317,6 +334,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _manifest(meta: dict, report) -> dict:
+    """What a published version records of its training run."""
+    return {
+        **meta,
+        "params": report.params,
+        "metrics": {"validation": report.validation, "als_grid": report.als_grid},
+        "timings": report.timings,
+        "counts": report.counts,
+        "libraries": _library_versions(),
+    }
+
+
 def _library_versions() -> dict[str, str]:
     from importlib.metadata import version
 
@@ -329,8 +358,10 @@ def _library_versions() -> dict[str, str]:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from nextbest.training import evaluate_at, evaluate_ranked_at
+    from nextbest.training import evaluate_ranked_at
 
+    if args.export_served and not str(args.export_served).lower().endswith(".csv"):
+        raise DataError(f"{args.export_served}: --export-served must be a .csv file")
     if args.report:
         from nextbest.report import REPORT_DEPTH, check_available, write_report
 
@@ -338,30 +369,22 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     settings = _settings(args)
     _check_engine(settings)
     events, catalog, meta = _load_training_inputs(args, settings)
-    run = None
+    depth = args.k
     if args.report:
         # One ranking of depth max(k, 20) per customer and model: the table's metrics at k and
         # the report's curves at k = 1..20 both come from it.
-        run = evaluate_ranked_at(
-            events,
-            catalog,
-            settings,
-            args.cutoff[1],
-            k=args.k,
-            depth=REPORT_DEPTH,
-            progress=_progress(args),
-        )
-        results, report = run.results, run.report
-    else:
-        results, report = evaluate_at(
-            events, catalog, settings, args.cutoff[1], k=args.k, progress=_progress(args)
-        )
+        depth = max(args.k, REPORT_DEPTH)
+    run = evaluate_ranked_at(
+        events, catalog, settings, args.cutoff[1], k=args.k, depth=depth, progress=_progress(args)
+    )
+    results, report = run.results, run.report
     if args.json:
         json.dump(
             {
                 "cutoff": args.cutoff[0],
                 "k": args.k,
                 "results": results,
+                "durable_share": run.durable_share,
                 "params": report.params,
                 "als_grid": report.als_grid,
                 "timings": report.timings,
@@ -373,9 +396,31 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         )
         print()
     else:
-        print(f"cutoff {args.cutoff[0]}: trained on events before it, tested on purchases after")
+        print(
+            f"cutoff {args.cutoff[0]}: trained on events before it, tested on purchases after; "
+            "served = what RecommendProducts answers (email channel, clock at the cutoff), "
+            "blend = the trainer's ranking before the serving rules"
+        )
         _print_table(results, args.k)
-    if run is not None:
+        print(
+            f"\ndurable rule: {run.durable_share:.2%} of the served top {args.k} items are "
+            "durables the customer bought before (the rule says 0)"
+        )
+    if args.export_served:
+        _export_served(run, args.export_served)
+    if args.publish:
+        from nextbest.store.artifacts import publish
+
+        manifest = _manifest(meta, report)
+        manifest["evaluation"] = {"cutoff": args.cutoff[0], "results": results}
+        version = publish(run.bundle, args.publish, manifest)
+        print(
+            f"published the model trained before {args.cutoff[0]} as {version} to {args.publish} "
+            f'(CURRENT → {version}; serve it with serve.clock = "{args.cutoff[0][:10]}" to see '
+            "the evaluated answers)",
+            file=sys.stderr,
+        )
+    if args.report:
         import shlex
 
         index = write_report(
@@ -389,6 +434,24 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         )
         print(f"report: {index}", file=sys.stderr if args.json else sys.stdout)
     return 0
+
+
+def _export_served(run, path: str) -> None:
+    """Write the served list of every evaluated customer (CSV: customer_id, rank, product_id)."""
+    ids = run.served_ids
+    users = np.repeat(run.served_users, ids.shape[1])
+    rank = np.tile(np.arange(1, ids.shape[1] + 1), len(run.served_users))
+    flat = ids.ravel()
+    ok = flat >= 0
+    table = pa.table(
+        {
+            "customer_id": pa.array(run.bundle.user_ids[users[ok]].astype(str), pa.string()),
+            "rank": pa.array(rank[ok], pa.int32()),
+            "product_id": pa.array(run.bundle.item_ids[flat[ok]].astype(str), pa.string()),
+        }
+    )
+    write_table(table, path)
+    print(f"served lists: {table.num_rows:,} rows to {path}", file=sys.stderr)
 
 
 def cmd_recommend(args: argparse.Namespace) -> int:
@@ -526,7 +589,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("prepare", help="turn a public data set into events and catalog Parquet")
-    p.add_argument("dataset", choices=("online-retail", "complete-journey"))
+    p.add_argument("dataset", choices=("online-retail", "complete-journey", "lgsr"))
     p.add_argument("--source", required=True, help="the data set's folder in ../shared/data")
     p.add_argument("--out", required=True, help="output folder")
     p.set_defaults(func=cmd_prepare)
@@ -553,6 +616,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cutoff", required=True, type=_date_arg, help="train before, test after")
     p.add_argument("--k", type=_positive_int, default=10, help="metrics at k (default 10)")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    p.add_argument(
+        "--export-served",
+        metavar="FILE.csv",
+        help="also write what the serving path answered every evaluated customer (customer_id, "
+        "rank, product_id; 50 products each, before the protocols cut or filter them)",
+    )
+    p.add_argument(
+        "--publish",
+        metavar="MODELS_DIR",
+        help="also publish the model trained before the cutoff there (CURRENT moves to it)",
+    )
     p.add_argument(
         "--report",
         metavar="DIR",

@@ -32,7 +32,30 @@ __all__ = [
     "CONSENT_DEFAULTS",
     "ROLES",
     "ClientToken",
+    "REMOVED_KEYS",
+    "clock_day",
 ]
+
+REMOVED_KEYS = {
+    "serve.consumable_repeat_rate": "the learned blend decides when a bought product comes back; "
+    "only durables are held back (serve.durable_repeat_rate)",
+    "serve.due_fraction": "the learned blend decides when a bought product comes back; "
+    "only durables are held back (serve.durable_repeat_rate)",
+}
+"""Keys of earlier versions: a config that sets one gets an error saying what replaced it."""
+
+
+def clock_day(text: str) -> float | None:
+    """A fixed `serve.clock` date `YYYY-MM-DD` as days since the epoch, None when not a date."""
+    if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", text):
+        return None
+    import datetime as dt
+
+    try:
+        return (dt.date.fromisoformat(text) - dt.date(1970, 1, 1)).days * 1.0
+    except ValueError:
+        return None
+
 
 CONSENT_DEFAULTS = ("allow", "deny")
 ROLES = ("recommend", "consent", "admin")
@@ -174,16 +197,22 @@ class ServeSettings:
     host: str = "127.0.0.1"
     port: int = 50051
     models_dir: str = "models"
-    consumable_repeat_rate: float = 0.3
-    """A product whose buyers buy it again at least this often is a consumable: it may be
-    recommended again once its repurchase time comes. Other bought products are not offered
-    again."""
-    due_fraction: float = 0.5
-    """A consumable comes back when this share of its repurchase interval has passed."""
+    durable_repeat_rate: float = 0.05
+    """A product whose buyers almost never buy it again (smoothed share of its buyers who bought
+    it on two or more days below this) is durable: it is not offered again to a customer who
+    bought it. Every other product bought before is ranked by the learned blend like any
+    candidate: whether and when to offer it again is the blend's decision (EVALUATION.md says how
+    the threshold was chosen on data)."""
+    discovery_share: float = 0.2
+    """At least this share of a personalized answer are products new to the customer (when the
+    model has such candidates), the best of them by the blend: replenishment beside the
+    complement the customer has not bought yet. Within the answer every product is ranked by its
+    value; 0 = rank repeats and new products together only."""
     clock: str = "model"
     """What "now" is when judging repurchase timing and recency: `model` (the newest training
-    event of the served model; right for historic data and daily retraining) or `wall` (the
-    server's clock)."""
+    event of the served model; right for historic data and daily retraining), `wall` (the
+    server's clock) or a date `YYYY-MM-DD` (a fixed clock: replaying or checking historic data,
+    as `nextbest evaluate` does at its cutoff)."""
     store: str = "sqlite:///nextbest-store.db"
     """The consent and event store: `sqlite:///path.db` (a file; the default, relative to the
     working directory) or `postgresql://user@host:port/db` for several servers sharing it."""
@@ -320,6 +349,10 @@ def _build(cls: type, section: str, values: dict[str, object]) -> object:
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     for key in values:
+        if f"{section}.{key}" in REMOVED_KEYS:
+            raise ConfigError(
+                f"config: {section}.{key} was removed: {REMOVED_KEYS[f'{section}.{key}']}"
+            )
         if key not in known:
             raise ConfigError(f"config: unknown key {section}.{key}")
     coerced = {k: _coerce(v, hints[k], f"{section}.{k}") for k, v in values.items()}
@@ -381,9 +414,13 @@ def _validate(section: str, s: object) -> None:
         need(0 <= s.fatigue_demotion <= 1, "fatigue_demotion", "must be within [0, 1]")
     elif isinstance(s, ServeSettings):
         need(0 <= s.port <= 65535, "port", "must be within [0, 65535]")
-        need(0.0 <= s.consumable_repeat_rate <= 1.0, "consumable_repeat_rate", "must be in [0, 1]")
-        need(s.due_fraction >= 0.0, "due_fraction", "must be >= 0")
-        need(s.clock in ("model", "wall"), "clock", "must be model or wall")
+        need(0.0 <= s.durable_repeat_rate <= 1.0, "durable_repeat_rate", "must be in [0, 1]")
+        need(0.0 <= s.discovery_share <= 1.0, "discovery_share", "must be in [0, 1]")
+        need(
+            s.clock in ("model", "wall") or clock_day(s.clock) is not None,
+            "clock",
+            "must be model, wall or a date YYYY-MM-DD",
+        )
         need(s.max_workers >= 1, "max_workers", "must be >= 1")
         need(-1 <= s.metrics_port <= 65535, "metrics_port", "must be within [-1, 65535]")
         need(s.reload_interval_s >= 0, "reload_interval_s", "must be >= 0")

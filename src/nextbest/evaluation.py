@@ -1,31 +1,47 @@
-"""Offline evaluation: ranking metrics at k on held-out purchases, for every candidate model and the
-blend, beside best sellers and buy again, in two protocols:
+"""Offline evaluation: ranking metrics at k on held-out purchases, for what the server serves,
+every candidate model and the trainer's blend, beside best sellers, buy again and TIFU-KNN, in
+three protocols:
 
-- `all`: every product bought in the test period counts; rankings may contain bought products.
-- `new`: only products the customer had not bought before count; rankings exclude bought products.
+- `next_basket`: the products of the customer's first purchase day on or after the cutoff.
+- `all`: every product bought within `window_days` (30) of the cutoff; rankings may contain
+  bought products.
+- `new`: the products bought within the window that the customer had not bought before;
+  rankings leave bought products out (the served list is filtered, as an email system would).
 
-Only customers known to the model with at least one relevant product are evaluated. Products the
-model never saw still count as relevant (no model can hit them), so recall is honest.
+`served` is the answer of the serving path itself (`service.ServedModel.recommend`, the code behind
+RecommendProducts): email channel, consent allowed, the clock at the cutoff, SERVED_DEPTH products
+asked for. It is the headline; `blend` is the trainer's ranking before the serving rules (a
+diagnostic). Only customers known to the model with at least one relevant product are evaluated.
+Products the model never saw still count as relevant (no model can hit them), so recall is honest.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import scipy.sparse as sp
 
 from nextbest.bundle import ModelBundle
 from nextbest.cf import CFModel
+from nextbest.data.interactions import to_days
 from nextbest.scoring import (
     UNKNOWN_INTERVAL_DAYS,
     _pair_lookup,
+    is_durable,
     item_interval,
     rank_blend,
     timeliness,
     top_n,
 )
+from nextbest.tifu import TifuParams, customer_vectors, tifu_top_n
+
+if TYPE_CHECKING:
+    from nextbest.config import Settings
+    from nextbest.data.interactions import Interactions
 
 __all__ = [
     "PROTOCOLS",
@@ -41,9 +57,19 @@ __all__ = [
     "popularity_profile",
     "rank_models",
     "evaluate_models",
+    "served_rankings",
+    "durable_share",
+    "TifuVectors",
+    "WINDOW_DAYS",
+    "SERVED_DEPTH",
 ]
 
-PROTOCOLS = ("all", "new")
+PROTOCOLS = ("next_basket", "all", "new")
+SERVED_BATCH = 1024
+WINDOW_DAYS = 30.0
+"""The `all` and `new` protocols count purchases within this many days of the cutoff."""
+SERVED_DEPTH = 50
+"""Products asked of the serving path per customer (then cut to k; filtered first for `new`)."""
 METRICS = ("precision", "recall", "ndcg", "map", "hit_rate", "coverage")
 
 
@@ -59,25 +85,49 @@ class Relevance:
     """Relevant products per evaluated user, including products unknown to the model."""
 
 
-def relevance(bundle: ModelBundle, test_events: pa.Table) -> dict[str, Relevance]:
-    """Relevant products per protocol from the purchases in `test_events`."""
+def relevance(
+    bundle: ModelBundle, test_events: pa.Table, *, now_day: float, window_days: float = WINDOW_DAYS
+) -> dict[str, Relevance]:
+    """Relevant products per protocol from the purchases in `test_events` (all on or after
+    `now_day`, the cutoff)."""
     purchases = test_events.filter(pc.equal(test_events["event_type"], "purchase"))
-    pairs = purchases.group_by(["customer_id", "product_id"], use_threads=False).aggregate([])
-    u = bundle.user_index(pairs["customer_id"].to_numpy(zero_copy_only=False))
-    i = bundle.item_index(pairs["product_id"].to_numpy(zero_copy_only=False))
-    known_user = u >= 0
-    u, i = u[known_user], i[known_user]
-    n_users, n_items = bundle.shape
-    _, bought_before = _pair_lookup(
-        bundle.repeat.days_bought, np.arange(n_users), u, np.where(i >= 0, i, 0)
+    products = purchases["product_id"].combine_chunks()
+    # Product codes for every bought id, those unknown to the model included (they count).
+    code = pc.dictionary_encode(products).indices.to_numpy(zero_copy_only=False).astype(np.int64)
+    u_all = bundle.user_index(purchases["customer_id"].to_numpy(zero_copy_only=False))
+    i_all = bundle.item_index(products.to_numpy(zero_copy_only=False))
+    day = np.floor(to_days(purchases["timestamp"]))
+    known_user = u_all >= 0
+    u_all, i_all, day, code = (
+        u_all[known_user],
+        i_all[known_user],
+        day[known_user],
+        code[known_user],
     )
-    bought_before &= i >= 0
+    n_users, n_items = bundle.shape
+    first_day = np.full(n_users, np.inf)
+    np.minimum.at(first_day, u_all, day)
+    selections = {
+        "next_basket": day == first_day[u_all],
+        "all": day < np.floor(now_day) + window_days,
+    }
+    selections["new"] = selections["all"]
+    n_codes = int(code.max()) + 1 if len(code) else 1
     out = {}
-    for protocol, keep in (("all", np.ones(len(u), bool)), ("new", ~bought_before)):
-        uu, ii = u[keep], i[keep]
-        users, inverse, counts = np.unique(uu, return_inverse=True, return_counts=True)
-        known = ii >= 0
-        keys = np.sort(inverse[known].astype(np.int64) * n_items + ii[known])
+    for protocol in PROTOCOLS:
+        keep = selections[protocol]
+        # One entry per (customer, product).
+        _, first = np.unique(u_all[keep] * n_codes + code[keep], return_index=True)
+        u, i = u_all[keep][first], i_all[keep][first]
+        if protocol == "new":
+            _, bought_before = _pair_lookup(
+                bundle.repeat.days_bought, np.arange(n_users), u, np.where(i >= 0, i, 0)
+            )
+            fresh = ~(bought_before & (i >= 0))
+            u, i = u[fresh], i[fresh]
+        users, inverse, counts = np.unique(u, return_inverse=True, return_counts=True)
+        known = i >= 0
+        keys = np.sort(inverse[known].astype(np.int64) * n_items + i[known])
         out[protocol] = Relevance(users=users, keys=keys, n_relevant=counts)
     return out
 
@@ -243,6 +293,23 @@ def _repeat_model(bundle: ModelBundle, users: np.ndarray, k: int, now_day: float
 
 
 @dataclass(frozen=True)
+class TifuVectors:
+    """TIFU-KNN (Hu et al., SIGIR 2020) customer vectors of the training period, rows and columns
+    as the bundle's users and items: the published strong baseline for repeat-heavy data."""
+
+    vectors: sp.csr_matrix
+    params: TifuParams
+
+    @classmethod
+    def fit(cls, inter: Interactions, params: TifuParams | None = None) -> TifuVectors:
+        params = params or TifuParams()
+        return cls(vectors=customer_vectors(inter, params), params=params)
+
+    def top_n(self, users: np.ndarray, k: int, exclude: sp.csr_matrix | None = None) -> np.ndarray:
+        return tifu_top_n(self.vectors, users, k, self.params, exclude=exclude)[0]
+
+
+@dataclass(frozen=True)
 class Rankings:
     """Every model's ranking of the customers evaluated in one protocol."""
 
@@ -250,6 +317,57 @@ class Rankings:
     """The protocol's evaluated customers and their held-out products."""
     ids: dict[str, np.ndarray]
     """Per model name, item indices of shape (customers, depth), best first, -1 for empty slots."""
+
+
+def served_rankings(
+    bundle: ModelBundle, settings: Settings, users: np.ndarray, *, now_day: float, depth: int
+) -> np.ndarray:
+    """What RecommendProducts answers each of `users` (user indices) on the email channel, with
+    every consent granted and the clock at `now_day`: item indices (len(users), depth), -1
+    padded. The same `ServedModel` code as the server, not a copy of it."""
+    from nextbest.policy import ConsentState
+    from nextbest.service import ProductQuery, ServedModel, fixed_consent
+
+    served = ServedModel(
+        bundle, settings, fixed_consent(ConsentState(default_allow=True, granted={})), as_of=now_day
+    )
+    ids = np.full((len(users), depth), -1, dtype=np.int64)
+    customer_ids = bundle.user_ids[users]
+    for lo in range(0, len(users), SERVED_BATCH):
+        queries = [
+            ProductQuery(customer_id=str(c), limit=depth, channel="email")
+            for c in customer_ids[lo : lo + SERVED_BATCH]
+        ]
+        for row, answer in enumerate(served.recommend(queries), lo):
+            items = bundle.item_index(np.asarray([it.product_id for it in answer.items], dtype=str))
+            ids[row, : len(items)] = items
+    return ids
+
+
+def _without_bought(bundle: ModelBundle, users: np.ndarray, ids: np.ndarray, k: int) -> np.ndarray:
+    """Each row of `ids` without the products the customer bought before, cut to k."""
+    n, depth = ids.shape
+    pos = np.repeat(np.arange(n), depth)
+    flat = ids.ravel()
+    _, bought = _pair_lookup(bundle.repeat.days_bought, users, pos, np.where(flat >= 0, flat, 0))
+    keep = (flat >= 0) & ~bought
+    rank = np.tile(-np.arange(depth, dtype=np.float64), n)
+    return top_n(pos[keep], flat[keep], rank[keep], n, k)[0]
+
+
+def durable_share(bundle: ModelBundle, users: np.ndarray, ids: np.ndarray, settings) -> float:
+    """Share of the served items (slots of `ids`) that are durables the customer bought before:
+    the rule says none (`scoring.is_durable`)."""
+    n, depth = ids.shape
+    pos = np.repeat(np.arange(n), depth)
+    flat = ids.ravel()
+    valid = flat >= 0
+    if not valid.any():
+        return 0.0
+    pos, flat = pos[valid], flat[valid]
+    _, bought = _pair_lookup(bundle.repeat.days_bought, users, pos, flat)
+    durable = is_durable(bundle, flat, durable_repeat_rate=settings.serve.durable_repeat_rate)
+    return float((bought & durable).mean())
 
 
 def rank_models(
@@ -263,11 +381,17 @@ def rank_models(
     protocols: tuple[str, ...] = PROTOCOLS,
     baselines: bool = True,
     blend: bool = True,
+    served: tuple[np.ndarray, np.ndarray] | None = None,
+    tifu: TifuVectors | None = None,
+    window_days: float = WINDOW_DAYS,
 ) -> dict[str, Rankings]:
-    """Each model's top k per evaluated customer, per protocol: best sellers, buy again, repeat
-    (with `baselines`), each CF candidate, and the blend (`blend`)."""
-    rels = relevance(bundle, test_events)
+    """Each model's top k per evaluated customer, per protocol: what is served (`served`: user
+    indices and their `served_rankings`, covering every evaluated customer), best sellers, buy
+    again, repeat, TIFU-KNN (with `tifu`) as baselines (with `baselines`), each CF candidate,
+    and the trainer's blend (`blend`)."""
+    rels = relevance(bundle, test_events, now_day=now_day, window_days=window_days)
     candidates = candidates or {bundle.cf.kind: bundle.cf}
+    served_ids = None if served is None else dict(zip(served[0].tolist(), served[1], strict=True))
     out: dict[str, Rankings] = {}
     for protocol in protocols:
         rel = rels[protocol]
@@ -277,11 +401,17 @@ def rank_models(
         out[protocol] = Rankings(relevance=rel, ids=rankings)
         if len(users) == 0:
             continue
+        if served_ids is not None:
+            ids = np.stack([served_ids[u] for u in users.tolist()])
+            rankings["served"] = _without_bought(bundle, users, ids, k) if new else ids[:, :k]
         if baselines:
             rankings["best sellers"] = _best_sellers(bundle, users, k, exclude_bought=new)
         if baselines and not new:
             rankings["buy again"] = _buy_again(bundle, users, k)
             rankings["repeat"] = _repeat_model(bundle, users, k, now_day)
+        if baselines and tifu is not None:
+            exclude = bundle.repeat.days_bought if new else None
+            rankings["tifu-knn"] = tifu.top_n(users, k, exclude=exclude)
         for name, model in candidates.items():
             rankings[name] = model.recommend(
                 users, bundle.user_items[users], N=k, filter_already_liked_items=new
@@ -318,9 +448,10 @@ def evaluate_models(
     protocols: tuple[str, ...] = PROTOCOLS,
     baselines: bool = True,
     blend: bool = True,
+    served: tuple[np.ndarray, np.ndarray] | None = None,
+    tifu: TifuVectors | None = None,
 ) -> dict[str, dict[str, dict[str, float]]]:
-    """Metrics at k per protocol, per model name: best sellers, buy again, repeat (with
-    `baselines`), each CF candidate, and the blend (`blend`)."""
+    """Metrics at k per protocol, per model name, of `rank_models`' rankings."""
     rankings = rank_models(
         bundle,
         test_events,
@@ -331,5 +462,7 @@ def evaluate_models(
         protocols=protocols,
         baselines=baselines,
         blend=blend,
+        served=served,
+        tifu=tifu,
     )
     return metrics_at(rankings, bundle.shape[1])

@@ -74,8 +74,9 @@ METRIC_HELP = {
     "map": "mean average precision: like precision, but a hit counts more the higher it ranks",
 }
 PROTOCOL_TITLES = {
-    "all": "all test purchases",
-    "new": "new-to-customer purchases only",
+    "next_basket": "next basket (first purchase day after the cutoff)",
+    "all": "all purchases within 30 days",
+    "new": "new-to-customer purchases within 30 days",
 }
 MODEL_LABELS = {
     "best sellers": "best sellers",
@@ -85,7 +86,9 @@ MODEL_LABELS = {
     "bpr": "BPR",
     "cosine": "item-item cosine",
     "bm25": "item-item BM25",
-    "blend": "blend (served)",
+    "blend": "blend (trainer, before the serving rules)",
+    "served": "served (RecommendProducts)",
+    "tifu-knn": "TIFU-KNN",
 }
 BASELINES = ("best sellers", "buy again")
 # (color, line style, line width): baselines grey and dashed, the served blend thick and black.
@@ -97,7 +100,9 @@ MODEL_STYLES = {
     "bpr": ("#9467bd", "-", 1.6),
     "cosine": ("#2ca02c", "-", 1.6),
     "bm25": ("#ff7f0e", "-", 1.6),
-    "blend": ("#000000", "-", 2.8),
+    "blend": ("#7f7f7f", "-", 1.6),
+    "served": ("#000000", "-", 2.8),
+    "tifu-knn": ("#e377c2", "--", 1.8),
 }
 OTHER_STYLE = ("#17becf", "-", 1.6)
 
@@ -448,11 +453,11 @@ def _headline_tables(run: RankedEvaluation, k: int, popularity: np.ndarray) -> s
         )
         ratio = ""
         baselines = {b: rows[b]["ndcg"] for b in BASELINES if b in rows}
-        if "blend" in rows and baselines and max(baselines.values()) > 0:
+        if "served" in rows and baselines and max(baselines.values()) > 0:
             name = max(baselines, key=baselines.get)
             ratio = (
-                f"<p class=ratio>blend NDCG@{k} / best baseline ({html.escape(name)}) NDCG@{k} = "
-                f"<b>{rows['blend']['ndcg'] / baselines[name]:.2f}</b></p>"
+                f"<p class=ratio>served NDCG@{k} / best baseline ({html.escape(name)}) NDCG@{k} = "
+                f"<b>{rows['served']['ndcg'] / baselines[name]:.2f}</b></p>"
             )
         parts.append(
             f"<h3>{PROTOCOL_TITLES[protocol]} ({users:,} customers)</h3>\n"
@@ -537,7 +542,7 @@ def write_report(
     }
     figures: list[tuple[str, _Figure]] = []
     read_curves = (
-        "each line is a model, dashed ones the baselines, the thick black one the served blend; "
+        "each line is a model, dashed ones the baselines, the thick black one what is served; "
         f"higher is better; the dotted line marks k = {k}, the k of the table"
     )
     for metric in ("ndcg", "hit_rate", "precision", "recall", "map"):
@@ -650,17 +655,20 @@ def write_report(
 </head>
 <body>
 <h1>{html.escape(title)}</h1>
-<p>Time-split evaluation of every candidate model, the served blend and the baselines
-(nextbest {__version__}, {generated}).</p>
+<p>Time-split evaluation of what the server serves (the headline), every candidate model, the
+trainer's blend and the baselines (nextbest {__version__}, {generated}).</p>
 <dl class="summary">{summary}</dl>
 <p>Command:</p>
 <pre class="command">{html.escape(command)}</pre>
 <h2>Headline numbers at k = {k}</h2>
-<p>Protocol <i>all</i>: every product bought after the cutoff is relevant, rankings may repeat
-purchases. Protocol <i>new</i>: only products the customer never bought before are relevant, and
-rankings leave bought products out. Bold: the best of each quality column. Popularity percentile:
-100 = the best seller, the catalog's mean is 50; top-10% share: the share of recommendations
-among the 10% best-selling products (the catalog's is 10%).</p>
+<p>Protocol <i>next basket</i>: the products of the customer's first purchase day after the
+cutoff. Protocol <i>all</i>: every product bought within 30 days of the cutoff is relevant, rankings
+may repeat purchases. Protocol <i>new</i>: only products the customer never bought before are
+relevant, and rankings leave bought products out (the served list is filtered). <i>served</i> is
+what RecommendProducts answers on the email channel with the clock at the cutoff. Bold: the
+best of each quality column. Popularity percentile: 100 = the best seller, the catalog's mean
+is 50; top-10% share: the share of recommendations among the 10% best-selling products (the
+catalog's is 10%).</p>
 {_headline_tables(run, k, popularity)}
 {chr(10).join(body)}
 </body>

@@ -24,7 +24,8 @@ __all__ = [
     "POPULAR_POOL",
     "item_interval",
     "timeliness",
-    "is_due",
+    "is_durable",
+    "discovery_slots",
     "Recommendations",
     "recommend_for",
     "cf_candidates_for",
@@ -257,15 +258,38 @@ def blend_scores(bundle: ModelBundle, features: np.ndarray) -> np.ndarray:
 
 
 def top_n(
-    pos: np.ndarray, item: np.ndarray, score: np.ndarray, n_users: int, N: int
+    pos: np.ndarray,
+    item: np.ndarray,
+    score: np.ndarray,
+    n_users: int,
+    N: int,
+    *,
+    reserve: np.ndarray | None = None,
+    reserved: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per user position, the N best items by score (ties: lower item index first).
 
-    Returns `(ids, scores)` of shape (n_users, N), padded with -1 / -inf.
+    With `reserve` (a bool per candidate) and `reserved` > 0: the `reserved` best reserved
+    candidates of each user are chosen first (as many as there are), the rest of the N by score
+    from the other candidates; the N are then ordered by score. Returns `(ids, scores)` of shape
+    (n_users, N), padded with -1 / -inf.
     """
     order = np.lexsort((item, -score, pos))
     pos, item, score = pos[order], item[order], score[order]
     starts = np.searchsorted(pos, np.arange(n_users))
+    if reserve is not None and reserved > 0:
+        reserve = reserve[order]
+        # Rank of each reserved candidate among its user's reserved ones (score order).
+        r_count = np.cumsum(reserve) - reserve
+        r_rank = r_count - np.r_[0, np.cumsum(reserve)][starts][pos]
+        first = reserve & (r_rank < reserved)
+        taken = np.bincount(pos[first], minlength=n_users)
+        rest = ~first
+        o_count = np.cumsum(rest) - rest
+        o_rank = o_count - np.r_[0, np.cumsum(rest)][starts][pos]
+        chosen = first | (rest & (o_rank < N - taken[pos]))
+        pos, item, score = pos[chosen], item[chosen], score[chosen]
+        starts = np.searchsorted(pos, np.arange(n_users))
     rank = np.arange(len(pos)) - starts[pos]
     keep = rank < N
     ids = np.full((n_users, N), -1, dtype=np.int64)
@@ -286,8 +310,10 @@ def rank_blend(
     cf_candidates: np.ndarray | None = None,
     user_factors: dict[int, np.ndarray] | None = None,
     plain: np.ndarray | None = None,
+    reserved_new: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The blend's top N for known user indices; `allow(candidates) -> bool mask` filters first."""
+    """The blend's top N for known user indices; `allow(candidates) -> bool mask` filters first;
+    the `reserved_new` best products new to the customer are among the N (`top_n`)."""
     cands = candidate_features(
         bundle,
         users,
@@ -299,7 +325,15 @@ def rank_blend(
     )
     score = blend_scores(bundle, cands.features)
     keep = np.ones(len(score), dtype=bool) if allow is None else allow(cands)
-    return top_n(cands.pos[keep], cands.item[keep], score[keep], len(users), N)
+    return top_n(
+        cands.pos[keep],
+        cands.item[keep],
+        score[keep],
+        len(users),
+        N,
+        reserve=~cands.bought[keep],
+        reserved=reserved_new,
+    )
 
 
 def best_sellers_for(
@@ -337,22 +371,17 @@ class Recommendations:
     """(n,) the model's user index of each customer, -1 when unknown."""
 
 
-def is_due(
-    bundle: ModelBundle,
-    items: np.ndarray,
-    age: np.ndarray,
-    *,
-    consumable_repeat_rate: float,
-    due_fraction: float,
-) -> np.ndarray:
-    """Bought products that may be offered again: consumables (repeat rate >=
-    `consumable_repeat_rate`, with a known interval) whose last purchase, `age` days ago, is at
-    least `due_fraction` of their repurchase interval old."""
-    interval = item_interval(bundle, items)
-    consumable = (bundle.repeat.item_repeat_rate[items] >= consumable_repeat_rate) & np.isfinite(
-        interval
-    )
-    return consumable & (age >= due_fraction * np.nan_to_num(interval, nan=np.inf))
+def discovery_slots(n: int, share: float) -> int:
+    """Places of an answer of `n` products kept for products new to the customer."""
+    return int(np.ceil(n * share - 1e-9))
+
+
+def is_durable(bundle: ModelBundle, items: np.ndarray, *, durable_repeat_rate: float) -> np.ndarray:
+    """Products whose buyers almost never buy them again: smoothed repeat rate below
+    `durable_repeat_rate` and no repurchase interval in the catalog. A customer who bought one is
+    not offered it again (unless the request asks for bought products)."""
+    catalog_interval = np.isfinite(bundle.item_repurchase_days[items])
+    return (bundle.repeat.item_repeat_rate[items] < durable_repeat_rate) & ~catalog_interval
 
 
 def recommend_for(
@@ -363,8 +392,8 @@ def recommend_for(
     now_day: float,
     personalization_ok: np.ndarray,
     sensitive_ok: np.ndarray,
-    consumable_repeat_rate: float,
-    due_fraction: float,
+    durable_repeat_rate: float,
+    discovery_share: float = 0.0,
     pool: int,
     item_masks: list[np.ndarray | None] | None = None,
     include_purchased: np.ndarray | None = None,
@@ -374,10 +403,11 @@ def recommend_for(
     """The served ranking for a batch of customers (every channel gets the same).
 
     Customers without personalization consent or unknown to the model get best sellers. For the
-    others: the blend over candidates, without unavailable products, without sensitive products
-    unless `sensitive_ok`, without products already bought unless they are consumables (repeat
-    rate >= `consumable_repeat_rate`) whose repurchase time has come (`due_fraction` of the
-    interval) or `include_purchased` is set for the customer, filled up with best sellers.
+    others: the blend's probability of a purchase soon over the candidates (own products, best
+    sellers, CF), without unavailable products, without sensitive products unless
+    `sensitive_ok`, without durables already bought (`is_durable`) unless `include_purchased` is
+    set for the customer, filled up with best sellers. At least `discovery_share` of the N are
+    products new to the customer when there are such candidates (`discovery_slots`).
     `item_masks[r]`, when given, is a bool mask over items: only those may be returned to
     customer r (category filters, excluded products). `cf_candidates`: the CF candidates of
     every user of the model, precomputed by `cf_candidates_for` (else computed per call).
@@ -418,15 +448,8 @@ def recommend_for(
             for j, mask in row_masks:
                 mine = c.pos == j
                 ok[mine] &= mask[c.item[mine]]
-            age = np.exp(c.features[:, FEATURES.index("log_age")]) - 1.0
-            due = is_due(
-                bundle,
-                c.item,
-                age,
-                consumable_repeat_rate=consumable_repeat_rate,
-                due_fraction=due_fraction,
-            )
-            return ok & (~c.bought | due | keep_bought[c.pos])
+            durable = is_durable(bundle, c.item, durable_repeat_rate=durable_repeat_rate)
+            return ok & (~c.bought | ~durable | keep_bought[c.pos])
 
         p_ids, p_scores = rank_blend(
             bundle,
@@ -440,6 +463,7 @@ def recommend_for(
                 j: user_factors[r] for j, r in enumerate(rows) if r in (user_factors or {})
             },
             plain=~sens_ok,
+            reserved_new=discovery_slots(N, discovery_share),
         )
         p_popular = np.zeros_like(p_ids, dtype=bool)
         # Fill short lists with best sellers the customer may see and has not been given.

@@ -28,17 +28,17 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from nextbest.bundle import ModelBundle, lookup
-from nextbest.config import Settings
+from nextbest.config import Settings, clock_day
 from nextbest.data.interactions import to_days
 from nextbest.errors import NotFound
 from nextbest.policy import ConsentState
 from nextbest.scoring import (
     best_sellers_for,
     cf_candidates_for,
-    is_due,
+    discovery_slots,
     item_interval,
     recommend_for,
-    timeliness,
+    top_n,
 )
 from nextbest.store.consent_store import StoreError
 
@@ -352,9 +352,12 @@ class ServedModel:
     def now_day(self) -> float:
         if self.as_of is not None:
             return self.as_of
-        if self.settings.serve.clock == "wall":
+        clock = self.settings.serve.clock
+        if clock == "wall":
             return time.time() / 86400.0
-        return self.bundle.reference_day
+        if clock == "model":
+            return self.bundle.reference_day
+        return clock_day(clock)
 
     def consents(self, customer_ids: list[str]) -> tuple[np.ndarray, np.ndarray, list[str]]:
         """(personalization allowed, sensitive allowed, why not personal: '' / no_consent /
@@ -460,8 +463,8 @@ class ServedModel:
         else:
             _outage.ok()
         masks = [
-            self._without_recorded(self._item_mask(q), q, items, days, now)
-            for q, (items, _, days) in zip(queries, recorded, strict=True)
+            self._without_recorded(self._item_mask(q), q, items)
+            for q, (items, _, _) in zip(queries, recorded, strict=True)
         ]
         fetch = limit + max(5, limit // 2)  # spare candidates for items the privacy rule withholds
         users = b.user_index(np.asarray(customer_ids, dtype=str))
@@ -477,8 +480,8 @@ class ServedModel:
             now_day=now,
             personalization_ok=personal_ok,
             sensitive_ok=sensitive_ok,
-            consumable_repeat_rate=serve.consumable_repeat_rate,
-            due_fraction=serve.due_fraction,
+            durable_repeat_rate=serve.durable_repeat_rate,
+            discovery_share=serve.discovery_share,
             pool=self.settings.train.candidate_pool,
             item_masks=masks,
             include_purchased=np.asarray([q.include_purchased for q in queries], dtype=bool),
@@ -495,7 +498,6 @@ class ServedModel:
                     chosen, relevance, evidence = folded
                     popular = np.zeros(len(chosen), dtype=bool)
                     reasons = self._reasons(-1, chosen, popular, False, now, cited=evidence)
-                    timely = np.ones(len(chosen))
                     bought = items
             else:
                 folded = None
@@ -504,7 +506,6 @@ class ServedModel:
                 chosen, relevance = recs.ids[r][valid], recs.scores[r][valid]
                 popular = recs.popular[r][valid]
                 reasons = self._reasons(user, chosen, popular, bool(sensitive_ok[r]), now)
-                timely = self._timeliness(user, chosen, now)
                 bought = self._history(user)
             if not (folded is not None or recs.personalized[r]):
                 answer = ProductAnswer(
@@ -525,7 +526,6 @@ class ServedModel:
                     q,
                     chosen,
                     relevance,
-                    timely,
                     popular,
                     reasons,
                     float(trust[r]),
@@ -570,37 +570,12 @@ class ServedModel:
         rs = self.bundle.repeat.days_bought
         return rs.indices[rs.indptr[user] : rs.indptr[user + 1]]
 
-    def _timeliness(self, user: int, items: np.ndarray, now: float) -> np.ndarray:
-        """In (0, 1]: 1 for products the customer never bought; for bought ones how close the
-        last purchase is to one repurchase interval ago (the customer's own interval when they
-        bought it on two or more days, else the product's; 1 when neither is known)."""
-        out = np.ones(len(items))
-        if user < 0 or not len(items):
-            return out
-        rs = self.bundle.repeat
-        start, stop = rs.days_bought.indptr[user], rs.days_bought.indptr[user + 1]
-        row = rs.days_bought.indices[start:stop]
-        if not len(row):
-            return out
-        pos = np.minimum(np.searchsorted(row, items), len(row) - 1)
-        hit = row[pos] == items
-        at = start + pos[hit]
-        days = rs.days_bought.data[at]
-        last = rs.last_day.data[at]
-        own = (last - rs.first_day.data[at]) / np.maximum(days - 1, 1)
-        interval = np.where(days >= 2, own, item_interval(self.bundle, items[hit]))
-        age = np.maximum(now - last, 0.0)
-        known = np.isfinite(interval)
-        out[np.flatnonzero(hit)[known]] = np.exp(timeliness(age[known], interval[known]))
-        return out
-
     def _privacy_rule(
         self,
         shown: dict[str, int],
         q: ProductQuery,
         items: np.ndarray,
         relevance: np.ndarray,
-        timely: np.ndarray,
         popular: np.ndarray,
         reasons: list[tuple[Reason, ...]],
         trust: float,
@@ -612,11 +587,15 @@ class ServedModel:
         """SPEC §5 on a personalized candidate list: value = (relevance × timeliness −
         privacy_loss) × trust, privacy_loss = sensitivity × the channel's exposure; items below
         policy.min_value are withheld, the rest ranked by value, the list filled with best
-        sellers (never sensitive), and the decisions said."""
+        sellers (never sensitive), and the decisions said.
+
+        `relevance` is relevance × timeliness counted once: the blend's calibrated probability
+        that the customer buys the product soon, which learned the repurchase timing from its
+        features (a fold-in answer's relative CF score, which has no timing)."""
         policy = self.settings.policy
         b = self.bundle
         loss = self.sensitivity[items] * policy.channel_exposure[q.channel]
-        value = (relevance * timely - loss) * trust
+        value = (relevance - loss) * trust
         times = np.asarray([shown.get(str(b.item_ids[i]), 0) for i in items], dtype=np.int64)
         tired = times >= policy.fatigue_impressions
         if tired.any():
@@ -632,7 +611,18 @@ class ServedModel:
                 reasons[k] = (*reasons[k], note)
         keep = value >= policy.min_value
         withheld = int((~keep & ~popular).sum())
-        order = np.flatnonzero(keep)[np.argsort(-value[keep], kind="stable")][:limit]
+        kept = np.flatnonzero(keep)
+        # The best by value, with the discovery places kept for products new to the customer.
+        ranked, _ = top_n(
+            np.zeros(len(kept), dtype=np.int64),
+            kept,
+            value[kept],
+            1,
+            limit,
+            reserve=~np.isin(items[kept], bought),
+            reserved=discovery_slots(limit, self.settings.serve.discovery_share),
+        )
+        order = ranked[0][ranked[0] >= 0]
         chosen = [self._item(int(items[k]), float(value[k]), reasons[k]) for k in order]
         decisions = []
         if not sensitive_ok:
@@ -706,24 +696,14 @@ class ServedModel:
         mask: np.ndarray | None,
         q: ProductQuery,
         items: np.ndarray,
-        days: np.ndarray,
-        now: float,
     ) -> np.ndarray | None:
-        """The query's item mask without recorded purchases that are not due again: durable
-        products, and consumables bought less than `serve.due_fraction` of their interval ago."""
+        """The query's item mask without the purchases recorded since the model was trained: the
+        model cannot time a purchase it has not seen, so they come back after the next training
+        (and durables never), unless the request asks for bought products."""
         if not len(items) or q.include_purchased:
             return mask
-        due = is_due(
-            self.bundle,
-            items,
-            np.maximum(now - days, 0.0),
-            consumable_repeat_rate=self.settings.serve.consumable_repeat_rate,
-            due_fraction=self.settings.serve.due_fraction,
-        )
-        if due.all():
-            return mask
         mask = np.ones(self.bundle.shape[1], dtype=bool) if mask is None else mask.copy()
-        mask[items[~due]] = False
+        mask[items] = False
         return mask
 
     def _folded(

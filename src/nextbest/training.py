@@ -41,7 +41,17 @@ from nextbest.data.interactions import (
 )
 from nextbest.data.readers import CONTENT_SCHEMA
 from nextbest.errors import DataError
-from nextbest.evaluation import Rankings, evaluate_models, metrics_at, rank_models
+from nextbest.evaluation import (
+    SERVED_DEPTH,
+    Rankings,
+    TifuVectors,
+    durable_share,
+    evaluate_models,
+    metrics_at,
+    rank_models,
+    relevance,
+    served_rankings,
+)
 from nextbest.policy import sensitive_mask
 from nextbest.scoring import candidate_features
 
@@ -446,6 +456,17 @@ def _train_before(
     return bundle, report, fitted, after
 
 
+def _tifu_of(events: pa.Table, bundle: ModelBundle, settings: Settings) -> TifuVectors:
+    """TIFU-KNN vectors of the training events, coded like the bundle."""
+    inter = build_interactions(events, settings.data.event_weights)
+    if not (
+        np.array_equal(inter.user_ids, bundle.user_ids)
+        and np.array_equal(inter.item_ids, bundle.item_ids)
+    ):
+        raise DataError("TIFU-KNN: the training events do not code like the model (a bug)")
+    return TifuVectors.fit(inter)
+
+
 def evaluate_at(
     events: pa.Table,
     catalog: pa.Table | None,
@@ -455,18 +476,10 @@ def evaluate_at(
     k: int,
     progress: bool = False,
 ) -> tuple[dict[str, dict[str, dict[str, float]]], TrainReport]:
-    """Train on events before the cutoff (tuning inside that period only) and evaluate every
-    model on the purchases from the cutoff on."""
-    bundle, report, fitted, after = _train_before(events, catalog, settings, cutoff_day, progress)
-    results = evaluate_models(
-        bundle,
-        after,
-        k=k,
-        now_day=cutoff_day,
-        pool=settings.train.candidate_pool,
-        candidates=fitted,
-    )
-    return results, report
+    """Train on events before the cutoff (tuning inside that period only) and evaluate what is
+    served, every model and the baselines on the purchases from the cutoff on."""
+    run = evaluate_ranked_at(events, catalog, settings, cutoff_day, k=k, depth=k, progress=progress)
+    return run.results, run.report
 
 
 @dataclass(frozen=True)
@@ -482,6 +495,13 @@ class RankedEvaluation:
     """Every model's top max(k, depth) per protocol (metric curves, popularity bias)."""
     test_events: pa.Table
     """The events from the cutoff on."""
+    durable_share: float = 0.0
+    """Share of the served top-k items (protocol `all`) that are durables the customer bought
+    before: the durable rule says 0."""
+    served_users: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    """Every evaluated customer (user indices), and ..."""
+    served_ids: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.int64))
+    """... what the serving path answered each of them (item indices, -1 padded)."""
 
 
 def evaluate_ranked_at(
@@ -496,8 +516,20 @@ def evaluate_ranked_at(
 ) -> RankedEvaluation:
     """`evaluate_at` that ranks max(k, depth) products once per customer and model and keeps the
     rankings: the metrics at k come from their top k, the curves at 1..depth from the same
-    rankings (`evaluation.metric_curves`)."""
+    rankings (`evaluation.metric_curves`). The served answers come from the serving path with
+    the clock at the cutoff."""
     bundle, report, fitted, after = _train_before(events, catalog, settings, cutoff_day, progress)
+    clock = time.perf_counter()
+    tifu = _tifu_of(split_at(events, cutoff_day)[0], bundle, settings)
+    report.timings["tifu_s"] = time.perf_counter() - clock
+    clock = time.perf_counter()
+    rels = relevance(bundle, after, now_day=cutoff_day)
+    users = np.unique(np.concatenate([r.users for r in rels.values()]))
+    served = served_rankings(
+        bundle, settings, users, now_day=cutoff_day, depth=max(k, depth, SERVED_DEPTH)
+    )
+    report.timings["serve_s"] = time.perf_counter() - clock
+    clock = time.perf_counter()
     rankings = rank_models(
         bundle,
         after,
@@ -505,6 +537,15 @@ def evaluate_ranked_at(
         now_day=cutoff_day,
         pool=settings.train.candidate_pool,
         candidates=fitted,
+        served=(users, served),
+        tifu=tifu,
+    )
+    report.timings["evaluate_s"] = time.perf_counter() - clock
+    every = rankings["all"]
+    share = (
+        durable_share(bundle, every.relevance.users, every.ids["served"][:, :k], settings)
+        if "served" in every.ids
+        else 0.0
     )
     return RankedEvaluation(
         results=metrics_at(rankings, bundle.shape[1], k),
@@ -512,4 +553,7 @@ def evaluate_ranked_at(
         bundle=bundle,
         rankings=rankings,
         test_events=after,
+        durable_share=share,
+        served_users=users,
+        served_ids=served,
     )
