@@ -17,16 +17,12 @@ from nextbest import __version__
 from nextbest.config import CONSENT_DEFAULTS, ROLES, Settings, load_settings
 from nextbest.data.readers import (
     PURPOSES,
-    read_catalog,
     read_consent,
-    read_content,
     read_customer_ids,
-    read_events,
     write_table,
 )
 from nextbest.errors import ConfigError, DataError, NextbestError
 from nextbest.evaluation import METRICS, PROTOCOLS
-from nextbest.store.artifacts import sha256_file
 
 __all__ = ["main", "build_parser"]
 
@@ -98,136 +94,20 @@ def _check_engine(settings: Settings) -> None:
         check_available()
 
 
-def _rejects_path(base: str | None, kind: str) -> Path | None:
-    """Events rejects go to --rejects itself, other files' rejects beside it (`<stem>-catalog`)."""
-    if base is None:
-        return None
-    path = Path(base)
-    if kind == "events":
-        return path
-    suffix = "".join(path.suffixes) or ".csv"
-    return path.with_name(f"{path.name[: len(path.name) - len(suffix)]}-{kind}{suffix}")
+def _inputs(args: argparse.Namespace, settings: Settings):
+    """The training inputs named on the command line, read and gated (`training.inputs`)."""
+    from nextbest.training.inputs import InputFiles, read_inputs
 
-
-def _store_inputs(url: str, events: pa.Table, catalog: pa.Table | None, settings: Settings):
-    """From the consent store: its recorded events (appended; on products the catalog knows),
-    the consent records of every customer in the events, and the erased customers."""
-    from nextbest.store.consent_store import open_store
-
-    store = open_store(url)
-    try:
-        recorded = store.events()
-        if catalog is not None and recorded.num_rows:
-            known = pc.is_in(recorded["product_id"], catalog["product_id"].combine_chunks())
-            unknown = recorded.num_rows - pc.sum(known).as_py()
-            if unknown:
-                logger.info(
-                    "%s: %d recorded events on products not in the catalog skipped", url, unknown
-                )
-            recorded = recorded.filter(known)
-        events = pa.concat_tables([events, recorded.cast(events.schema)])
-        customers = pc.unique(events["customer_id"]).to_pylist()
-        consent = store.consent_state(customers, settings.policy.default_consent == "allow")
-        tombstones = pa.array(sorted(store.tombstones()), pa.string())
-    finally:
-        store.close()
-    logger.info(
-        "%s: %d recorded events added, %d erased customers (tombstones) excluded",
-        url,
-        recorded.num_rows,
-        len(tombstones),
+    files = InputFiles(
+        events=args.events,
+        catalog=args.catalog,
+        consent=args.consent,
+        erased=args.erased,
+        store=getattr(args, "store", None),
+        content=getattr(args, "content", None),
+        rejects=args.rejects,
     )
-    return events, consent, tombstones
-
-
-def _load_training_inputs(args: argparse.Namespace, settings: Settings):
-    """Read catalog, events, consent and erased customers; apply the consent gate."""
-    from nextbest.policy import ConsentState, consent_state, filter_training_events, sensitive_mask
-
-    share = settings.data.max_reject_share
-    catalog = None
-    if args.catalog:
-        catalog, report = read_catalog(
-            args.catalog,
-            rejects_path=_rejects_path(args.rejects, "catalog"),
-            max_reject_share=share,
-        )
-        logger.info("%s", report.summary())
-    event_types = ("purchase", "return", *settings.data.event_weights)
-    events, report = read_events(
-        args.events,
-        event_types=tuple(dict.fromkeys(event_types)),
-        known_products=catalog["product_id"].combine_chunks() if catalog is not None else None,
-        rejects_path=_rejects_path(args.rejects, "events"),
-        max_reject_share=share,
-    )
-    logger.info("%s", report.summary())
-    reports = {"events": report.as_dict()}
-    store_consent = None
-    tombstones = pa.array([], pa.string())
-    store_url = getattr(args, "store", None)
-    if store_url is None:
-        from nextbest.store.consent_store import store_exists
-
-        # The configured store (serve.store) by default: its tombstones bind every training.
-        default = settings.serve.store
-        store_url = default if store_exists(default) else None
-    if store_url:
-        events, store_consent, tombstones = _store_inputs(store_url, events, catalog, settings)
-    consent = None
-    consent_time = None
-    if args.consent:
-        consent, c_report = read_consent(
-            args.consent,
-            rejects_path=_rejects_path(args.rejects, "consent"),
-            max_reject_share=share,
-        )
-        logger.info("%s", c_report.summary())
-        reports["consent"] = c_report.as_dict()
-        if consent.num_rows:
-            consent_time = pc.max(consent["updated_at"]).as_py().isoformat()
-    erased = None
-    if args.erased:
-        erased, e_report = read_customer_ids(args.erased)
-        logger.info("%s", e_report.summary())
-    if len(tombstones):
-        erased = tombstones if erased is None else pa.concat_arrays([erased, tombstones])
-    state = consent_state(consent, settings.policy)
-    if store_consent is not None:
-        # The store is the live record: its values win over the file's for the same purpose.
-        merged = {p: dict(state.granted.get(p, {})) for p in PURPOSES}
-        for purpose, records in store_consent.granted.items():
-            merged[purpose].update(records)
-        state = ConsentState(default_allow=state.default_allow, granted=merged)
-    sensitive = pa.array([], pa.string())
-    if catalog is not None:
-        is_sensitive = pa.array(sensitive_mask(catalog, settings.policy))
-        sensitive = catalog["product_id"].combine_chunks().filter(is_sensitive)
-    events, c_report = filter_training_events(
-        events, state, sensitive_products=sensitive, erased=erased
-    )
-    logger.info("%s", c_report.summary())
-    if events.num_rows == 0:
-        raise DataError(
-            f"{args.events}: no events left after the consent rules (default consent is "
-            f"{settings.policy.default_consent!r}; see --consent and --default-consent)"
-        )
-    meta = {
-        "data": {
-            "events": str(args.events),
-            "events_sha256": sha256_file(args.events),
-            "catalog": str(args.catalog) if args.catalog else None,
-            "catalog_sha256": sha256_file(args.catalog) if args.catalog else None,
-            "read": reports,
-        },
-        "consent": {
-            "file": str(args.consent) if args.consent else None,
-            "snapshot_time": consent_time,
-            "default_consent": settings.policy.default_consent,
-            **vars(c_report),
-        },
-    }
-    return events, catalog, meta
+    return read_inputs(files, settings)
 
 
 PROTOCOL_TITLES = {
@@ -296,18 +176,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     _check_engine(settings)
-    events, catalog, meta = _load_training_inputs(args, settings)
-    content = None
-    if args.content:
-        content, ct_report = read_content(
-            args.content,
-            rejects_path=_rejects_path(args.rejects, "content"),
-            max_reject_share=settings.data.max_reject_share,
-        )
-        logger.info("%s", ct_report.summary())
-        meta["data"]["read"]["content"] = ct_report.as_dict()
-    meta["data"]["content"] = str(args.content) if args.content else None
-    meta["data"]["content_sha256"] = sha256_file(args.content) if args.content else None
+    inputs = _inputs(args, settings)
+    events, catalog, content, meta = inputs.events, inputs.catalog, inputs.content, inputs.meta
     bundle, report, _ = train(events, catalog, settings, progress=_progress(args), content=content)
     if report.validation:
         print(
@@ -368,7 +238,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         check_available()  # before the training, not after it
     settings = _settings(args)
     _check_engine(settings)
-    events, catalog, meta = _load_training_inputs(args, settings)
+    inputs = _inputs(args, settings)
+    events, catalog, meta = inputs.events, inputs.catalog, inputs.meta
     depth = args.k
     if args.report:
         # One ranking of depth max(k, 20) per customer and model: the table's metrics at k and
