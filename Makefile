@@ -31,16 +31,28 @@ LGSR_CUTOFF := 2008-04-01
 ENGINE ?= implicit
 SPARK_MASTER ?= local[*]
 
-.PHONY: install test lint train evaluate evaluate-cj evaluate-lgsr bench-train bench-serve bench-soak audit-privacy prepare clean demo serve proto docs chromium java parity-spark
+.PHONY: install install-dev install-report install-spark install-all test lint train evaluate evaluate-cj evaluate-lgsr bench-train bench-serve bench-soak audit-privacy prepare clean demo serve proto docs chromium java parity-spark
 
+# The runtime alone (what the demo, train, serve and the benchmarks need); each extra on top when a
+# target needs it: dev (tests, lint, make proto), report (evaluate's HTML report: matplotlib),
+# spark (--engine spark: pyspark, about 400 MB). `make test` installs all of them.
 $(VENV)/.installed: pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (Python 3.11 is required)"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip==25.3
-	$(PY) -m pip install --quiet -e '.[dev,report,spark]'
+	$(PY) -m pip install --quiet -e .
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+$(VENV)/.installed-%: $(VENV)/.installed
+	$(PY) -m pip install --quiet -e '.[$*]'
 	touch $@
 
 install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
+install-report: $(VENV)/.installed-report
+install-spark: $(VENV)/.installed-spark
+install-all: install-dev install-report install-spark
 
 # Headless Chromium renders the evaluation report in tests/test_report.py: Debian's `chromium`
 # package, installed here when missing (as root, else through sudo). Under CI=true the test fails
@@ -69,10 +81,10 @@ java:
 		$(SUDO) apt-get update -qq && \
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends openjdk-17-jre-headless; }
 
-test: install chromium java $(NODE_DEPS)
+test: install-all chromium java $(NODE_DEPS)
 	$(PY) -m pytest
 
-lint: install
+lint: install-dev
 	$(VENV)/bin/ruff check src tests benchmarks examples
 	$(VENV)/bin/ruff format --check src tests benchmarks examples
 
@@ -88,7 +100,7 @@ $(LGSR_EVENTS) $(LGSR_CONTENT) &: | install
 
 prepare: $(OR_EVENTS) $(CJ_EVENTS) $(LGSR_EVENTS)
 
-train: install $(OR_EVENTS) $(OR_CONTENT) $(if $(filter spark,$(ENGINE)),java)
+train: install $(OR_EVENTS) $(OR_CONTENT) $(if $(filter spark,$(ENGINE)),java install-spark)
 	$(NEXTBEST) train --events $(OR_EVENTS) --catalog $(DATA)/online-retail/catalog.parquet \
 		--content $(OR_CONTENT) --models-dir $(MODELS) --store $(STORE) $(DEMO_CONSENT) \
 		--engine $(ENGINE) $(if $(filter spark,$(ENGINE)),--spark-master '$(SPARK_MASTER)')
@@ -96,25 +108,25 @@ train: install $(OR_EVENTS) $(OR_CONTENT) $(if $(filter spark,$(ENGINE)),java)
 # The time-split evaluation: prints the tables and writes the HTML report (metrics at k = 1..20
 # per model against the baselines, coverage and popularity bias, active days in the last 30 days,
 # monthly cohort retention) to $(REPORTS)/online-retail/index.html.
-evaluate: install $(OR_EVENTS)
+evaluate: install-report $(OR_EVENTS)
 	$(NEXTBEST) evaluate --events $(OR_EVENTS) --catalog $(DATA)/online-retail/catalog.parquet \
 		--cutoff $(OR_CUTOFF) $(DEMO_CONSENT) --report $(REPORTS)/online-retail
 
-evaluate-cj: install $(CJ_EVENTS)
+evaluate-cj: install-report $(CJ_EVENTS)
 	$(NEXTBEST) evaluate --events $(CJ_EVENTS) --catalog $(DATA)/complete-journey/catalog.parquet \
 		--cutoff $(CJ_CUTOFF) $(DEMO_CONSENT) --report $(REPORTS)/complete-journey
 
 # The held-out check: every default was chosen on Online Retail and Complete Journey and is run
 # unchanged here, on a UK grocer's loyalty sample (dunnhumby LGSR, 2006-2008) they were not tuned
 # on, with the cutoff in its gap-free last 28 weeks.
-evaluate-lgsr: install $(LGSR_EVENTS)
+evaluate-lgsr: install-report $(LGSR_EVENTS)
 	$(NEXTBEST) evaluate --events $(LGSR_EVENTS) --catalog $(DATA)/lgsr/catalog.parquet \
 		--cutoff $(LGSR_CUTOFF) $(DEMO_CONSENT) --report $(REPORTS)/lgsr
 
 # The Spark engine against implicit on Complete Journey at 2017-12-01 (EVALUATION.md): both
 # `nextbest evaluate` runs, NDCG@10 of the blend and ALS in both protocols, fit time and peak memory
 # (JVM included); fails when Spark's blend falls below 0.95 of implicit's. About 20 minutes here.
-parity-spark: install java $(CJ_EVENTS)
+parity-spark: install-spark java $(CJ_EVENTS)
 	$(PY) benchmarks/parity_spark.py --events $(CJ_EVENTS) --catalog $(DATA)/complete-journey/catalog.parquet \
 		--cutoff $(CJ_CUTOFF) --spark-master '$(SPARK_MASTER)'
 
@@ -178,6 +190,6 @@ docs: install
 	$(PY) -m nextbest.config README.md
 
 # Regenerate the Python code of protos/ into src/nextbest/v1 (committed; a test checks it).
-proto: install
+proto: install-dev
 	$(PY) -m grpc_tools.protoc -Iprotos --python_out=src --pyi_out=src --grpc_python_out=src \
 		protos/nextbest/v1/*.proto

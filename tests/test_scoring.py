@@ -151,3 +151,46 @@ def test_a_customer_with_only_sensitive_candidates_gets_none(bundle):
         pool=20,
     )
     assert (recs.ids < 0).all()
+
+
+def test_top_n_keeps_the_reserved_places():
+    from nextbest.scoring import top_n
+
+    pos = np.array([0, 0, 0, 0, 0, 1, 1, 1])
+    item = np.array([1, 2, 3, 4, 5, 1, 2, 3])
+    score = np.array([0.9, 0.8, 0.7, 0.1, 0.05, 0.5, 0.4, 0.3])
+    new = np.array([0, 0, 0, 1, 1, 0, 1, 0], dtype=bool)
+    ids, scores = top_n(pos, item, score, 3, 3, reserve=new, reserved=2)
+    # User 0: its two new items take two places, the best other one the third, by score.
+    assert ids[0].tolist() == [1, 4, 5] and scores[0].tolist() == [0.9, 0.1, 0.05]
+    # User 1: one new item only; the rest by score. User 2: no candidates.
+    assert ids[1].tolist() == [1, 2, 3] and ids[2].tolist() == [-1, -1, -1]
+    plain, _ = top_n(pos, item, score, 3, 3)
+    assert plain[0].tolist() == [1, 2, 3]
+
+
+@pytest.mark.parametrize("share", [0.0, 0.5])
+def test_discovery_share_of_new_products(bundle, share):
+    customers = [f"c{c:03d}" for c in range(40)]
+    ids = np.array(customers)
+    recs = recommend_for(
+        bundle,
+        ids,
+        N=10,
+        now_day=bundle.reference_day,
+        personalization_ok=np.ones(len(ids), bool),
+        sensitive_ok=np.ones(len(ids), bool),
+        durable_repeat_rate=0.05,
+        discovery_share=share,
+        pool=20,
+        include_purchased=np.ones(len(ids), bool),  # every bought product may come back
+    )
+    fresh = []
+    for row, customer in enumerate(customers):
+        u = bundle.user_index(np.array([customer]))[0]
+        bought = set(bundle.repeat.days_bought[u].indices.tolist())
+        fresh.append(sum(1 for i in recs.ids[row] if i >= 0 and i not in bought))
+    if share:
+        assert min(fresh) >= 5
+    else:
+        assert min(fresh) < 5, "without discovery places some lists hold mostly repeats"

@@ -38,7 +38,6 @@ from nextbest.scoring import (
     discovery_slots,
     item_interval,
     recommend_for,
-    top_n,
 )
 from nextbest.store.consent_store import StoreError
 
@@ -592,7 +591,7 @@ class ServedModel:
         `relevance` is relevance × timeliness counted once: the blend's calibrated probability
         that the customer buys the product soon, which learned the repurchase timing from its
         features (a fold-in answer's relative CF score, which has no timing)."""
-        policy = self.settings.policy
+        policy, serve = self.settings.policy, self.settings.serve
         b = self.bundle
         loss = self.sensitivity[items] * policy.channel_exposure[q.channel]
         value = (relevance - loss) * trust
@@ -611,18 +610,15 @@ class ServedModel:
                 reasons[k] = (*reasons[k], note)
         keep = value >= policy.min_value
         withheld = int((~keep & ~popular).sum())
-        kept = np.flatnonzero(keep)
+        ranked = np.flatnonzero(keep)
+        ranked = ranked[np.argsort(-value[ranked], kind="stable")]
         # The best by value, with the discovery places kept for products new to the customer.
-        ranked, _ = top_n(
-            np.zeros(len(kept), dtype=np.int64),
-            kept,
-            value[kept],
-            1,
-            limit,
-            reserve=~np.isin(items[kept], bought),
-            reserved=discovery_slots(limit, self.settings.serve.discovery_share),
-        )
-        order = ranked[0][ranked[0] >= 0]
+        at = np.minimum(np.searchsorted(bought, items[ranked]), max(len(bought) - 1, 0))
+        fresh = bought[at] != items[ranked] if len(bought) else np.ones(len(ranked), bool)
+        take = fresh & (np.cumsum(fresh) <= discovery_slots(limit, serve.discovery_share))
+        others = ~take
+        take |= others & (np.cumsum(others) <= limit - take.sum())
+        order = ranked[take]
         chosen = [self._item(int(items[k]), float(value[k]), reasons[k]) for k in order]
         decisions = []
         if not sensitive_ok:
