@@ -42,7 +42,7 @@ def main() -> None:
     keys = pos.astype(np.int64) * bundle.shape[1] + sub.indices
     rebought = np.isin(keys, rel.keys)
     rate = rs.item_repeat_rate[sub.indices]
-    print(f"{len(keys):,} bought pairs of {len(rel.users):,} customers, {rebought.sum():,} rebought")
+    print(f"{len(keys):,} bought pairs of {len(rel.users):,} customers, {rebought.sum():,} again")
     print("| repeat rate below | pairs | rebought in 30 days | share of rebuys lost | others |")
     print("|---|---|---|---|---|")
     for t in THRESHOLDS:

@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import SHARED_DATA, synthetic_events, write_csv
 
+from nextbest.config import load_settings
 from nextbest.data.readers import read_content
 from nextbest.errors import ModelError
 from nextbest.store.artifacts import current_version, list_versions, load_bundle, sha256_file
@@ -99,7 +100,7 @@ def test_train_keeps_the_content_snapshot(tmp_path, events_file, catalog_file, s
     version = current_version(tmp_path / "models")
     directory = tmp_path / "models" / version
     manifest = json.loads((directory / "manifest.json").read_text())
-    assert manifest["format"] == 2 and manifest["content_items"] == 3
+    assert manifest["format"] == 3 and manifest["content_items"] == 3
     assert manifest["files"]["content.parquet"] == sha256_file(directory / "content.parquet")
     assert manifest["data"]["content_sha256"] == sha256_file(content)
     assert manifest["data"]["read"]["content"]["rejected"] == {"unknown_kind": 1}
@@ -121,7 +122,46 @@ def test_train_keeps_the_content_snapshot(tmp_path, events_file, catalog_file, s
     path.write_bytes(original)
     assert load_bundle(tmp_path / "models").content.equals(expected)
     (directory / "manifest.json").write_text(json.dumps({**manifest, "format": 1}))
-    with pytest.raises(ModelError, match="format 1, expected 2"):
+    with pytest.raises(ModelError, match=r"format 1, expected one of \(2, 3\)"):
+        load_bundle(tmp_path / "models")
+
+
+def test_cf_candidates_come_with_the_model_and_older_versions_still_load(
+    tmp_path, events_file, catalog_file, small_config
+):
+    """Format 3 carries every customer's CF candidates (the trainer computes them, the server
+    maps them); a format-2 version, which has none, loads and gets the same candidates computed
+    at load, so the answers are the same."""
+    from nextbest.policy import ConsentState
+    from nextbest.scoring import cf_candidates_for
+    from nextbest.service import ProductQuery, ServedModel, fixed_consent
+
+    version = train(tmp_path, events_file, catalog_file, small_config, "--default-consent", "allow")
+    directory = tmp_path / "models" / version
+    bundle = load_bundle(tmp_path / "models")
+    assert bundle.cf_candidates.shape == (bundle.shape[0], 20)  # candidate_pool of small_config
+    assert isinstance(bundle.cf_candidates, np.memmap)
+    assert np.array_equal(bundle.cf_candidates, cf_candidates_for(bundle, 20))
+    settings = load_settings(small_config, environ={})
+    allow = fixed_consent(ConsentState(default_allow=True, granted={}))
+    queries = [ProductQuery(customer_id=f"c{c:03d}", limit=10) for c in range(30)]
+    mapped = ServedModel(bundle, settings, allow).recommend(queries)
+
+    # The same version as format 2: no candidates file.
+    manifest = json.loads((directory / "manifest.json").read_text())
+    del manifest["files"]["candidates.npy"]
+    (directory / "candidates.npy").unlink()
+    (directory / "manifest.json").write_text(json.dumps({**manifest, "format": 2}))
+    older = load_bundle(tmp_path / "models")
+    assert older.cf_candidates is None
+    computed = ServedModel(older, settings, allow).recommend(queries)
+    assert [[i.product_id for i in a.items] for a in mapped] == [
+        [i.product_id for i in a.items] for a in computed
+    ]
+
+    # A format-3 version without its candidates file is refused, as any missing file.
+    (directory / "manifest.json").write_text(json.dumps({**manifest, "format": 3}))
+    with pytest.raises(ModelError, match="candidates.npy: missing from model version"):
         load_bundle(tmp_path / "models")
 
 

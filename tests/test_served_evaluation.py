@@ -13,7 +13,6 @@ import subprocess
 import sys
 
 import grpc
-import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pytest
 from conftest import SHARED_DATA
@@ -62,29 +61,38 @@ def evaluated(tmp_path_factory):
     return folder
 
 
-def test_the_server_answers_exactly_the_evaluated_served_lists(evaluated):
-    from nextbest.server import create_server
-
+def _served_lists(evaluated) -> dict[str, list[str]]:
+    """customer → the product ids `--export-served` wrote for them, in rank order."""
     served = pacsv.read_csv(evaluated / "served.csv")
-    customers = pc.unique(served["customer_id"]).to_pylist()
-    assert len(customers) > 1024, "more customers than one evaluation batch"
     expected: dict[str, list[str]] = {}
     for c, p in zip(
         served["customer_id"].to_pylist(), served["product_id"].to_pylist(), strict=True
     ):
         expected.setdefault(str(c), []).append(str(p))
+    return expected
+
+
+def _server(evaluated, clock: str, store: str):
+    """A real server on the evaluated model, its clock fixed at `clock`, consent allowed."""
+    from nextbest.server import create_server
+
     settings = load_settings(evaluated / "nextbest.toml").with_overrides(
         "serve",
         models_dir=str(evaluated / "models"),
-        store=f"sqlite:///{evaluated / 'serve-store.db'}",
-        clock=CUTOFF,
+        store=f"sqlite:///{evaluated / store}",
+        clock=clock,
         insecure=True,
         port=0,
         metrics_port=-1,
         reload_interval_s=0.0,
     )
-    settings = settings.with_overrides("policy", default_consent="allow")
-    running = create_server(settings)
+    return create_server(settings.with_overrides("policy", default_consent="allow"))
+
+
+def test_the_server_answers_exactly_the_evaluated_served_lists(evaluated):
+    expected = _served_lists(evaluated)
+    assert len(expected) > 1024, "more customers than one evaluation batch"
+    running = _server(evaluated, CUTOFF, "serve-store.db")
     try:
         with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
             stub = rpb.RecommenderStub(channel)
@@ -105,26 +113,8 @@ def test_the_server_answers_exactly_the_evaluated_served_lists(evaluated):
 def test_a_different_clock_changes_the_answer(evaluated):
     """The clock is part of what is compared: answers judged 60 days later differ for some
     customers (so the equality above is not a property of any clock)."""
-    from nextbest.server import create_server
-
-    served = pacsv.read_csv(evaluated / "served.csv")
-    expected: dict[str, list[str]] = {}
-    for c, p in zip(
-        served["customer_id"].to_pylist(), served["product_id"].to_pylist(), strict=True
-    ):
-        expected.setdefault(str(c), []).append(str(p))
-    settings = load_settings(evaluated / "nextbest.toml").with_overrides(
-        "serve",
-        models_dir=str(evaluated / "models"),
-        store=f"sqlite:///{evaluated / 'serve-store-2.db'}",
-        clock="2012-01-01",
-        insecure=True,
-        port=0,
-        metrics_port=-1,
-        reload_interval_s=0.0,
-    )
-    settings = settings.with_overrides("policy", default_consent="allow")
-    running = create_server(settings)
+    expected = _served_lists(evaluated)
+    running = _server(evaluated, "2012-01-01", "serve-store-2.db")
     differ = 0
     try:
         with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:

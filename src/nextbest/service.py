@@ -292,9 +292,14 @@ class ServedModel:
         # Each call computes on one thread: calls run side by side on the server's worker
         # threads, and implicit's default (every core per call) makes them fight for the cores.
         b.cf.model.num_threads = 1
-        # The CF candidates of every known customer, once per model: a call then scores ~200
-        # candidates instead of the whole catalog.
-        self.cf_candidates = cf_candidates_for(b, self.settings.train.candidate_pool)
+        # The CF candidates of every known customer, once per model (by the trainer; computed
+        # here only for a version published without them): a call then scores ~200 candidates
+        # instead of the whole catalog.
+        self.cf_candidates = (
+            b.cf_candidates
+            if b.cf_candidates is not None
+            else cf_candidates_for(b, self.settings.train.candidate_pool)
+        )
         for customer_id in self.erased:
             self.forget(customer_id)
         catalog = b.catalog

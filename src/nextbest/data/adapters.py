@@ -76,6 +76,35 @@ def _source_file(source: Path, name: str) -> Path:
     return path
 
 
+def _finish(
+    report: PrepareReport, out: Path, events: pa.Table, products: pa.Table, title: pa.Array
+) -> PrepareReport:
+    """Catalog rows from `products` (key `k`, category, department, product_type and the median
+    unit price `p_approximate_median`; every product available, not sensitive, no catalog
+    repurchase interval), the generated content, the files written and the report's counts."""
+    m = products.num_rows
+    catalog = pa.table(
+        {
+            "product_id": products["k"],
+            "title": title,
+            "category": products["category"],
+            "department": products["department"],
+            "product_type": products["product_type"],
+            "price": products["p_approximate_median"],
+            "available": pa.array(np.ones(m, dtype=bool)),
+            "sensitivity": pa.array(np.zeros(m)),
+            "repurchase_days": pa.nulls(m, pa.float64()),
+        }
+    )
+    content = generated_guides(events, catalog)
+    _write(out, events, catalog, content)
+    report.rows_kept = events.num_rows
+    report.products = m
+    report.content = content.num_rows
+    report.customers = pc.count_distinct(events["customer_id"]).as_py()
+    return report
+
+
 def _write(out: Path, events: pa.Table, catalog: pa.Table, content: pa.Table) -> None:
     out.mkdir(parents=True, exist_ok=True)
     pq.write_table(events.cast(EVENT_SCHEMA), out / "events.parquet")
@@ -326,27 +355,7 @@ def prepare_complete_journey(source: Path, out: Path) -> PrepareReport:
         .join(unit, "k", join_type="left outer")
         .sort_by("k")
     )
-    m = catalog.num_rows
-    catalog = pa.table(
-        {
-            "product_id": catalog["k"],
-            "title": pc.utf8_trim_whitespace(catalog["title"]),
-            "category": catalog["category"],
-            "department": catalog["department"],
-            "product_type": catalog["product_type"],
-            "price": catalog["p_approximate_median"],
-            "available": pa.array(np.ones(m, dtype=bool)),
-            "sensitivity": pa.array(np.zeros(m)),
-            "repurchase_days": pa.nulls(m, pa.float64()),
-        }
-    )
-    content = generated_guides(events, catalog)
-    _write(out, events, catalog, content)
-    report.rows_kept = events.num_rows
-    report.products = m
-    report.content = content.num_rows
-    report.customers = pc.count_distinct(events["customer_id"]).as_py()
-    return report
+    return _finish(report, out, events, catalog, pc.utf8_trim_whitespace(catalog["title"]))
 
 
 LGSR_TRANSACTION_COLUMNS = [
@@ -464,27 +473,7 @@ def prepare_lgsr(source: Path, out: Path) -> PrepareReport:
         .join(unit, "k", join_type="left outer")
         .sort_by("k")
     )
-    m = catalog.num_rows
-    catalog = pa.table(
-        {
-            "product_id": catalog["k"],
-            "title": catalog["k"],
-            "category": catalog["category"],
-            "department": catalog["department"],
-            "product_type": catalog["product_type"],
-            "price": catalog["p_approximate_median"],
-            "available": pa.array(np.ones(m, dtype=bool)),
-            "sensitivity": pa.array(np.zeros(m)),
-            "repurchase_days": pa.nulls(m, pa.float64()),
-        }
-    )
-    content = generated_guides(events, catalog)
-    _write(out, events, catalog, content)
-    report.rows_kept = events.num_rows
-    report.products = m
-    report.content = content.num_rows
-    report.customers = pc.count_distinct(events["customer_id"]).as_py()
-    return report
+    return _finish(report, out, events, catalog, catalog["k"])
 
 
 DATASETS = {

@@ -46,8 +46,12 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-FORMAT = 2
-"""2: adds the content snapshot (`content.parquet`, manifest `content_items`)."""
+FORMAT = 3
+"""2: adds the content snapshot (`content.parquet`, manifest `content_items`). 3: adds every
+customer's CF candidates (`candidates.npy`, computed by the trainer, memory-mapped at load)."""
+READABLE_FORMATS = (2, 3)
+"""Formats this version loads: a format-2 version gets its CF candidates computed at load."""
+CANDIDATES = "candidates.npy"
 CURRENT = "CURRENT"
 _FILES = (
     "ids.npz",
@@ -166,6 +170,12 @@ def publish(
         recent_best_sellers=bundle.recent_best_sellers,
         blend_weights=bundle.blend_weights,
     )
+    if bundle.cf_candidates is None:
+        raise ValueError("publish: the bundle has no CF candidates (train() computes them)")
+    with open(tmp / CANDIDATES, "wb") as fh:
+        np.save(fh, np.ascontiguousarray(bundle.cf_candidates, dtype=np.int32), allow_pickle=False)
+        fh.flush()
+        os.fsync(fh.fileno())
     _save_parquet(tmp / "catalog.parquet", bundle.catalog)
     content = bundle.content.select(CONTENT_SCHEMA.names).cast(CONTENT_SCHEMA)
     _save_parquet(tmp / "content.parquet", content)
@@ -182,7 +192,7 @@ def publish(
         "features": list(FEATURES),
         "blend_intercept": bundle.blend_intercept,
         **manifest,
-        "files": {name: sha256_file(tmp / name) for name in _FILES},
+        "files": {name: sha256_file(tmp / name) for name in (*_FILES, CANDIDATES)},
     }
     with open(tmp / "manifest.json", "w") as fh:
         json.dump(full, fh, indent=2, sort_keys=True, default=_json_default)
@@ -243,8 +253,10 @@ def read_manifest(models_dir: str | Path, version: str) -> dict:
         raise ModelError(f"{path}: not valid JSON ({exc})") from None
     if not isinstance(manifest, dict):
         raise ModelError(f"{path}: not a manifest (a JSON {type(manifest).__name__})")
-    if manifest.get("format") != FORMAT:
-        raise ModelError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT}")
+    if manifest.get("format") not in READABLE_FORMATS:
+        raise ModelError(
+            f"{path}: format {manifest.get('format')!r}, expected one of {READABLE_FORMATS}"
+        )
     if manifest.get("version") != version:
         # A copied or renamed directory: served under the manifest's name it would never match
         # CURRENT, and a watcher would load it again every round.
@@ -253,7 +265,7 @@ def read_manifest(models_dir: str | Path, version: str) -> dict:
 
 
 def _verify(directory: Path, manifest: dict) -> None:
-    for name in _FILES:
+    for name in (*_FILES, *((CANDIDATES,) if manifest.get("format", 0) >= 3 else ())):
         expected = manifest.get("files", {}).get(name)
         path = directory / name
         if expected is None or not path.is_file():
@@ -362,7 +374,23 @@ def _read_bundle(directory: Path, manifest: dict) -> ModelBundle:
         catalog=_load_catalog(directory / "catalog.parquet"),
         content=_load_content(directory / "content.parquet"),
         manifest=manifest,
+        cf_candidates=_load_candidates(directory, manifest, shape[0]),
     )
+
+
+def _load_candidates(directory: Path, manifest: dict, n_users: int) -> np.ndarray | None:
+    """The trainer's CF candidates, memory-mapped copy-on-write (pages are read when used; a
+    forgotten customer's row is changed in this process only); None for a format-2 version."""
+    if manifest.get("format", 0) < 3:
+        return None
+    path = directory / CANDIDATES
+    try:
+        candidates = np.load(path, mmap_mode="c", allow_pickle=False)
+    except _CORRUPT as exc:
+        raise ModelError(f"{path}: cannot be read ({type(exc).__name__}: {exc})") from None
+    if candidates.ndim != 2 or candidates.shape[0] != n_users or candidates.dtype != np.int32:
+        raise ModelError(f"{path}: {candidates.shape} {candidates.dtype} does not fit the model")
+    return candidates
 
 
 def list_versions(models_dir: str | Path) -> list[dict]:

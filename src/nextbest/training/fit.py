@@ -53,7 +53,7 @@ from nextbest.evaluation import (
     served_rankings,
 )
 from nextbest.policy import sensitive_mask
-from nextbest.scoring import candidate_features
+from nextbest.scoring import candidate_features, cf_candidates_for
 
 if TYPE_CHECKING:  # the Spark engine (and pyspark) is imported only when train.engine = "spark"
     from nextbest.spark_engine import SparkALS
@@ -405,6 +405,9 @@ def train(
         report.params["spark"] = engine.describe()
     manifest = {"params": report.params}
     bundle = _assemble(prep, final[t.cf_model], blend, catalog, settings, manifest, content)
+    clock = time.perf_counter()
+    bundle.cf_candidates = cf_candidates_for(bundle, t.candidate_pool)
+    report.timings["cf_candidates_s"] = time.perf_counter() - clock
     links = pc.list_flatten(bundle.content["product_ids"]).to_numpy(zero_copy_only=False)
     report.counts = {
         "customers": bundle.shape[0],
