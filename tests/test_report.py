@@ -166,12 +166,13 @@ def test_evaluate_report_renders_in_headless_chromium(
     proc = subprocess.run([*NEXTBEST, *map(str, args)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     assert f"report: {report / 'index.html'}" in proc.stdout
-    assert "new-to-customer purchases only (k=5" in proc.stdout  # the tables are still printed
+    assert "new-to-customer purchases within 30 days (k=5" in proc.stdout  # tables still printed
 
     page = (report / "index.html").read_text()
     assert "<title>nextbest evaluation: " in page and "cutoff 2024-04-10" in page
     assert "--report" in page and "nextbest evaluate" in page  # the command line
-    assert "blend (served)" in page and "NDCG@5" in page
+    assert "served (RecommendProducts)" in page and "NDCG@5" in page
+    assert "next basket" in page and "TIFU-KNN" in page and "served NDCG@5 / best baseline" in page
     sources = re.findall(r'<img src="([^"]+)"', page)
     assert len(sources) == 9 and len(set(sources)) == 9
     assert {"metric-ndcg.png", "popularity.png", "cohort-retention.png"} <= set(sources)
