@@ -573,3 +573,60 @@ def test_prepare_online_retail_real_data(tmp_path):
     assert sorted(c for row in content["categories"].to_pylist() for c in row) == sorted(categories)
     mugs = content.filter(pc.equal(content["content_id"], "guide-mug")).to_pylist()
     assert mugs and mugs[0]["title"] == "How to choose and use MUG (generated guide)"
+
+
+def test_evaluate_refuses_a_served_export_that_is_not_csv_before_training(
+    tmp_path, events_file, catalog_file, small_config
+):
+    proc = run(
+        "evaluate",
+        "--events",
+        events_file,
+        "--catalog",
+        catalog_file,
+        "--config",
+        small_config,
+        "--cutoff",
+        "2024-04-10",
+        "--default-consent",
+        "allow",
+        "--export-served",
+        tmp_path / "served.json",
+        check=False,
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "served.json: --export-served must be a .csv file" in proc.stderr
+    assert "ALS" not in proc.stderr  # refused before any training started
+
+
+def test_evaluate_exports_the_served_lists_and_publishes_the_model(
+    tmp_path, events_file, catalog_file, small_config
+):
+    served = tmp_path / "served.csv"
+    run(
+        "evaluate",
+        "--events",
+        events_file,
+        "--catalog",
+        catalog_file,
+        "--config",
+        small_config,
+        "--cutoff",
+        "2024-04-10",
+        "--default-consent",
+        "allow",
+        "--export-served",
+        served,
+        "--publish",
+        tmp_path / "models",
+    )
+    table = pacsv.read_csv(served)
+    assert table.column_names == ["customer_id", "rank", "product_id"]
+    ranks = table.group_by("customer_id").aggregate([("rank", "max"), ("rank", "count")])
+    # 50 products asked per customer; ranks 1..n without gaps.
+    assert pc.max(ranks["rank_max"]).as_py() <= 50
+    assert ranks["rank_max"].to_pylist() == ranks["rank_count"].to_pylist()
+    bundle = load_bundle(tmp_path / "models")
+    assert set(table["product_id"].to_pylist()) <= set(bundle.item_ids.tolist())
+    manifest = json.loads((tmp_path / "models" / bundle.version / "manifest.json").read_text())
+    assert manifest["evaluation"]["cutoff"] == "2024-04-10"

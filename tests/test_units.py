@@ -50,9 +50,16 @@ def test_config_defaults_file_and_environment(tmp_path):
         ("[trian]\n", "unknown section [trian]"),
         ("[train\n", "not valid TOML"),
         ("[train]\nals_grid = ['64:x']\n", "train.als_grid entry '64:x'"),
+        ("[serve]\nclock = '2011-13-01'\n", "serve.clock must be model, wall or a date"),
+        ("[serve]\nclock = 'yesterday'\n", "serve.clock must be model, wall or a date"),
+        ("[serve]\ndiscovery_share = 1.5\n", "serve.discovery_share must be in [0, 1]"),
+        ("[serve]\ndurable_repeat_rate = -0.1\n", "serve.durable_repeat_rate must be in [0, 1]"),
+        ("[serve]\nconsumable_repeat_rate = 0.3\n", "serve.consumable_repeat_rate was removed"),
+        ("[serve]\ndue_fraction = 0.5\n", "serve.due_fraction was removed: the learned blend"),
     ],
 )
 def test_config_errors_name_the_key(tmp_path, text, message):
+    """Every bad value names its key; a key of an earlier version says what replaced it."""
     path = tmp_path / "c.toml"
     path.write_text(text)
     with pytest.raises(ConfigError) as err:
