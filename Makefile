@@ -31,7 +31,7 @@ LGSR_CUTOFF := 2008-04-01
 ENGINE ?= implicit
 SPARK_MASTER ?= local[*]
 
-.PHONY: install install-dev install-report install-spark install-all test lint train evaluate evaluate-cj evaluate-lgsr bench-train bench-serve bench-soak audit-privacy prepare clean demo serve proto docs chromium java parity-spark
+.PHONY: install install-dev install-report install-spark install-all test lint train evaluate evaluate-cj evaluate-lgsr bench-train bench-serve bench-scale bench-soak audit-privacy prepare clean demo serve proto docs chromium java parity-spark
 
 # The runtime alone (what the demo, train, serve and the benchmarks need); each extra on top when a
 # target needs it: dev (tests, lint, make proto), report (evaluate's HTML report: matplotlib),
@@ -137,6 +137,13 @@ bench-train: install $(CJ_EVENTS)
 # one run; trains its own ALS-only model into $(DATA)/bench-serve once, updates BENCHMARKS.md.
 bench-serve: install $(CJ_EVENTS)
 	$(PY) benchmarks/bench_serve.py --events $(CJ_EVENTS) --catalog $(DATA)/complete-journey/catalog.parquet --write
+
+# The chain at 10k, 100k and 1M customers of a synthetic retailer (benchmarks/synth.py, 100k
+# products, 50 events per customer): train (ALS only), server start, RSS, RecommendProducts p50/p99,
+# a stream; updates BENCHMARKS.md. Data and models stay in $(DATA)/bench-scale. About 30 minutes.
+SCALE_SIZES ?= 10000 100000 1000000
+bench-scale: install
+	$(PY) benchmarks/bench_scale.py --sizes $(SCALE_SIZES) --work-dir $(DATA)/bench-scale --write
 
 # Five minutes of steady mixed traffic (50 operations/s, open loop) against one plaintext server:
 # recommendations on every channel, content scores, similar products, events, consent changes,
