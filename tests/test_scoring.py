@@ -194,3 +194,14 @@ def test_discovery_share_of_new_products(bundle, share):
         assert min(fresh) >= 5
     else:
         assert min(fresh) < 5, "without discovery places some lists hold mostly repeats"
+
+
+def test_with_discovery_one_customer():
+    from nextbest.scoring import with_discovery
+
+    fresh = np.array([False, False, True, False, True, True])
+    # Two places for new products: the first two fresh ones, then the best others.
+    assert with_discovery(fresh, 4, 2).tolist() == [True, True, True, False, True, False]
+    # More places than fresh candidates: all of them, the rest from the others.
+    assert with_discovery(fresh, 5, 9).tolist() == [True, True, True, False, True, True]
+    assert with_discovery(fresh, 3, 0).tolist() == [True, True, True, False, False, False]

@@ -26,6 +26,7 @@ __all__ = [
     "timeliness",
     "is_durable",
     "discovery_slots",
+    "with_discovery",
     "Recommendations",
     "recommend_for",
     "cf_candidates_for",
@@ -271,8 +272,8 @@ def top_n(
 
     With `reserve` (a bool per candidate) and `reserved` > 0: the `reserved` best reserved
     candidates of each user are chosen first (as many as there are), the rest of the N by score
-    from the other candidates; the N are then ordered by score. Returns `(ids, scores)` of shape
-    (n_users, N), padded with -1 / -inf.
+    from the other candidates; the N are then ordered by score (`with_discovery` for one user).
+    Returns `(ids, scores)` of shape (n_users, N), padded with -1 / -inf.
     """
     order = np.lexsort((item, -score, pos))
     pos, item, score = pos[order], item[order], score[order]
@@ -374,6 +375,16 @@ class Recommendations:
 def discovery_slots(n: int, share: float) -> int:
     """Places of an answer of `n` products kept for products new to the customer."""
     return int(np.ceil(n * share - 1e-9))
+
+
+def with_discovery(fresh: np.ndarray, n: int, slots: int) -> np.ndarray:
+    """Which of one customer's candidates, in rank order, make an answer of `n`: the first
+    `slots` of those `fresh` (new to the customer; all there are when fewer), the rest from the
+    top of the others. A bool mask; the order stays the rank order. (`top_n` with `reserve` is
+    the same rule for many customers at once.)"""
+    take = fresh & (np.cumsum(fresh) <= slots)
+    others = ~take
+    return take | (others & (np.cumsum(others) <= n - take.sum()))
 
 
 def is_durable(bundle: ModelBundle, items: np.ndarray, *, durable_repeat_rate: float) -> np.ndarray:

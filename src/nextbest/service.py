@@ -38,6 +38,7 @@ from nextbest.scoring import (
     discovery_slots,
     item_interval,
     recommend_for,
+    with_discovery,
 )
 from nextbest.store.consent_store import StoreError
 
@@ -620,10 +621,7 @@ class ServedModel:
         # The best by value, with the discovery places kept for products new to the customer.
         at = np.minimum(np.searchsorted(bought, items[ranked]), max(len(bought) - 1, 0))
         fresh = bought[at] != items[ranked] if len(bought) else np.ones(len(ranked), bool)
-        take = fresh & (np.cumsum(fresh) <= discovery_slots(limit, serve.discovery_share))
-        others = ~take
-        take |= others & (np.cumsum(others) <= limit - take.sum())
-        order = ranked[take]
+        order = ranked[with_discovery(fresh, limit, discovery_slots(limit, serve.discovery_share))]
         chosen = [self._item(int(items[k]), float(value[k]), reasons[k]) for k in order]
         decisions = []
         if not sensitive_ok:
