@@ -135,7 +135,7 @@ bench-train: install $(CJ_EVENTS)
 
 # The server under load against a bare gRPC echo server and a bare implicit batch recommend, all in
 # one run; trains its own ALS-only model into $(DATA)/bench-serve once, updates BENCHMARKS.md.
-bench-serve: install $(CJ_EVENTS)
+bench-serve: install-dev $(CJ_EVENTS)
 	$(PY) benchmarks/bench_serve.py --events $(CJ_EVENTS) --catalog $(DATA)/complete-journey/catalog.parquet --write
 
 # The chain at 10k, 100k and 1M customers of a synthetic retailer (benchmarks/synth.py, 100k

@@ -64,7 +64,7 @@ DATA_NAMES = {"complete-journey": "Complete Journey", "online-retail": "Online R
 # --- the echo server (run as `bench_serve.py --echo-server RESPONSE --workers N`) -------------
 
 
-def run_echo_server(response_path: str, workers: int) -> int:
+def run_echo_server(response_path: str, workers: int, tls: tuple[str, str] | None = None) -> int:
     """A bare grpc server with only Recommender.RecommendProducts: a prebuilt response with the
     request's customer and request ids."""
     from concurrent import futures
@@ -87,7 +87,11 @@ def run_echo_server(response_path: str, workers: int) -> int:
 
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"))
     recommender_pb2_grpc.add_RecommenderServicer_to_server(Echo(), server)
-    port = server.add_insecure_port("127.0.0.1:0")
+    if tls:
+        pair = (Path(tls[1]).read_bytes(), Path(tls[0]).read_bytes())
+        port = server.add_secure_port("127.0.0.1:0", grpc.ssl_server_credentials([pair]))
+    else:
+        port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -191,16 +195,92 @@ def ensure_model(args: argparse.Namespace, config: Path, models_dir: Path) -> No
     subprocess.run(cmd, check=True, cwd=ROOT)
 
 
+# --- TLS and tokens: the production configuration ---------------------------------------------
+
+TLS = "-tls"
+"""Suffix of the servers run with TLS (the nextbest one also with a bearer token and JSON logs)."""
+
+
+def write_tls(folder: Path) -> tuple[Path, Path, bytes]:
+    """A CA and a server certificate for 127.0.0.1 made here (`cryptography`, the dev extra):
+    (server certificate, server key, the CA's PEM for the client)."""
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    def name(common: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
+
+    now = dt.datetime.now(dt.UTC)
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+
+    def cert(subject: str, public, *, ca: bool) -> x509.Certificate:
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(name(subject))
+            .issuer_name(name("bench CA"))
+            .public_key(public)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
+        if not ca:
+            san = [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
+        return builder.sign(ca_key, hashes.SHA256())
+
+    pem = serialization.Encoding.PEM
+    ca_pem = cert("bench CA", ca_key.public_key(), ca=True).public_bytes(pem)
+    server_pem = cert("127.0.0.1", key.public_key(), ca=False).public_bytes(pem)
+    (folder / "server.pem").write_bytes(server_pem)
+    (folder / "server.key").write_bytes(
+        key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return folder / "server.pem", folder / "server.key", ca_pem
+
+
+def tls_config(cert: Path, key: Path, token: str) -> str:
+    """CONFIG as deployed: TLS, one client with a bearer token, JSON call logs."""
+    from nextbest.auth import token_sha256
+
+    return CONFIG.replace("insecure = true", "insecure = false") + (
+        f'tls_cert = "{cert}"\ntls_key = "{key}"\nlog_format = "json"\n\n'
+        f'[[serve.clients]]\nname = "bench"\ntoken_sha256 = "{token_sha256(token)}"\n'
+        'roles = ["recommend"]\n'
+    )
+
+
+Security = tuple[bytes, str | None] | None
+"""(the CA's PEM, a bearer token or None) for a TLS channel; None = plaintext."""
+
+
+def channel(address: str, security: Security = None):
+    """A grpc.aio channel to `address`: plaintext, or TLS with the token on every call."""
+    import grpc
+
+    if security is None:
+        return grpc.aio.insecure_channel(address)
+    ca, token = security
+    creds = grpc.ssl_channel_credentials(root_certificates=ca)
+    if token:
+        creds = grpc.composite_channel_credentials(creds, grpc.access_token_call_credentials(token))
+    return grpc.aio.secure_channel(address, creds)
+
+
 # --- the client --------------------------------------------------------------------------------
 
 
-async def wait_serving(address: str, timeout: float = 180.0) -> None:
+async def wait_serving(address: str, timeout: float = 180.0, security: Security = None) -> None:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     deadline = time.monotonic() + timeout
-    async with grpc.aio.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
+    async with channel(address, security) as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
         while True:
             try:
                 reply = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
@@ -233,7 +313,12 @@ async def capture_response(address: str, customers: Sequence[str]) -> bytes:
 
 
 async def load_cell(
-    address: str, requests: Sequence, concurrency: int, seconds: float, warmup: float
+    address: str,
+    requests: Sequence,
+    concurrency: int,
+    seconds: float,
+    warmup: float,
+    security: Security = None,
 ) -> dict:
     """`concurrency` tasks on one channel calling RecommendProducts back to back: a warm-up,
     then `seconds` of measured calls (latency per call at the client)."""
@@ -241,8 +326,8 @@ async def load_cell(
 
     from nextbest.v1 import recommender_pb2_grpc
 
-    async with grpc.aio.insecure_channel(address) as channel:
-        stub = recommender_pb2_grpc.RecommenderStub(channel)
+    async with channel(address, security) as ch:
+        stub = recommender_pb2_grpc.RecommenderStub(ch)
         position = 0
 
         async def run(duration: float, start_at: int) -> tuple[list[float], list, float]:
@@ -282,10 +367,8 @@ async def load_cell(
     }
 
 
-async def stream_all(address: str, customers: Sequence[str]) -> float:
+async def stream_all(address: str, customers: Sequence[str], security: Security = None) -> float:
     """Wall seconds of one StreamRecommendations call over `customers`; checks every answer."""
-    import grpc
-
     from nextbest.v1 import recommender_pb2 as pb
     from nextbest.v1 import recommender_pb2_grpc
 
@@ -293,8 +376,8 @@ async def stream_all(address: str, customers: Sequence[str]) -> float:
         for k, customer in enumerate(customers):
             yield pb.RecommendProductsRequest(customer_id=customer, limit=LIMIT, request_id=str(k))
 
-    async with grpc.aio.insecure_channel(address) as channel:
-        stub = recommender_pb2_grpc.RecommenderStub(channel)
+    async with channel(address, security) as ch:
+        stub = recommender_pb2_grpc.RecommenderStub(ch)
         n = 0
         t0 = time.perf_counter()
         async for reply in stub.StreamRecommendations(requests()):
@@ -404,6 +487,8 @@ LABELS = {
     "echo": "echo",
     "nextbest": "nextbest",
     DIAG: "nextbest, `OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1` (diagnosis)",
+    "echo" + TLS: "echo, TLS",
+    "nextbest" + TLS: "nextbest, TLS + bearer token + JSON call log (as deployed)",
 }
 
 
@@ -419,7 +504,7 @@ def machine() -> str:
 
 def report(r: dict) -> str:
     a, b, n = r["unary"], r["stream"], r["customers"]
-    servers = [s for s in ("echo", "nextbest", DIAG) if (s, r["concurrency"][0]) in a]
+    servers = [s for s in LABELS if (s, r["concurrency"][0]) in a]
     lines = [
         f"{SECTION} ({r['data']}, {n:,} customers, {r['products']:,} products)",
         "",
@@ -438,9 +523,9 @@ def report(r: dict) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for c in r["concurrency"]:
-        echo = a[("echo", c)]
         for server in servers:
             x = a[(server, c)]
+            echo = a[("echo" + TLS, c)] if server.endswith(TLS) else a[("echo", c)]
             lines.append(
                 f"| {LABELS[server]} | {c} | {x['calls']:,} | {x['qps']:,.0f} | {x['p50']:.2f} | "
                 f"{x['p99']:.2f} | {x['qps'] / echo['qps']:.2f} |"
@@ -459,7 +544,7 @@ def report(r: dict) -> str:
         f"| baseline: bare implicit batch recommend | {n:,} | {b['bare']:.2f} | "
         f"{n / b['bare']:,.0f} | 1.00 |",
     ]
-    for server in servers[1:]:
+    for server in [s for s in servers if not s.startswith("echo")]:
         t = b[server]
         lines.append(
             f"| {LABELS[server]}: StreamRecommendations | {n:,} | {t:.2f} | {n / t:,.0f} | "
@@ -481,6 +566,15 @@ def report(r: dict) -> str:
             f"{'met' if ratio >= 0.5 else 'missed'}), p99 {x['p99']:.2f} ms (aim < 10 ms: "
             f"{'met' if x['p99'] < 10 else 'missed'}; echo server {echo['p99']:.2f} ms)"
         )
+    if ("nextbest" + TLS, r["concurrency"][0]) in a:
+        for c in r["concurrency"]:
+            x, echo = a[("nextbest" + TLS, c)], a[("echo" + TLS, c)]
+            lines.append(
+                f"- TLS + token, concurrency {c}: QPS ratio to the TLS echo server "
+                f"{x['qps'] / echo['qps']:.2f} (aim ≥ 0.5: "
+                f"{'met' if x['qps'] / echo['qps'] >= 0.5 else 'missed'}), p99 {x['p99']:.2f} ms "
+                f"({x['p99'] / echo['p99']:.1f}× the echo server's {echo['p99']:.2f} ms; aim ≤ 3×)"
+            )
     ratio = b["bare"] / b["nextbest"]
     lines += [
         f"- StreamRecommendations: throughput ratio {ratio:.2f} (aim ≥ 0.5: "
@@ -562,9 +656,13 @@ def main() -> int:
     parser.add_argument("--write", action="store_true", help="update BENCHMARKS.md")
     parser.add_argument("--echo-server", metavar="RESPONSE", help=argparse.SUPPRESS)
     parser.add_argument("--workers", type=int, default=16, help=argparse.SUPPRESS)
+    parser.add_argument("--echo-tls", nargs=2, metavar=("CERT", "KEY"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--no-tls", action="store_true", help="skip the TLS + token servers (plaintext only)"
+    )
     args = parser.parse_args()
     if args.echo_server:
-        return run_echo_server(args.echo_server, args.workers)
+        return run_echo_server(args.echo_server, args.workers, args.echo_tls)
     if not args.events:
         parser.error("--events is required")
     # SIGTERM stops the benchmark like Ctrl-C: the `finally` below stops the servers.
@@ -592,29 +690,51 @@ def main() -> int:
     requests = [pb.RecommendProductsRequest(customer_id=c) for c in mixed]
 
     names = ["echo", "nextbest"] + ([] if args.no_diagnosis else [DIAG])
+    security: dict[str, Security] = {}
+    if not args.no_tls:
+        from nextbest.auth import new_token
+
+        cert, key, ca = write_tls(work)
+        token = new_token()
+        tls_toml = work / "bench-tls.toml"
+        tls_toml.write_text(tls_config(cert, key, token))
+        names += ["echo" + TLS, "nextbest" + TLS]
+        security = {"echo" + TLS: (ca, None), "nextbest" + TLS: (ca, token)}
+    nextbest_names = [n for n in names if not n.startswith("echo")]
     servers: list[ServerProcess] = []
     try:
         cmd, serve_how = serve_command(config, models_dir)
         addresses = {}
-        envs = {"nextbest": {}, DIAG: {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}}
-        for name in names[1:]:
-            servers.append(ServerProcess(name, cmd, work / f"{name}.log", envs[name]))
+        envs = {DIAG: {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}}
+        for name in nextbest_names:
+            server_cmd = cmd
+            if name.endswith(TLS):
+                server_cmd, _ = serve_command(tls_toml, models_dir)
+            servers.append(ServerProcess(name, server_cmd, work / f"{name}.log", envs.get(name)))
             addresses[name] = servers[-1].wait_ready()
-            asyncio.run(wait_serving(addresses[name]))
+            asyncio.run(wait_serving(addresses[name], security=security.get(name)))
             print(f"{name} ({serve_how}) serving on {addresses[name]}", flush=True)
         response = work / "echo-response.pb"
         response.write_bytes(asyncio.run(capture_response(addresses["nextbest"], order)))
         echo_cmd = [sys.executable, __file__, "--echo-server", str(response)]
-        servers.append(
-            ServerProcess("echo", [*echo_cmd, "--workers", str(workers)], work / "echo.log")
-        )
-        addresses["echo"] = servers[-1].wait_ready()
+        echo_cmd += ["--workers", str(workers)]
+        for name in [n for n in names if n.startswith("echo")]:
+            extra = ["--echo-tls", str(cert), str(key)] if name.endswith(TLS) else []
+            servers.append(ServerProcess(name, [*echo_cmd, *extra], work / f"{name}.log"))
+            addresses[name] = servers[-1].wait_ready()
 
         unary = {}
         for c in args.concurrency:
             for name in names:
                 cell = asyncio.run(
-                    load_cell(addresses[name], requests, c, args.seconds, args.warmup)
+                    load_cell(
+                        addresses[name],
+                        requests,
+                        c,
+                        args.seconds,
+                        args.warmup,
+                        security=security.get(name),
+                    )
                 )
                 unary[(name, c)] = cell
                 print(
@@ -622,13 +742,15 @@ def main() -> int:
                     f"QPS, p50 {cell['p50']:.2f} ms, p99 {cell['p99']:.2f} ms",
                     flush=True,
                 )
-        runs: dict[str, list[float]] = {name: [] for name in ["bare", *names[1:]]}
-        for name in names[1:]:
-            asyncio.run(stream_all(addresses[name], known[:256]))  # warm-up
+        runs: dict[str, list[float]] = {name: [] for name in ["bare", *nextbest_names]}
+        for name in nextbest_names:
+            asyncio.run(stream_all(addresses[name], known[:256], security.get(name)))  # warm-up
         for _ in range(args.repeat):
             runs["bare"].append(bare_recommend(bundle))
-            for name in names[1:]:
-                runs[name].append(asyncio.run(stream_all(addresses[name], known)))
+            for name in nextbest_names:
+                runs[name].append(
+                    asyncio.run(stream_all(addresses[name], known, security.get(name)))
+                )
             print(", ".join(f"{k} {v[-1]:.2f} s" for k, v in runs.items()), flush=True)
     finally:
         for server in servers:
