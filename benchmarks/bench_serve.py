@@ -10,8 +10,9 @@ The nextbest server and the echo server are separate processes; this process is 
 A second nextbest server with `OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1` runs the same cells as a
 diagnosis (`--no-diagnosis` to skip). As deployed, a third one runs with TLS, a bearer token
 and JSON call logs, against an echo server with TLS (`--no-tls` to skip; certificates and the
-token are made in the run). The answer path is timed and profiled in-process without gRPC. `--write` replaces the `## make bench-serve` section of BENCHMARKS.md (a `### Notes`
-part written by hand is kept). The model is trained once into `<work-dir>/models` (ALS only, no
+token are made in the run). The answer path is timed and profiled in-process without gRPC.
+`--write` replaces the `## make bench-serve` section of BENCHMARKS.md (a `### Notes` part written
+by hand is kept). The model is trained once into `<work-dir>/models` (ALS only, no
 tuning, consent allowed by default) and reused unless `--retrain`.
 
     python benchmarks/bench_serve.py --events data/complete-journey/events.parquet \\
