@@ -30,6 +30,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from bench_serve import CONFIG as SERVE_CONFIG  # noqa: E402
 from bench_serve import (  # noqa: E402
     LIMIT,
     ServerProcess,
@@ -41,18 +42,8 @@ from bench_serve import (  # noqa: E402
 )
 
 SECTION = "## make bench-scale"
-CONFIG = """[train]
-candidates = ["als"]
-tune = false
-
-[policy]
-default_consent = "allow"
-
-[serve]
-metrics_port = -1
-insecure = true
-reload_interval_s = 0
-"""
+# bench-serve's benchmark config, without the metrics port and the model watcher.
+CONFIG = SERVE_CONFIG.replace("metrics_port = 0", "metrics_port = -1") + "reload_interval_s = 0\n"
 STREAM_SAMPLE = 20_000
 """Customers streamed per size (the whole audience below this)."""
 

@@ -72,6 +72,24 @@ def synthetic_catalog(n_products: int = 40) -> pa.Table:
     )
 
 
+def evaluate_args(events_file: Path, catalog_file: Path, config: Path) -> list:
+    """`nextbest evaluate` of the synthetic data at its usual cutoff, consent allowed (options
+    are appended by the caller)."""
+    return [
+        "evaluate",
+        "--events",
+        events_file,
+        "--catalog",
+        catalog_file,
+        "--config",
+        config,
+        "--cutoff",
+        "2024-04-10",
+        "--default-consent",
+        "allow",
+    ]
+
+
 def write_csv(table: pa.Table, path: Path) -> Path:
     pacsv.write_csv(table, path)
     return path

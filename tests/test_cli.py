@@ -14,7 +14,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
-from conftest import SHARED_DATA, synthetic_events, write_csv
+from conftest import SHARED_DATA, evaluate_args, synthetic_events, write_csv
 
 from nextbest.config import load_settings
 from nextbest.data.readers import read_content
@@ -224,17 +224,7 @@ def test_evaluate_json_has_every_model_and_three_protocols(
     tmp_path, events_file, catalog_file, small_config
 ):
     proc = run(
-        "evaluate",
-        "--events",
-        events_file,
-        "--catalog",
-        catalog_file,
-        "--config",
-        small_config,
-        "--cutoff",
-        "2024-04-10",
-        "--default-consent",
-        "allow",
+        *evaluate_args(events_file, catalog_file, small_config),
         "--json",
         "--k",
         "5",
@@ -579,17 +569,7 @@ def test_evaluate_refuses_a_served_export_that_is_not_csv_before_training(
     tmp_path, events_file, catalog_file, small_config
 ):
     proc = run(
-        "evaluate",
-        "--events",
-        events_file,
-        "--catalog",
-        catalog_file,
-        "--config",
-        small_config,
-        "--cutoff",
-        "2024-04-10",
-        "--default-consent",
-        "allow",
+        *evaluate_args(events_file, catalog_file, small_config),
         "--export-served",
         tmp_path / "served.json",
         check=False,
@@ -604,17 +584,7 @@ def test_evaluate_exports_the_served_lists_and_publishes_the_model(
 ):
     served = tmp_path / "served.csv"
     run(
-        "evaluate",
-        "--events",
-        events_file,
-        "--catalog",
-        catalog_file,
-        "--config",
-        small_config,
-        "--cutoff",
-        "2024-04-10",
-        "--default-consent",
-        "allow",
+        *evaluate_args(events_file, catalog_file, small_config),
         "--export-served",
         served,
         "--publish",

@@ -15,6 +15,7 @@ import sys
 import numpy as np
 import pyarrow as pa
 import pytest
+from conftest import evaluate_args
 
 from nextbest.evaluation import (
     METRICS,
@@ -147,17 +148,7 @@ def test_evaluate_report_renders_in_headless_chromium(
     chromium = _chromium()
     report = tmp_path / "report"
     args = [
-        "evaluate",
-        "--events",
-        events_file,
-        "--catalog",
-        catalog_file,
-        "--config",
-        small_config,
-        "--cutoff",
-        "2024-04-10",
-        "--default-consent",
-        "allow",
+        *evaluate_args(events_file, catalog_file, small_config),
         "--k",
         "5",
         "--report",
