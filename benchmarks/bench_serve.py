@@ -7,8 +7,8 @@
     batch `recommend` on the same model, loaded the way the server loads it.
 
 The nextbest server and the echo server are separate processes; this process is the client.
-A second nextbest server with `OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1` runs the same cells as a
-diagnosis (`--no-diagnosis` to skip). As deployed, a third one runs with TLS, a bearer token
+The nextbest server runs `serve.processes` as shipped (one per core); a second one with one
+process runs the same cells for comparison (`--no-diagnosis` to skip). As deployed, a third one runs with TLS, a bearer token
 and JSON call logs, against an echo server with TLS (`--no-tls` to skip; certificates and the
 token are made in the run). The answer path is timed and profiled in-process without gRPC.
 `--write` replaces the `## make bench-serve` section of BENCHMARKS.md (a `### Notes` part written
@@ -260,17 +260,24 @@ Security = tuple[bytes, str | None] | None
 """(the CA's PEM, a bearer token or None) for a TLS channel; None = plaintext."""
 
 
+CHANNELS = 4
+"""Channels (connections) a load cell spreads its tasks over, as several web back ends would:
+`SO_REUSEPORT` spreads connections, not calls, over the server processes."""
+
+
 def channel(address: str, security: Security = None):
-    """A grpc.aio channel to `address`: plaintext, or TLS with the token on every call."""
+    """A grpc.aio channel to `address` on its own connection: plaintext, or TLS with the token
+    on every call."""
     import grpc
 
+    own = [("grpc.use_local_subchannel_pool", 1)]
     if security is None:
-        return grpc.aio.insecure_channel(address)
+        return grpc.aio.insecure_channel(address, options=own)
     ca, token = security
     creds = grpc.ssl_channel_credentials(root_certificates=ca)
     if token:
         creds = grpc.composite_channel_credentials(creds, grpc.access_token_call_credentials(token))
-    return grpc.aio.secure_channel(address, creds)
+    return grpc.aio.secure_channel(address, creds, options=own)
 
 
 # --- the client --------------------------------------------------------------------------------
@@ -322,14 +329,15 @@ async def load_cell(
     warmup: float,
     security: Security = None,
 ) -> dict:
-    """`concurrency` tasks on one channel calling RecommendProducts back to back: a warm-up,
-    then `seconds` of measured calls (latency per call at the client)."""
+    """`concurrency` tasks over up to `CHANNELS` channels calling RecommendProducts back to
+    back: a warm-up, then `seconds` of measured calls (latency per call at the client)."""
     import grpc
 
     from nextbest.v1 import recommender_pb2_grpc
 
-    async with channel(address, security) as ch:
-        stub = recommender_pb2_grpc.RecommenderStub(ch)
+    chans = [channel(address, security) for _ in range(min(concurrency, CHANNELS))]
+    stubs = [recommender_pb2_grpc.RecommenderStub(ch) for ch in chans]
+    try:
         position = 0
 
         async def run(duration: float, start_at: int) -> tuple[list[float], list, float]:
@@ -339,7 +347,7 @@ async def load_cell(
             errors: list = []
             end = time.perf_counter() + duration
 
-            async def worker() -> None:
+            async def worker(stub) -> None:
                 nonlocal position
                 while time.perf_counter() < end:
                     request = requests[position % len(requests)]
@@ -353,11 +361,14 @@ async def load_cell(
                     latencies.append(time.perf_counter() - t0)
 
             t0 = time.perf_counter()
-            await asyncio.gather(*(worker() for _ in range(concurrency)))
+            await asyncio.gather(*(worker(stubs[k % len(stubs)]) for k in range(concurrency)))
             return latencies, errors, time.perf_counter() - t0
 
         await run(warmup, len(requests) // 2)
         latencies, errors, elapsed = await run(seconds, 0)
+    finally:
+        for ch in chans:
+            await ch.close()
     if errors:
         raise SystemExit(f"{address}: {len(errors)} failed calls, e.g. {errors[0]}")
     ms = np.asarray(latencies) * 1000.0
@@ -369,27 +380,45 @@ async def load_cell(
     }
 
 
-async def stream_all(address: str, customers: Sequence[str], security: Security = None) -> float:
-    """Wall seconds of one StreamRecommendations call over `customers`; checks every answer."""
+STREAMS = 2
+"""StreamRecommendations calls, each on its own connection, that an audience is split over (as a
+campaign batch job with two workers would), so that every server process streams."""
+
+
+async def stream_one(
+    address: str, customers: Sequence[str], security: Security, offset: int
+) -> int:
+    """One StreamRecommendations call over `customers`; checks every answer, returns how many."""
     from nextbest.v1 import recommender_pb2 as pb
     from nextbest.v1 import recommender_pb2_grpc
 
     async def requests():
         for k, customer in enumerate(customers):
-            yield pb.RecommendProductsRequest(customer_id=customer, limit=LIMIT, request_id=str(k))
+            yield pb.RecommendProductsRequest(
+                customer_id=customer, limit=LIMIT, request_id=str(offset + k)
+            )
 
     async with channel(address, security) as ch:
         stub = recommender_pb2_grpc.RecommenderStub(ch)
         n = 0
-        t0 = time.perf_counter()
         async for reply in stub.StreamRecommendations(requests()):
-            if reply.HasField("error") or reply.request_id != str(n) or not reply.items:
-                raise SystemExit(f"stream answer {n} is wrong: {reply}")
+            if reply.HasField("error") or reply.request_id != str(offset + n) or not reply.items:
+                raise SystemExit(f"stream answer {offset + n} is wrong: {reply}")
             n += 1
-        elapsed = time.perf_counter() - t0
     if n != len(customers):
         raise SystemExit(f"stream: {n} answers to {len(customers)} requests")
-    return elapsed
+    return n
+
+
+async def stream_all(address: str, customers: Sequence[str], security: Security = None) -> float:
+    """Wall seconds to stream every one of `customers` over `STREAMS` concurrent streams."""
+    parts = np.array_split(np.asarray(customers, dtype=object), STREAMS)
+    offsets = np.cumsum([0] + [len(p) for p in parts[:-1]])
+    t0 = time.perf_counter()
+    await asyncio.gather(
+        *(stream_one(address, list(p), security, int(o)) for p, o in zip(parts, offsets))
+    )
+    return time.perf_counter() - t0
 
 
 def bare_recommend(bundle) -> float:
@@ -484,11 +513,11 @@ def profile_service(
 
 # --- report ------------------------------------------------------------------------------------
 
-DIAG = "nextbest-1t"
+DIAG = "nextbest-1p"
 LABELS = {
     "echo": "echo",
-    "nextbest": "nextbest",
-    DIAG: "nextbest, `OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1` (diagnosis)",
+    "nextbest": "nextbest (`serve.processes` as shipped: one per core)",
+    DIAG: "nextbest, one process (`serve.processes = 1`, for comparison)",
     "echo" + TLS: "echo, TLS",
     "nextbest" + TLS: "nextbest, TLS + bearer token + JSON call log (as deployed)",
 }
@@ -515,8 +544,8 @@ def report(r: dict) -> str:
         f"(`serve.max_workers` = {r['workers']}), only RecommendProducts, returning a response "
         f"captured from the nextbest server ({LIMIT} items with reasons, titles, categories and "
         "prices) with the request's customer id. Each server is its own process, driven in turn "
-        "by the same grpc.aio client (the benchmark process): N tasks on one channel calling back "
-        f"to back, {r['warmup']:g} s of warm-up then {r['seconds']:g} s measured per cell, "
+        "by the same grpc.aio client (the benchmark process): N tasks spread over "
+        f"min(N, {CHANNELS}) channels, each its own connection, calling back to back, {r['warmup']:g} s of warm-up then {r['seconds']:g} s measured per cell, "
         "latency per call at the client. Requests cycle through the model's customers in a "
         f"shuffled order, one in {UNKNOWN_EVERY} a customer the model does not know (best "
         "sellers); the same order for every server.",
@@ -534,7 +563,8 @@ def report(r: dict) -> str:
             )
     lines += [
         "",
-        "(b) One `Recommender.StreamRecommendations` call over every customer of the model "
+        f"(b) Every customer of the model streamed by {STREAMS} concurrent "
+        "`Recommender.StreamRecommendations` calls, each on its own connection "
         f"(limit {LIMIT}; every answer checked: no error, request order) against implicit's bare "
         "batch `recommend(np.arange(n_users), user_items, N=10)` on the same model, loaded with "
         "`load_bundle` as the server loads it, in the benchmark process with BLAS on one thread "
@@ -650,7 +680,7 @@ def main() -> int:
     parser.add_argument(
         "--no-diagnosis",
         action="store_true",
-        help="skip the second nextbest server with OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1",
+        help="skip the second nextbest server, with one process (serve.processes = 1)",
     )
     parser.add_argument(
         "--profile", type=int, metavar="TOP", default=0, help="print the full profile (TOP rows)"
@@ -707,7 +737,7 @@ def main() -> int:
     try:
         cmd, serve_how = serve_command(config, models_dir)
         addresses = {}
-        envs = {DIAG: {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}}
+        envs = {DIAG: {"NEXTBEST_SERVE__PROCESSES": "1"}}
         for name in nextbest_names:
             server_cmd = cmd
             if name.endswith(TLS):

@@ -218,8 +218,12 @@ class ServeSettings:
     working directory) or `postgresql://user@host:port/db` for several servers sharing it."""
     metrics_port: int = 9464
     """Port of the Prometheus metrics (HTTP /metrics, on `host`); 0 = any free port, -1 = off."""
+    processes: int = 0
+    """Server processes answering on the one port (`SO_REUSEPORT`), each with `max_workers`
+    threads and its own copy of the model; 0 = one per core. Metrics are summed over them on
+    `metrics_port`."""
     max_workers: int = 16
-    """Threads answering calls (and the most calls handled at once)."""
+    """Threads answering calls in each server process (and the most calls it handles at once)."""
     reload_interval_s: float = 2.0
     """How often `models_dir/CURRENT` is checked for a newly published model (0 = never; the
     Admin.ReloadModel call still works)."""
@@ -421,6 +425,7 @@ def _validate(section: str, s: object) -> None:
             "clock",
             "must be model, wall or a date YYYY-MM-DD",
         )
+        need(s.processes >= 0, "processes", "must be >= 0 (0 = one per core)")
         need(s.max_workers >= 1, "max_workers", "must be >= 1")
         need(-1 <= s.metrics_port <= 65535, "metrics_port", "must be within [-1, 65535]")
         need(s.reload_interval_s >= 0, "reload_interval_s", "must be >= 0")

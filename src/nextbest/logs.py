@@ -79,6 +79,7 @@ class JsonFormatter(logging.Formatter):
             ),
             "level": record.levelname,
             "logger": record.name,
+            "pid": record.process,
             "msg": record.getMessage(),
             **dict(_context.get()),
         }

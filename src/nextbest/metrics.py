@@ -6,9 +6,10 @@ Nothing here names a customer: labels are RPC methods, status codes, reasons and
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, Info, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.multiprocess import MultiProcessCollector
 
-__all__ = ["Metrics"]
+__all__ = ["Metrics", "serve_multiprocess_http"]
 
 LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 
@@ -48,11 +49,25 @@ class Metrics:
             registry=r,
         )
         self.erasures = Counter("nextbest_erasures", "Customers forgotten", registry=r)
-        self.model = Info("nextbest_model", "The model version being served", registry=r)
+        self.model = Gauge(
+            "nextbest_model_info",
+            "The model version being served: 1 while a server process serves it, else 0",
+            ["version", "cf_model"],
+            multiprocess_mode="livemax",
+            registry=r,
+        )
+        self._serving: tuple[str, str] | None = None
         self.reload_failures = Counter(
             "nextbest_model_reload_failures", "Model versions refused at load", registry=r
         )
         self._http = None
+
+    def serving(self, version: str, cf_model: str) -> None:
+        """Record the model version now served (the previous one drops to 0)."""
+        if self._serving is not None:
+            self.model.labels(*self._serving).set(0)
+        self.model.labels(version, cf_model).set(1)
+        self._serving = (version, cf_model)
 
     def answered(self, answers) -> None:
         """Count what product answers did (non-personal reasons, withheld items)."""
@@ -73,3 +88,12 @@ class Metrics:
             self._http.shutdown()
             self._http.server_close()
             self._http = None
+
+
+def serve_multiprocess_http(host: str, port: int, path: str):
+    """Expose the sum of every process's metrics (prometheus-client's multiprocess files in
+    `path`) at /metrics on `host:port`; returns (the HTTP server, its port)."""
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=path)
+    server, _ = start_http_server(port, addr=host, registry=registry)
+    return server, int(server.server_port)

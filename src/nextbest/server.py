@@ -47,6 +47,7 @@ from nextbest.errors import ConfigError, InvalidRequest, ModelError, NotFound
 from nextbest.logs import call_context, hash_customer_id
 from nextbest.metrics import Metrics
 from nextbest.policy import BEHAVIORAL_EVENTS
+from nextbest.processes import process_count, serve_processes
 from nextbest.service import (
     DEFAULT_LIMIT,
     MAX_LIMIT,
@@ -239,7 +240,7 @@ class ModelHolder:
             *model.bundle.shape,
             len(model.content_ids),
         )
-        self.metrics.model.info({"version": model.version, "cf_model": model.bundle.cf.kind})
+        self.metrics.serving(model.version, model.bundle.cf.kind)
         del old  # the previous model: freed once its calls in flight finish
         trim_malloc()
         self.on_loaded(model)
@@ -1003,10 +1004,11 @@ def _security_summary(serve: ServeSettings) -> str:
     return f"TLS{mutual}, {tokens}"
 
 
-def create_server(settings: Settings) -> Running:
+def create_server(settings: Settings, *, reuse_port: bool = False) -> Running:
     """Build, bind and start the server; loads CURRENT when there is one (else NOT_SERVING until
     the watcher finds one). `serve.port = 0` binds a free port (see `Running.port`). Consent
-    comes from the store at `serve.store`, read on every call."""
+    comes from the store at `serve.store`, read on every call. The port is this server's alone
+    unless `reuse_port` (one of `serve.processes` processes sharing it, see `processes.py`)."""
     # One BLAS / OpenMP thread per call (see ServedModel): the worker threads are the parallelism.
     threadpool_limits(1)
     server_credentials = credentials(settings.serve)
@@ -1035,6 +1037,7 @@ def create_server(settings: Settings) -> Running:
         options=[
             ("grpc.max_receive_message_length", settings.serve.max_message_bytes),
             ("grpc.max_send_message_length", settings.serve.max_message_bytes),
+            ("grpc.so_reuseport", 1 if reuse_port else 0),
         ],
         maximum_concurrent_rpcs=settings.serve.max_concurrent_calls,
     )
@@ -1054,10 +1057,13 @@ def create_server(settings: Settings) -> Running:
         (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
     address = f"{settings.serve.host}:{settings.serve.port}"
-    if server_credentials is None:
-        port = server.add_insecure_port(address)
-    else:
-        port = server.add_secure_port(address, server_credentials)
+    try:
+        if server_credentials is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, server_credentials)
+    except RuntimeError:  # grpcio raises "Failed to bind" where older versions returned 0
+        port = 0
     if port == 0:
         raise ModelError(f"cannot listen on {address} (in use or not permitted)")
     holder.check()
@@ -1128,7 +1134,11 @@ def trim_malloc() -> None:
 
 
 def serve(settings: Settings) -> int:
-    """Run until SIGTERM or SIGINT, then drain calls in flight for up to `serve.grace_s`."""
+    """Run until SIGTERM or SIGINT, then drain calls in flight for up to `serve.grace_s`; with
+    `serve.processes` other than 1, as that many processes on one port (`processes.py`)."""
+    count = process_count(settings)
+    if count > 1:
+        return serve_processes(settings, count, logging.getLogger().level)
     if limit_malloc_arenas():
         logger.info("glibc malloc arenas capped at 2 (set MALLOC_ARENA_MAX to choose otherwise)")
     running = create_server(settings)
