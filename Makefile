@@ -26,12 +26,13 @@ CJ_CUTOFF := 2017-12-01
 # dunnhumby Let's Get Sort-of-Real: 4 shop weeks are missing, the last 28 (2007-10-29 ..
 # 2008-07-06) have no gap; the cutoff sits in them.
 LGSR_CUTOFF := 2008-04-01
+CDNOW_EVENTS := $(DATA)/cdnow/events.parquet
 # What fits ALS in `make train`: implicit (this machine) or spark (Apache Spark MLlib ALS on
 # SPARK_MASTER, local[*] by default; README "Training on Apache Spark").
 ENGINE ?= implicit
 SPARK_MASTER ?= local[*]
 
-.PHONY: install install-dev install-report install-spark install-all test lint train evaluate evaluate-cj evaluate-lgsr bench-train bench-serve bench-scale bench-soak audit-privacy prepare clean demo serve proto docs chromium java parity-spark
+.PHONY: install install-dev install-report install-spark install-all test lint train evaluate evaluate-cj evaluate-lgsr evaluate-lifecycle bench-train bench-serve bench-scale bench-soak audit-privacy prepare clean demo serve proto docs chromium java parity-spark
 
 # The runtime alone (what the demo, train, serve and the benchmarks need); each extra on top when a
 # target needs it: dev (tests, lint, make proto), report (evaluate's HTML report: matplotlib),
@@ -97,6 +98,18 @@ $(CJ_EVENTS) $(CJ_CONTENT) &: | install
 
 $(LGSR_EVENTS) $(LGSR_CONTENT) &: | install
 	$(NEXTBEST) prepare lgsr --source $(SHARED)/dunnhumby_lgsr_sample --out $(DATA)/lgsr
+
+$(CDNOW_EVENTS): | install
+	$(NEXTBEST) prepare cdnow --source $(SHARED)/cdnow --out $(DATA)/cdnow
+
+# Churn risk (EVALUATION.md): AUC against recency alone and BG/NBD, calibration by decile, at a
+# cutoff 90 days (lifecycle.horizon_days) before each data set's end; on CDNOW at the BG/NBD
+# paper's week 39, with its 39-week holdout check.
+evaluate-lifecycle: install $(OR_EVENTS) $(CJ_EVENTS) $(LGSR_EVENTS) $(CDNOW_EVENTS)
+	$(NEXTBEST) lifecycle evaluate --events $(OR_EVENTS) --cutoff 2011-09-10
+	$(NEXTBEST) lifecycle evaluate --events $(CJ_EVENTS) --cutoff 2017-10-03
+	$(NEXTBEST) lifecycle evaluate --events $(LGSR_EVENTS) --cutoff 2008-04-08
+	$(NEXTBEST) lifecycle evaluate --events $(CDNOW_EVENTS) --cutoff 1997-10-01 --holdout-days 273
 
 prepare: $(OR_EVENTS) $(CJ_EVENTS) $(LGSR_EVENTS)
 

@@ -8,9 +8,10 @@
 
 The nextbest server and the echo server are separate processes; this process is the client.
 The nextbest server runs `serve.processes` as shipped (one per core); a second one with one
-process runs the same cells for comparison (`--no-diagnosis` to skip). As deployed, a third one runs with TLS, a bearer token
-and JSON call logs, against an echo server with TLS (`--no-tls` to skip; certificates and the
-token are made in the run). The answer path is timed and profiled in-process without gRPC.
+process runs the same cells for comparison (`--no-diagnosis` to skip). As deployed, a third one
+runs with TLS, a bearer token and JSON call logs, against an echo server with TLS (`--no-tls`
+to skip; certificates and the token are made in the run). The answer path is timed and profiled
+in-process without gRPC.
 `--write` replaces the `## make bench-serve` section of BENCHMARKS.md (a `### Notes` part written
 by hand is kept). The model is trained once into `<work-dir>/models` (ALS only, no
 tuning, consent allowed by default) and reused unless `--retrain`.
@@ -416,7 +417,10 @@ async def stream_all(address: str, customers: Sequence[str], security: Security 
     offsets = np.cumsum([0] + [len(p) for p in parts[:-1]])
     t0 = time.perf_counter()
     await asyncio.gather(
-        *(stream_one(address, list(p), security, int(o)) for p, o in zip(parts, offsets))
+        *(
+            stream_one(address, list(p), security, int(o))
+            for p, o in zip(parts, offsets, strict=True)
+        )
     )
     return time.perf_counter() - t0
 
@@ -545,7 +549,8 @@ def report(r: dict) -> str:
         f"captured from the nextbest server ({LIMIT} items with reasons, titles, categories and "
         "prices) with the request's customer id. Each server is its own process, driven in turn "
         "by the same grpc.aio client (the benchmark process): N tasks spread over "
-        f"min(N, {CHANNELS}) channels, each its own connection, calling back to back, {r['warmup']:g} s of warm-up then {r['seconds']:g} s measured per cell, "
+        f"min(N, {CHANNELS}) channels, each its own connection, calling back to back, "
+        f"{r['warmup']:g} s of warm-up then {r['seconds']:g} s measured per cell, "
         "latency per call at the client. Requests cycle through the model's customers in a "
         f"shuffled order, one in {UNKNOWN_EVERY} a customer the model does not know (best "
         "sellers); the same order for every server.",

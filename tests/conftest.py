@@ -154,6 +154,9 @@ port = 0
 insecure = true
 metrics_port = 0
 reload_interval_s = 0.2
+# One process: these tests count one server's log lines and metrics (tests/test_processes.py
+# runs several).
+processes = 1
 """
 UNAVAILABLE_PRODUCT = "p010"
 

@@ -100,7 +100,7 @@ def test_train_keeps_the_content_snapshot(tmp_path, events_file, catalog_file, s
     version = current_version(tmp_path / "models")
     directory = tmp_path / "models" / version
     manifest = json.loads((directory / "manifest.json").read_text())
-    assert manifest["format"] == 3 and manifest["content_items"] == 3
+    assert manifest["format"] == 4 and manifest["content_items"] == 3
     assert manifest["files"]["content.parquet"] == sha256_file(directory / "content.parquet")
     assert manifest["data"]["content_sha256"] == sha256_file(content)
     assert manifest["data"]["read"]["content"]["rejected"] == {"unknown_kind": 1}

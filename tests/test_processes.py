@@ -88,7 +88,9 @@ class Supervised:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+        self._reader.join(15)  # EOF once the children (which share the pipe) are gone too
         self.proc.stdout.close()
+        self.proc.stderr.close()
 
 
 def wait_for(condition, timeout: float = 30.0, what: str = "") -> None:
@@ -130,9 +132,11 @@ def test_processes_share_one_port_metrics_swap_restart_and_drain(own):
         )
         wait_for(lambda: server.metric("nextbest_model_info", version=new) == 1.0, 10, "metric")
 
-        # A process that dies is replaced; the other one answers meanwhile.
+        # A process that dies is replaced; once it is gone, the other one answers meanwhile (a
+        # connection made at the very moment of death can be reset: clients retry UNAVAILABLE).
         victim = sorted(pids)[0]
         os.kill(victim, signal.SIGKILL)
+        wait_for(lambda: not alive(victim), 10, "the killed process to go")
         assert server.call().personalized
         wait_for(
             lambda: any("starting another" in x.get("msg", "") for x in list(server.lines)),
@@ -141,8 +145,9 @@ def test_processes_share_one_port_metrics_swap_restart_and_drain(own):
         )
         before = len(server.call_pids())
         wait_for(
-            lambda: server.call().personalized
-            and len(set(server.call_pids()[before:]) - pids) == 1,
+            lambda: (
+                server.call().personalized and len(set(server.call_pids()[before:]) - pids) == 1
+            ),
             60,
             "the replacement to answer",
         )
@@ -179,5 +184,5 @@ def test_bad_process_count_is_a_one_line_error():
         env={**os.environ, "NEXTBEST_SERVE__PROCESSES": "-2"},
     )
     assert done.returncode == 2
-    assert "serve.processes: must be >= 0" in done.stderr
+    assert "serve.processes must be >= 0" in done.stderr
     assert "Traceback" not in done.stderr

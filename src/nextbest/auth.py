@@ -25,6 +25,7 @@ TOKEN_PREFIX = "nb_"
 SERVICE_ROLES = {
     "nextbest.v1.Recommender": "recommend",
     "nextbest.v1.Events": "recommend",
+    "nextbest.v1.Lifecycle": "recommend",
     "nextbest.v1.Consent": "consent",
     "nextbest.v1.Admin": "admin",
 }

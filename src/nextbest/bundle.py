@@ -71,6 +71,9 @@ class ModelBundle:
     content: pa.Table = field(default_factory=CONTENT_SCHEMA.empty_table)
     """Content snapshot (CONTENT_SCHEMA): what ScoreContent knows by id."""
     manifest: dict = field(default_factory=dict)
+    lifecycle: object | None = None
+    """The `lifecycle.model.LifecycleModel` (customer summaries, churn risk); None for a model
+    without one (older formats, or data too short to fit risk)."""
     cf_candidates: np.ndarray | None = None
     """(n_users, candidate pool) int32: each customer's CF model top new products, -1 padded,
     computed once by the trainer (`scoring.cf_candidates_for`); None: computed at load."""

@@ -185,6 +185,15 @@ def cmd_train(args: argparse.Namespace) -> int:
             "(the blend was fitted there: its figures are optimistic; see `nextbest evaluate`)"
         )
         _print_table(report.validation, settings.train.k)
+    if report.lifecycle:
+        auc = report.lifecycle["risk_validation_auc"]
+        print(
+            f"churn risk ({report.lifecycle['horizon_days']:g} days): served by the "
+            f"{report.lifecycle['risk_model']} model; validation AUC "
+            + ", ".join(f"{k} {v:.3f}" for k, v in auc.items())
+        )
+    else:
+        print("lifecycle: none in this model (too little history to fit churn risk)")
     manifest = _manifest(meta, report)
     c = report.counts
     print(
@@ -225,6 +234,64 @@ def _library_versions() -> dict[str, str]:
         "python": sys.version.split()[0],
         **{name: version(name) for name in libraries},
     }
+
+
+def cmd_lifecycle_evaluate(args: argparse.Namespace) -> int:
+    from nextbest.config import clock_day
+    from nextbest.data.readers import read_events
+    from nextbest.lifecycle.evaluate import evaluate_risk, holdout_check
+    from nextbest.lifecycle.model import purchases_of
+
+    settings = _settings(args)
+    cutoff = clock_day(args.cutoff)
+    if cutoff is None:
+        raise ConfigError(f"--cutoff: {args.cutoff!r} is not a date YYYY-MM-DD")
+    if args.holdout_days < 0:
+        raise ConfigError("--holdout-days: must be >= 0")
+    events, _ = read_events(args.events)
+    customers, days, values = purchases_of(events)
+    if not len(days) or days.min() >= cutoff or days.max() < cutoff:
+        raise DataError(f"{args.events}: --cutoff {args.cutoff} is not inside the purchases")
+    horizon = settings.lifecycle.horizon_days
+    try:
+        result = evaluate_risk(customers, days, values, cutoff, horizon)
+    except ValueError as exc:
+        raise DataError(f"{args.events}: {exc}") from None
+    if args.holdout_days:
+        result["holdout"] = holdout_check(customers, days, cutoff, args.holdout_days)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    a = result["auc"]
+    print(
+        f"churn = no purchase in the {horizon:g} days after {args.cutoff}: "
+        f"{result['customers']:,} customers, {result['churn_share']:.1%} churned"
+    )
+    print(f"{'model':10} {'AUC':>7} {'/ recency':>10}")
+    for name in ("recency", "bgnbd", "learned"):
+        print(f"{name:10} {a[name]:7.4f} {a[name] / a['recency']:10.3f}")
+    print(
+        f"served: {result['served']} (chosen on validation: "
+        + ", ".join(f"{k} {v:.4f}" for k, v in result["validation"].items())
+        + ")"
+    )
+    print(
+        f"calibration of the served model by decile (largest gap {result['calibration_max_gap']:.3f}):"
+    )
+    for k, c in enumerate(result["calibration"], 1):
+        print(f"  {k:2}: predicted {c['predicted']:.3f}  actual {c['actual']:.3f}")
+    if "holdout" in result:
+        h = result["holdout"]
+        print(
+            f"BG/NBD holdout ({args.holdout_days:g} days): predicted {h['predicted']:,.0f} repeat "
+            f"purchase days, actual {h['actual']:,.0f} ({h['predicted'] / h['actual'] - 1:+.1%})"
+        )
+        for g in h["by_repeats"]:
+            print(
+                f"  {g['repeats']:>3} repeats: {g['customers']:6,} customers, predicted "
+                f"{g['predicted']:.3f}, actual {g['actual']:.3f} per customer"
+            )
+    return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -460,7 +527,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("prepare", help="turn a public data set into events and catalog Parquet")
-    p.add_argument("dataset", choices=("online-retail", "complete-journey", "lgsr"))
+    p.add_argument("dataset", choices=("online-retail", "complete-journey", "lgsr", "cdnow"))
     p.add_argument("--source", required=True, help="the data set's folder in ../shared/data")
     p.add_argument("--out", required=True, help="output folder")
     p.set_defaults(func=cmd_prepare)
@@ -506,6 +573,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_engine(p)
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("lifecycle", help="evaluate churn risk and BG/NBD on a time split")
+    life = p.add_subparsers(dest="lifecycle_command", required=True)
+    q = life.add_parser("evaluate", help="churn-risk AUC and calibration at a cutoff")
+    q.add_argument("--events", required=True, help="events file (purchases are used)")
+    q.add_argument("--cutoff", required=True, help="YYYY-MM-DD: scored on the horizon after it")
+    q.add_argument("--config", help="nextbest.toml ([lifecycle] horizon_days)")
+    q.add_argument(
+        "--holdout-days",
+        type=float,
+        default=0.0,
+        help="also BG/NBD's predicted against actual repeat purchase days in this many days",
+    )
+    q.add_argument("--json", action="store_true", help="print the result as JSON")
+    q.set_defaults(func=cmd_lifecycle_evaluate)
 
     p = sub.add_parser("recommend", help="batch export of the served ranking (email channel)")
     p.add_argument("--models-dir", required=True)

@@ -26,6 +26,7 @@ __all__ = [
     "TrainSettings",
     "PolicySettings",
     "ServeSettings",
+    "LifecycleSettings",
     "Settings",
     "load_settings",
     "config_reference",
@@ -262,6 +263,32 @@ class ServeSettings:
 
 
 @dataclass(frozen=True, kw_only=True)
+class LifecycleSettings:
+    """Customer state (stages, churn risk, expected value), computed by the trainer."""
+
+    horizon_days: float = 90.0
+    """Churn risk is the probability of no purchase in this many days; expected purchases and
+    value are over them too."""
+    new_days: float = 30.0
+    """A customer whose first purchase is younger than this is `new`."""
+    rhythm_days: int = 3
+    """Purchase days a customer needs before their own mean interval judges their stage."""
+    at_risk_intervals: float = 2.0
+    """With a rhythm: `at_risk` once the days since the last purchase pass this many intervals
+    (at least 7 days)..."""
+    dormant_intervals: float = 4.0
+    """...`dormant` past this many (at least 14 days)..."""
+    lapsed_intervals: float = 8.0
+    """...and `lapsed` past this many (at least 28 days)."""
+    at_risk_days: float = 30.0
+    """Without a rhythm yet: `at_risk` after this many days without a purchase..."""
+    dormant_days: float = 60.0
+    """...`dormant` after this many (SPEC §1: dormant = no purchase for 60–90 days)..."""
+    lapsed_days: float = 180.0
+    """...and `lapsed` after this many."""
+
+
+@dataclass(frozen=True, kw_only=True)
 class Settings:
     """The settings root."""
 
@@ -269,6 +296,7 @@ class Settings:
     train: TrainSettings = field(default_factory=TrainSettings)
     policy: PolicySettings = field(default_factory=PolicySettings)
     serve: ServeSettings = field(default_factory=ServeSettings)
+    lifecycle: LifecycleSettings = field(default_factory=LifecycleSettings)
 
     def with_overrides(self, section: str, **values: object) -> Settings:
         """A copy with some values of one section replaced (validated like file values)."""
@@ -416,6 +444,20 @@ def _validate(section: str, s: object) -> None:
         need(s.fatigue_impressions >= 1, "fatigue_impressions", "must be >= 1")
         need(s.fatigue_days > 0, "fatigue_days", "must be > 0")
         need(0 <= s.fatigue_demotion <= 1, "fatigue_demotion", "must be within [0, 1]")
+    elif isinstance(s, LifecycleSettings):
+        need(s.horizon_days >= 1, "horizon_days", "must be >= 1")
+        need(s.new_days >= 0, "new_days", "must be >= 0")
+        need(s.rhythm_days >= 2, "rhythm_days", "must be >= 2")
+        need(
+            0 < s.at_risk_intervals < s.dormant_intervals < s.lapsed_intervals,
+            "at_risk_intervals",
+            "at_risk_intervals < dormant_intervals < lapsed_intervals must hold (all > 0)",
+        )
+        need(
+            0 < s.at_risk_days < s.dormant_days < s.lapsed_days,
+            "at_risk_days",
+            "at_risk_days < dormant_days < lapsed_days must hold (all > 0)",
+        )
     elif isinstance(s, ServeSettings):
         need(0 <= s.port <= 65535, "port", "must be within [0, 65535]")
         need(0.0 <= s.durable_repeat_rate <= 1.0, "durable_repeat_rate", "must be in [0, 1]")

@@ -247,7 +247,9 @@ def serve_processes(settings: Settings, count: int, log_level: int) -> int:
                     f"serve.metrics_port: cannot listen on {serve.host}:{serve.metrics_port} "
                     f"({exc.strerror or exc})"
                 ) from None
-            logger.info("metrics of all processes on http://%s:%d/metrics", serve.host, metrics_port)
+            logger.info(
+                "metrics of all processes on http://%s:%d/metrics", serve.host, metrics_port
+            )
         logger.info("%d server processes on %s:%d", count, serve.host, port)
         print(f"nextbest serving on {serve.host}:{port}", flush=True)
         while not stop.wait(0.5):

@@ -69,6 +69,8 @@ from nextbest.v1 import (
     consent_pb2_grpc,
     events_pb2,
     events_pb2_grpc,
+    lifecycle_pb2,
+    lifecycle_pb2_grpc,
     recommender_pb2,
     recommender_pb2_grpc,
 )
@@ -95,6 +97,7 @@ SERVICE_NAMES = (
     admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name,
     consent_pb2.DESCRIPTOR.services_by_name["Consent"].full_name,
     events_pb2.DESCRIPTOR.services_by_name["Events"].full_name,
+    lifecycle_pb2.DESCRIPTOR.services_by_name["Lifecycle"].full_name,
 )
 _REASON_KINDS = {
     "bought_related": pb.REASON_KIND_BOUGHT_RELATED,
@@ -626,6 +629,45 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         return admin_pb2.ReloadModelResponse(model=model_info(model), changed=changed)
 
 
+_STAGES = {
+    "new": lifecycle_pb2.STAGE_NEW,
+    "active": lifecycle_pb2.STAGE_ACTIVE,
+    "at_risk": lifecycle_pb2.STAGE_AT_RISK,
+    "dormant": lifecycle_pb2.STAGE_DORMANT,
+    "lapsed": lifecycle_pb2.STAGE_LAPSED,
+}
+
+
+class LifecycleService(lifecycle_pb2_grpc.LifecycleServicer):
+    def __init__(self, holder: ModelHolder):
+        self.holder = holder
+
+    @_unary
+    def GetCustomerState(self, request, context):
+        customer_id = _id(request.customer_id, "customer_id")
+        model = self.holder.current
+        state, why = model.customer_state(customer_id)
+        reply = lifecycle_pb2.CustomerState(
+            customer_id=customer_id, model_version=model.version, personalized=state is not None
+        )
+        if state is None:
+            reply.not_personalized_reason = why
+            return reply
+        risk = model.lifecycle.risk
+        reply.stage = _STAGES[state.stage]
+        reply.churn_risk = state.churn_risk
+        reply.expected_purchases = state.expected_purchases
+        reply.expected_value = state.expected_value
+        reply.active_days_30 = state.active_days_30
+        reply.interval_days = 0.0 if np.isnan(state.interval_days) else state.interval_days
+        reply.days_since_last_purchase = state.days_since_last_purchase
+        reply.purchase_days = state.purchase_days
+        reply.reasons.extend(state.reasons)
+        reply.risk_model = risk.kind
+        reply.horizon_days = risk.horizon_days
+        return reply
+
+
 def _timestamp(value: dt.datetime | None) -> Timestamp | None:
     if value is None:
         return None
@@ -1046,6 +1088,7 @@ def create_server(settings: Settings, *, reuse_port: bool = False) -> Running:
         RecommenderService(holder, impressions), server
     )
     admin_pb2_grpc.add_AdminServicer_to_server(AdminService(holder), server)
+    lifecycle_pb2_grpc.add_LifecycleServicer_to_server(LifecycleService(holder), server)
     consent_pb2_grpc.add_ConsentServicer_to_server(
         ConsentService(holder, store, default_allow), server
     )

@@ -16,6 +16,7 @@ back with the first call that reads the store again.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import logging
 import threading
@@ -31,6 +32,7 @@ from nextbest.bundle import ModelBundle, lookup
 from nextbest.config import Settings, clock_day
 from nextbest.data.interactions import to_days
 from nextbest.errors import NotFound
+from nextbest.lifecycle.model import CustomerState
 from nextbest.policy import ConsentState
 from nextbest.scoring import (
     best_sellers_for,
@@ -349,6 +351,12 @@ class ServedModel:
             )
             level[rows >= 0] = values[rows[rows >= 0]]
         self.sensitivity = np.where(b.item_sensitive & (level <= 0), 1.0, level)
+        # Stages are judged by this server's [lifecycle] rules; risk is the model's.
+        self.lifecycle = (
+            dataclasses.replace(b.lifecycle, settings=self.settings.lifecycle)
+            if b.lifecycle is not None
+            else None
+        )
 
     @property
     def version(self) -> str:
@@ -832,6 +840,37 @@ class ServedModel:
         return out
 
     # --- SimilarProducts ----------------------------------------------------------------------
+
+    def customer_state(self, customer_id: str) -> tuple[CustomerState | None, str]:
+        """The lifecycle state of one customer now (their training history plus the purchases
+        recorded since), or (None, why not): no_consent, erased, consent_unavailable (fail
+        closed), no_lifecycle_model, or unknown_customer (no purchase known)."""
+        try:
+            personal, _, why, _ = self.consent_details([customer_id])
+            table = self.events([customer_id]) if self.events is not None else None
+        except StoreError as exc:
+            _outage.failed("lifecycle requests", 1, exc)
+            return None, CONSENT_UNAVAILABLE
+        _outage.ok()
+        if not personal[0]:
+            return None, why[0] or "no_consent"
+        lifecycle = self.lifecycle
+        if lifecycle is None:
+            return None, "no_lifecycle_model"
+        days, values = np.zeros(0), np.zeros(0)
+        if table is not None and table.num_rows:
+            table = table.filter(pc.equal(table.column("event_type"), "purchase"))
+            days = to_days(table.column("timestamp"))
+            since = days > self.bundle.reference_day  # the rest trained the model
+            table, days = table.filter(pa.array(since)), days[since]
+            values = (
+                table.column("value").to_numpy(zero_copy_only=False).astype(float)
+                if "value" in table.column_names
+                else np.full(len(days), np.nan)
+            )
+        row = int(self.bundle.user_index(np.asarray([customer_id], dtype=str))[0])
+        state = lifecycle.state(row, days, values, self.now_day())
+        return (state, "") if state is not None else (None, "unknown_customer")
 
     def similar(
         self, product_ids: list[str], limit: int, customer_id: str = ""

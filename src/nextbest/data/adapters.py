@@ -476,10 +476,65 @@ def prepare_lgsr(source: Path, out: Path) -> PrepareReport:
     return _finish(report, out, events, catalog, catalog["k"])
 
 
+def prepare_cdnow(source: Path, out: Path) -> PrepareReport:
+    """CDNOW master (Fader & Hardie; 23,570 customers of the Q1 1997 cohort, to 1998-06-30):
+    whitespace-separated customer id, date (yyyymmdd), number of CDs and dollar value. The data
+    has no product ids, so every purchase is of the one product `cd` (enough for the lifecycle:
+    stages, churn risk and BG/NBD use purchase days and value only, not products). Timestamps
+    are the dates at midnight; channel `web`.
+
+    Rejected: a date that is no yyyymmdd date (bad_timestamp), zero or negative CDs
+    (zero_quantity / negative_quantity)."""
+    path = _source_file(source, "CDNOW_master.txt")
+    try:
+        raw = np.loadtxt(path, dtype=str, skiprows=1, ndmin=2)
+    except ValueError as exc:
+        raise DataError(f"{path}: not four whitespace-separated columns ({exc})") from None
+    if raw.shape[1] != 4:
+        raise DataError(f"{path}: {raw.shape[1]} columns, expected 4")
+    report = PrepareReport(dataset="cdnow", rows_read=len(raw))
+    customer, date, cds, dollars = raw.T
+    when = pc.strptime(pa.array(date), format="%Y%m%d", unit="us", error_is_null=True)
+    dated = when.is_valid().to_numpy(zero_copy_only=False)
+    qty = np.asarray(cds, dtype=float)
+    value = np.asarray(dollars, dtype=float)
+    reasons = {
+        "bad_timestamp": ~dated,
+        "zero_quantity": dated & (qty == 0),
+        "negative_quantity": dated & (qty < 0),
+    }
+    keep = ~np.logical_or.reduce(list(reasons.values()))
+    report.rejected = {k: int(v.sum()) for k, v in reasons.items() if v.any()}
+    n = int(keep.sum())
+    events = pa.table(
+        {
+            "customer_id": pa.array(customer[keep]),
+            "product_id": pa.array(np.full(n, "cd")),
+            "timestamp": when.filter(pa.array(keep)),
+            "event_type": pa.array(np.full(n, "purchase")),
+            "quantity": pa.array(qty[keep]),
+            "value": pa.array(value[keep]),
+            "channel": pa.array(np.full(n, "web")),
+        }
+    )
+    unit = value[keep] / qty[keep]
+    products = pa.table(
+        {
+            "k": ["cd"],
+            "category": ["music"],
+            "department": ["music"],
+            "product_type": ["cd"],
+            "p_approximate_median": [float(np.median(unit)) if n else None],
+        }
+    )
+    return _finish(report, out, events, products, pa.array(["CD"]))
+
+
 DATASETS = {
     "online-retail": prepare_online_retail,
     "complete-journey": prepare_complete_journey,
     "lgsr": prepare_lgsr,
+    "cdnow": prepare_cdnow,
 }
 
 

@@ -46,12 +46,15 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-FORMAT = 3
+FORMAT = 4
 """2: adds the content snapshot (`content.parquet`, manifest `content_items`). 3: adds every
 customer's CF candidates (`candidates.npy`, computed by the trainer, memory-mapped at load)."""
-READABLE_FORMATS = (2, 3)
+READABLE_FORMATS = (2, 3, 4)
 """Formats this version loads: a format-2 version gets its CF candidates computed at load."""
 CANDIDATES = "candidates.npy"
+LIFECYCLE = "lifecycle.npz"
+"""Format 4: the lifecycle summaries and churn-risk model (optional: absent when the data could
+not fit risk); `manifest["lifecycle"]` describes it."""
 CURRENT = "CURRENT"
 _FILES = (
     "ids.npz",
@@ -176,6 +179,10 @@ def publish(
         np.save(fh, np.ascontiguousarray(bundle.cf_candidates, dtype=np.int32), allow_pickle=False)
         fh.flush()
         os.fsync(fh.fileno())
+    extra = [CANDIDATES]
+    if bundle.lifecycle is not None:
+        _save_npz(tmp / LIFECYCLE, **bundle.lifecycle.to_arrays())
+        extra.append(LIFECYCLE)
     _save_parquet(tmp / "catalog.parquet", bundle.catalog)
     content = bundle.content.select(CONTENT_SCHEMA.names).cast(CONTENT_SCHEMA)
     _save_parquet(tmp / "content.parquet", content)
@@ -192,7 +199,8 @@ def publish(
         "features": list(FEATURES),
         "blend_intercept": bundle.blend_intercept,
         **manifest,
-        "files": {name: sha256_file(tmp / name) for name in (*_FILES, CANDIDATES)},
+        **({"lifecycle": bundle.lifecycle.manifest()} if bundle.lifecycle is not None else {}),
+        "files": {name: sha256_file(tmp / name) for name in (*_FILES, *extra)},
     }
     with open(tmp / "manifest.json", "w") as fh:
         json.dump(full, fh, indent=2, sort_keys=True, default=_json_default)
@@ -265,7 +273,9 @@ def read_manifest(models_dir: str | Path, version: str) -> dict:
 
 
 def _verify(directory: Path, manifest: dict) -> None:
-    for name in (*_FILES, *((CANDIDATES,) if manifest.get("format", 0) >= 3 else ())):
+    extra = (CANDIDATES,) if manifest.get("format", 0) >= 3 else ()
+    extra += (LIFECYCLE,) if "lifecycle" in manifest else ()
+    for name in (*_FILES, *extra):
         expected = manifest.get("files", {}).get(name)
         path = directory / name
         if expected is None or not path.is_file():
@@ -375,7 +385,26 @@ def _read_bundle(directory: Path, manifest: dict) -> ModelBundle:
         content=_load_content(directory / "content.parquet"),
         manifest=manifest,
         cf_candidates=_load_candidates(directory, manifest, shape[0]),
+        lifecycle=_load_lifecycle(directory, manifest, ids["user_ids"]),
     )
+
+
+def _load_lifecycle(directory: Path, manifest: dict, user_ids: np.ndarray):
+    """The lifecycle model of a format-4 version that has one, else None."""
+    if "lifecycle" not in manifest:
+        return None
+    from nextbest.config import LifecycleSettings
+    from nextbest.lifecycle.model import LifecycleModel
+
+    try:
+        return LifecycleModel.from_arrays(
+            user_ids.astype(str),
+            _load_npz(directory / LIFECYCLE),
+            manifest["lifecycle"],
+            LifecycleSettings(**manifest["lifecycle"].get("settings", {})),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ModelError(f"{directory / LIFECYCLE}: cannot be read ({exc})") from None
 
 
 def _load_candidates(directory: Path, manifest: dict, n_users: int) -> np.ndarray | None:

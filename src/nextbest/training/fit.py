@@ -52,6 +52,7 @@ from nextbest.evaluation import (
     relevance,
     served_rankings,
 )
+from nextbest.lifecycle.model import fit_lifecycle
 from nextbest.policy import sensitive_mask
 from nextbest.scoring import candidate_features, cf_candidates_for
 
@@ -101,6 +102,8 @@ class TrainReport:
     als_grid: list[dict[str, object]] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=dict)
+    lifecycle: dict = field(default_factory=dict)
+    """The churn-risk model chosen and the validation AUC of each candidate (empty: none)."""
 
 
 @dataclass(frozen=True)
@@ -408,6 +411,13 @@ def train(
     clock = time.perf_counter()
     bundle.cf_candidates = cf_candidates_for(bundle, t.candidate_pool)
     report.timings["cf_candidates_s"] = time.perf_counter() - clock
+    clock = time.perf_counter()
+    bundle.lifecycle = fit_lifecycle(
+        events, bundle.user_ids, bundle.reference_day, settings.lifecycle
+    )
+    report.timings["lifecycle_s"] = time.perf_counter() - clock
+    if bundle.lifecycle is not None:
+        report.lifecycle = bundle.lifecycle.manifest()
     links = pc.list_flatten(bundle.content["product_ids"]).to_numpy(zero_copy_only=False)
     report.counts = {
         "customers": bundle.shape[0],

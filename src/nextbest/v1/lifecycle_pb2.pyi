@@ -1,0 +1,63 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Stage(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    STAGE_UNSPECIFIED: _ClassVar[Stage]
+    STAGE_NEW: _ClassVar[Stage]
+    STAGE_ACTIVE: _ClassVar[Stage]
+    STAGE_AT_RISK: _ClassVar[Stage]
+    STAGE_DORMANT: _ClassVar[Stage]
+    STAGE_LAPSED: _ClassVar[Stage]
+STAGE_UNSPECIFIED: Stage
+STAGE_NEW: Stage
+STAGE_ACTIVE: Stage
+STAGE_AT_RISK: Stage
+STAGE_DORMANT: Stage
+STAGE_LAPSED: Stage
+
+class GetCustomerStateRequest(_message.Message):
+    __slots__ = ("customer_id",)
+    CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
+    customer_id: str
+    def __init__(self, customer_id: _Optional[str] = ...) -> None: ...
+
+class CustomerState(_message.Message):
+    __slots__ = ("customer_id", "personalized", "not_personalized_reason", "stage", "churn_risk", "expected_purchases", "expected_value", "active_days_30", "interval_days", "days_since_last_purchase", "purchase_days", "reasons", "risk_model", "horizon_days", "model_version")
+    CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
+    PERSONALIZED_FIELD_NUMBER: _ClassVar[int]
+    NOT_PERSONALIZED_REASON_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    CHURN_RISK_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_PURCHASES_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_VALUE_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_DAYS_30_FIELD_NUMBER: _ClassVar[int]
+    INTERVAL_DAYS_FIELD_NUMBER: _ClassVar[int]
+    DAYS_SINCE_LAST_PURCHASE_FIELD_NUMBER: _ClassVar[int]
+    PURCHASE_DAYS_FIELD_NUMBER: _ClassVar[int]
+    REASONS_FIELD_NUMBER: _ClassVar[int]
+    RISK_MODEL_FIELD_NUMBER: _ClassVar[int]
+    HORIZON_DAYS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    customer_id: str
+    personalized: bool
+    not_personalized_reason: str
+    stage: Stage
+    churn_risk: float
+    expected_purchases: float
+    expected_value: float
+    active_days_30: int
+    interval_days: float
+    days_since_last_purchase: int
+    purchase_days: int
+    reasons: _containers.RepeatedScalarFieldContainer[str]
+    risk_model: str
+    horizon_days: float
+    model_version: str
+    def __init__(self, customer_id: _Optional[str] = ..., personalized: _Optional[bool] = ..., not_personalized_reason: _Optional[str] = ..., stage: _Optional[_Union[Stage, str]] = ..., churn_risk: _Optional[float] = ..., expected_purchases: _Optional[float] = ..., expected_value: _Optional[float] = ..., active_days_30: _Optional[int] = ..., interval_days: _Optional[float] = ..., days_since_last_purchase: _Optional[int] = ..., purchase_days: _Optional[int] = ..., reasons: _Optional[_Iterable[str]] = ..., risk_model: _Optional[str] = ..., horizon_days: _Optional[float] = ..., model_version: _Optional[str] = ...) -> None: ...
