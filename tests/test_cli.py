@@ -122,7 +122,7 @@ def test_train_keeps_the_content_snapshot(tmp_path, events_file, catalog_file, s
     path.write_bytes(original)
     assert load_bundle(tmp_path / "models").content.equals(expected)
     (directory / "manifest.json").write_text(json.dumps({**manifest, "format": 1}))
-    with pytest.raises(ModelError, match=r"format 1, expected one of \(2, 3\)"):
+    with pytest.raises(ModelError, match=r"format 1, expected one of \(2, 3, 4\)"):
         load_bundle(tmp_path / "models")
 
 

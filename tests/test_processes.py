@@ -23,6 +23,7 @@ import grpc
 import pytest
 from conftest import serve_command, store_url, train
 
+from nextbest.client import Client
 from nextbest.v1 import recommender_pb2 as pb
 from nextbest.v1 import recommender_pb2_grpc as rpb
 
@@ -132,12 +133,12 @@ def test_processes_share_one_port_metrics_swap_restart_and_drain(own):
         )
         wait_for(lambda: server.metric("nextbest_model_info", version=new) == 1.0, 10, "metric")
 
-        # A process that dies is replaced; once it is gone, the other one answers meanwhile (a
-        # connection made at the very moment of death can be reset: clients retry UNAVAILABLE).
+        # A process that dies is replaced; the other one answers meanwhile. A connection made at
+        # the moment of death can be reset (UNAVAILABLE): the client's retry policy covers it.
         victim = sorted(pids)[0]
         os.kill(victim, signal.SIGKILL)
-        wait_for(lambda: not alive(victim), 10, "the killed process to go")
-        assert server.call().personalized
+        with Client(server.address, attempts=5) as client:
+            assert all(client.recommend("c003").personalized for _ in range(20))
         wait_for(
             lambda: any("starting another" in x.get("msg", "") for x in list(server.lines)),
             10,

@@ -26,7 +26,7 @@ from nextbest.auth import Gate, new_token, role_for, token_sha256
 from nextbest.config import ClientToken
 from nextbest.errors import ConfigError
 from nextbest.server import create_server
-from nextbest.v1 import admin_pb2, consent_pb2, events_pb2
+from nextbest.v1 import admin_pb2, consent_pb2, events_pb2, lifecycle_pb2
 from nextbest.v1 import recommender_pb2 as pb
 
 # --- certificates ------------------------------------------------------------------------------
@@ -173,6 +173,9 @@ RPCS = {
     ),
     "/nextbest.v1.Admin/GetModelInfo": admin_pb2.GetModelInfoRequest(),
     "/nextbest.v1.Admin/ReloadModel": admin_pb2.ReloadModelRequest(),
+    "/nextbest.v1.Lifecycle/GetCustomerState": lifecycle_pb2.GetCustomerStateRequest(
+        customer_id="c002"
+    ),
 }
 
 
@@ -184,7 +187,7 @@ def test_every_rpc_is_in_the_matrix():
 
     methods = {
         f"/{service.full_name}/{m.name}"
-        for module in (pb, a, c, e)
+        for module in (pb, a, c, e, lifecycle_pb2)
         for service in module.DESCRIPTOR.services_by_name.values()
         for m in service.methods
     }

@@ -32,6 +32,8 @@ from nextbest.v1 import (
     consent_pb2_grpc,
     events_pb2,
     events_pb2_grpc,
+    lifecycle_pb2,
+    lifecycle_pb2_grpc,
     recommender_pb2,
     recommender_pb2_grpc,
 )
@@ -45,7 +47,12 @@ PURPOSES = {
     "behavioral": consent_pb2.PURPOSE_BEHAVIORAL,
     "sensitive": consent_pb2.PURPOSE_SENSITIVE,
 }
-RETRIED_SERVICES = ("nextbest.v1.Recommender", "nextbest.v1.Consent", "nextbest.v1.Admin")
+RETRIED_SERVICES = (
+    "nextbest.v1.Recommender",
+    "nextbest.v1.Consent",
+    "nextbest.v1.Admin",
+    "nextbest.v1.Lifecycle",
+)
 
 
 def _service_config(attempts: int) -> str:
@@ -107,6 +114,7 @@ class Client:
         self.consent = consent_pb2_grpc.ConsentStub(self.channel)
         self.events = events_pb2_grpc.EventsStub(self.channel)
         self.admin = admin_pb2_grpc.AdminStub(self.channel)
+        self.lifecycle = lifecycle_pb2_grpc.LifecycleStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
 
     def __enter__(self) -> Client:
@@ -268,6 +276,11 @@ class Client:
         return self._call(self.events.RecordEvents, request, timeout)
 
     # --- Admin ---------------------------------------------------------------------------------
+
+    def customer_state(self, customer_id: str, *, timeout=None) -> lifecycle_pb2.CustomerState:
+        """Lifecycle stage, churn risk and expected value of one customer (consent-gated)."""
+        request = lifecycle_pb2.GetCustomerStateRequest(customer_id=customer_id)
+        return self._call(self.lifecycle.GetCustomerState, request, timeout)
 
     def model_info(self, *, timeout=None) -> admin_pb2.ModelInfo:
         return self._call(self.admin.GetModelInfo, admin_pb2.GetModelInfoRequest(), timeout)
