@@ -275,9 +275,8 @@ def cmd_lifecycle_evaluate(args: argparse.Namespace) -> int:
         + ", ".join(f"{k} {v:.4f}" for k, v in result["validation"].items())
         + ")"
     )
-    print(
-        f"calibration of the served model by decile (largest gap {result['calibration_max_gap']:.3f}):"
-    )
+    gap = result["calibration_max_gap"]
+    print(f"calibration of the served model by decile (largest gap {gap:.3f}):")
     for k, c in enumerate(result["calibration"], 1):
         print(f"  {k:2}: predicted {c['predicted']:.3f}  actual {c['actual']:.3f}")
     if "holdout" in result:
