@@ -112,11 +112,22 @@ def lifecycle_events() -> pa.Table:
         every = float(rng.choice([5, 10, 20, 40]))
         stop = float(rng.choice([0, 0, 30, 100, 200]))
         buy(f"c{k:03d}", list(np.arange(365, stop, -every) - rng.uniform(0, 2)))
+    for k in range(120):  # a durable: each of 120 customers buys the sofa once
+        rows.append((f"c{k:03d}", "sofa", END - dt.timedelta(days=float(200 + k)), 500.0))
     buy("weekly-gone", list(np.arange(299, 39, -7.0)))  # weekly, last purchase 40 days ago
     buy("quarterly", [400, 310, 220, 130, 40])  # every 90 days, 40 days quiet
     buy("once-70", [70])
     buy("newbie", [5])
     buy("today", [0])  # the newest event: the model's clock is END
+    for d in np.arange(299, 39, -7.0):  # weekly, 40 days quiet, and by far the most valuable
+        rows.append(("vip-gone", f"p{int(d) % 30:02d}", END - dt.timedelta(days=float(d)), 900.0))
+    for d in np.arange(300, 9, -10.0):  # p01 every 10 days, last 10 days ago: due again
+        rows.append(("regular", "p01", END - dt.timedelta(days=float(d)), 5.0))
+    for d in np.arange(200, 2, -10.0):  # active; a sofa 4 days ago (content is about it)
+        rows.append(("sofa-buyer", f"p{int(d) % 30:02d}", END - dt.timedelta(days=float(d)), 5.0))
+    rows.append(("sofa-buyer", "sofa", END - dt.timedelta(days=4), 500.0))
+    for d in np.arange(81, 0, -20.0):  # its one product, every 20 days, bought a day ago: not due
+        rows.append(("just-shopped", "p07", END - dt.timedelta(days=float(d)), 5.0))
     buy("no-consent", list(np.arange(200, 1, -7.0)))
     customers, products, times, values = zip(*rows, strict=True)
     return pa.table(
@@ -136,6 +147,29 @@ def lifecycle_server(tmp_path_factory):
     d = tmp_path_factory.mktemp("lifecycle")
     (d / "nextbest.toml").write_text(CONFIG)
     pacsv.write_csv(lifecycle_events(), d / "events.csv")
+    products = [f"p{k:02d}" for k in range(30)] + ["sofa"]
+    pacsv.write_csv(
+        pa.table(
+            {
+                "product_id": products,
+                "title": [f"Product {p}" for p in products[:-1]] + ["Sofa"],
+                "category": ["pantry"] * 15 + ["fresh"] * 15 + ["furniture"],
+            }
+        ),
+        d / "catalog.csv",
+    )
+    pacsv.write_csv(
+        pa.table(
+            {
+                "content_id": ["sofa-care", "pantry-guide"],
+                "title": ["Caring for your sofa", "Pantry guide"],
+                "kind": ["guide", "guide"],
+                "product_ids": ["sofa", ""],
+                "categories": ["", "pantry"],
+            }
+        ),
+        d / "content.csv",
+    )
     store = f"sqlite:///{d / 'store.db'}"
     consent = d / "consent.csv"
     consent.write_text(
@@ -145,6 +179,7 @@ def lifecycle_server(tmp_path_factory):
     for args in (
         ["consent", "import", str(consent), "--store", store],
         ["train", "--config", str(d / "nextbest.toml"), "--events", str(d / "events.csv")]
+        + ["--catalog", str(d / "catalog.csv"), "--content", str(d / "content.csv")]
         + ["--models-dir", str(d / "models"), "--store", store, "--no-progress"],
     ):
         done = subprocess.run(cli + args, capture_output=True, text=True, timeout=300)
@@ -218,6 +253,66 @@ def test_an_erased_customer_has_no_state(lifecycle_server):
     )
     gone = state(lifecycle_server, "quarterly")
     assert not gone.personalized and gone.not_personalized_reason == "erased"
+
+
+def action(channel, customer: str, **fields) -> lpb.NextBestActionResponse:
+    return lrpc.LifecycleStub(channel).NextBestAction(
+        lpb.NextBestActionRequest(customer_id=customer, **fields), timeout=10
+    )
+
+
+def test_next_best_action_for_each_kind_of_customer(lifecycle_server):
+    ch = lifecycle_server
+    welcome = action(ch, "newbie")
+    assert welcome.action == lpb.ACTION_WELCOME and welcome.personalized
+    assert welcome.state.stage == lpb.STAGE_NEW and welcome.products
+    stranger = action(ch, "never-seen")
+    assert stranger.action == lpb.ACTION_WELCOME and not stranger.personalized
+    assert stranger.products and not stranger.HasField("state")
+    vip = action(ch, "vip-gone")
+    assert vip.action == lpb.ACTION_HUMAN_TOUCH and vip.state.stage == lpb.STAGE_DORMANT
+    assert not vip.products and not vip.content and "hand to a person" in vip.reasons[-1]
+    win_back = action(ch, "weekly-gone")
+    assert win_back.action == lpb.ACTION_WIN_BACK and win_back.products
+    # Leaning on the categories of the last purchase day (read from the events written).
+    events = lifecycle_events().to_pylist()
+    mine = [e for e in events if e["customer_id"] == "weekly-gone"]
+    last = max(e["timestamp"] for e in mine).date()
+    wanted = {
+        "pantry" if int(e["product_id"][1:]) < 15 else "fresh"
+        for e in mine
+        if e["timestamp"].date() == last
+    }
+    assert {p.category for p in win_back.products} == wanted
+    care = action(ch, "sofa-buyer")
+    assert care.action == lpb.ACTION_CARE and [c.content_id for c in care.content] == ["sofa-care"]
+    assert not care.products and "Sofa" in care.reasons[-1]
+    replenish = action(ch, "regular", limit=5)
+    assert replenish.action == lpb.ACTION_REPLENISH
+    assert [p.product_id for p in replenish.products] == ["p01"]
+    cross = action(ch, "just-shopped")
+    assert cross.action == lpb.ACTION_CROSS_SELL and cross.products
+    assert "p07" not in {p.product_id for p in cross.products}
+    refused = action(ch, "no-consent")
+    assert refused.action == lpb.ACTION_REST and not refused.personalized
+    assert not refused.products and not refused.HasField("state")
+    assert refused.reasons[0].startswith("no personalization consent")
+
+
+def test_consent_withdrawal_changes_the_action_on_the_next_call(lifecycle_server):
+    ch = lifecycle_server
+    assert action(ch, "just-shopped").action == lpb.ACTION_CROSS_SELL
+    consent_pb2_grpc.ConsentStub(ch).SetConsent(
+        consent_pb2.SetConsentRequest(
+            customer_id="just-shopped",
+            purpose=consent_pb2.PURPOSE_PERSONALIZATION,
+            granted=False,
+            source="test",
+        ),
+        timeout=10,
+    )
+    after = action(ch, "just-shopped")
+    assert after.action == lpb.ACTION_REST and not after.personalized and not after.products
 
 
 @pytest.mark.parametrize(
@@ -295,3 +390,20 @@ def test_prepare_cdnow_refuses_a_broken_file(tmp_path):
     done = run_cli("prepare", "cdnow", "--source", str(tmp_path), "--out", str(tmp_path / "o"))
     assert done.returncode == 2
     assert "CDNOW_master.txt" in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"customer_id": ""}, "customer_id"),
+        ({"customer_id": "newbie", "limit": 0}, "limit must be within 1..100"),
+        ({"customer_id": "newbie", "channel": 9}, "channel has an unknown value 9"),
+    ],
+)
+def test_bad_next_best_action_requests(lifecycle_server, fields, message):
+    with pytest.raises(grpc.RpcError) as info:
+        lrpc.LifecycleStub(lifecycle_server).NextBestAction(
+            lpb.NextBestActionRequest(**fields), timeout=10
+        )
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in info.value.details()

@@ -286,6 +286,11 @@ class LifecycleSettings:
     """...`dormant` after this many (SPEC §1: dormant = no purchase for 60–90 days)..."""
     lapsed_days: float = 180.0
     """...and `lapsed` after this many."""
+    human_touch_share: float = 0.1
+    """NextBestAction: customers this valuable (the top share by purchase value in the model) who
+    are at risk or dormant get `human_touch` (a person, no automated message)."""
+    care_days: float = 14.0
+    """NextBestAction: a durable bought this recently gets `care` (content about it)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -448,6 +453,8 @@ def _validate(section: str, s: object) -> None:
         need(s.horizon_days >= 1, "horizon_days", "must be >= 1")
         need(s.new_days >= 0, "new_days", "must be >= 0")
         need(s.rhythm_days >= 2, "rhythm_days", "must be >= 2")
+        need(0 <= s.human_touch_share <= 1, "human_touch_share", "must be in [0, 1]")
+        need(s.care_days >= 0, "care_days", "must be >= 0")
         need(
             0 < s.at_risk_intervals < s.dormant_intervals < s.lapsed_intervals,
             "at_risk_intervals",

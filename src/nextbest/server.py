@@ -388,6 +388,16 @@ def _item_pb(item: Item) -> pb.RecommendedProduct:
     return out
 
 
+def _scored_pb(s) -> pb.ScoredContent:
+    return pb.ScoredContent(
+        content_id=s.content_id,
+        title=s.title,
+        kind=s.kind,
+        relevance=s.relevance,
+        reasons=[_reason_pb(r) for r in s.reasons],
+    )
+
+
 def _answer_pb(
     answer: ProductAnswer, request: pb.RecommendProductsRequest, version: str
 ) -> pb.RecommendProductsResponse:
@@ -577,16 +587,7 @@ class RecommenderService(recommender_pb2_grpc.RecommenderServicer):
         answer = model.score_content(customer_id, queries)
         return pb.ScoreContentResponse(
             customer_id=customer_id,
-            items=[
-                pb.ScoredContent(
-                    content_id=s.content_id,
-                    title=s.title,
-                    kind=s.kind,
-                    relevance=s.relevance,
-                    reasons=[_reason_pb(r) for r in s.reasons],
-                )
-                for s in answer.items
-            ],
+            items=[_scored_pb(s) for s in answer.items],
             model_version=model.version,
             personalized=answer.personalized,
             not_personalized_reason=_NOT_PERSONALIZED[answer.not_personalized_reason],
@@ -639,33 +640,75 @@ _STAGES = {
 
 
 class LifecycleService(lifecycle_pb2_grpc.LifecycleServicer):
-    def __init__(self, holder: ModelHolder):
+    def __init__(self, holder: ModelHolder, impressions: ImpressionRecorder):
         self.holder = holder
+        self.impressions = impressions
 
     @_unary
     def GetCustomerState(self, request, context):
         customer_id = _id(request.customer_id, "customer_id")
         model = self.holder.current
         state, why = model.customer_state(customer_id)
-        reply = lifecycle_pb2.CustomerState(
-            customer_id=customer_id, model_version=model.version, personalized=state is not None
+        return _state_pb(customer_id, model, state, why)
+
+    @_unary
+    def NextBestAction(self, request, context):
+        customer_id = _id(request.customer_id, "customer_id")
+        _channel(request.channel)
+        limit, channel = _limit(request), _CHANNELS[request.channel]
+        model = self.holder.current
+        answer = model.next_best_action(customer_id, channel, limit)
+        if answer.products is not None and answer.items:  # what is shown counts for fatigue
+            shown = dataclasses.replace(answer.products, items=list(answer.items))
+            self.impressions.add([shown], [channel])
+        reply = lifecycle_pb2.NextBestActionResponse(
+            customer_id=customer_id,
+            action=_ACTIONS[answer.action],
+            personalized=answer.personalized,
+            not_personalized_reason=answer.not_personalized_reason,
+            products=[_item_pb(i) for i in answer.items],
+            content=[_scored_pb(c) for c in answer.content],
+            reasons=answer.reasons,
+            model_version=model.version,
         )
-        if state is None:
-            reply.not_personalized_reason = why
-            return reply
-        risk = model.lifecycle.risk
-        reply.stage = _STAGES[state.stage]
-        reply.churn_risk = state.churn_risk
-        reply.expected_purchases = state.expected_purchases
-        reply.expected_value = state.expected_value
-        reply.active_days_30 = state.active_days_30
-        reply.interval_days = 0.0 if np.isnan(state.interval_days) else state.interval_days
-        reply.days_since_last_purchase = state.days_since_last_purchase
-        reply.purchase_days = state.purchase_days
-        reply.reasons.extend(state.reasons)
-        reply.risk_model = risk.kind
-        reply.horizon_days = risk.horizon_days
+        if answer.state is not None:
+            reply.state.CopyFrom(
+                _state_pb(customer_id, model, answer.state, answer.not_personalized_reason)
+            )
         return reply
+
+
+_ACTIONS = {
+    "welcome": lifecycle_pb2.ACTION_WELCOME,
+    "human_touch": lifecycle_pb2.ACTION_HUMAN_TOUCH,
+    "win_back": lifecycle_pb2.ACTION_WIN_BACK,
+    "care": lifecycle_pb2.ACTION_CARE,
+    "replenish": lifecycle_pb2.ACTION_REPLENISH,
+    "cross_sell": lifecycle_pb2.ACTION_CROSS_SELL,
+    "rest": lifecycle_pb2.ACTION_REST,
+}
+
+
+def _state_pb(customer_id: str, model: ServedModel, state, why: str) -> lifecycle_pb2.CustomerState:
+    reply = lifecycle_pb2.CustomerState(
+        customer_id=customer_id, model_version=model.version, personalized=state is not None
+    )
+    if state is None:
+        reply.not_personalized_reason = why
+        return reply
+    risk = model.lifecycle.risk
+    reply.stage = _STAGES[state.stage]
+    reply.churn_risk = state.churn_risk
+    reply.expected_purchases = state.expected_purchases
+    reply.expected_value = state.expected_value
+    reply.active_days_30 = state.active_days_30
+    reply.interval_days = 0.0 if np.isnan(state.interval_days) else state.interval_days
+    reply.days_since_last_purchase = state.days_since_last_purchase
+    reply.purchase_days = state.purchase_days
+    reply.reasons.extend(state.reasons)
+    reply.risk_model = risk.kind
+    reply.horizon_days = risk.horizon_days
+    return reply
 
 
 def _timestamp(value: dt.datetime | None) -> Timestamp | None:
@@ -1088,7 +1131,9 @@ def create_server(settings: Settings, *, reuse_port: bool = False) -> Running:
         RecommenderService(holder, impressions), server
     )
     admin_pb2_grpc.add_AdminServicer_to_server(AdminService(holder), server)
-    lifecycle_pb2_grpc.add_LifecycleServicer_to_server(LifecycleService(holder), server)
+    lifecycle_pb2_grpc.add_LifecycleServicer_to_server(
+        LifecycleService(holder, impressions), server
+    )
     consent_pb2_grpc.add_ConsentServicer_to_server(
         ConsentService(holder, store, default_allow), server
     )

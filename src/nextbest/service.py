@@ -32,12 +32,14 @@ from nextbest.bundle import ModelBundle, lookup
 from nextbest.config import Settings, clock_day
 from nextbest.data.interactions import to_days
 from nextbest.errors import NotFound
+from nextbest.lifecycle.actions import Situation, decide
 from nextbest.lifecycle.model import CustomerState
 from nextbest.policy import ConsentState
 from nextbest.scoring import (
     best_sellers_for,
     cf_candidates_for,
     discovery_slots,
+    is_durable,
     item_interval,
     recommend_for,
     with_discovery,
@@ -54,6 +56,7 @@ __all__ = [
     "ProductAnswer",
     "ContentQuery",
     "ScoredContent",
+    "ActionAnswer",
     "ContentAnswer",
     "ServedModel",
     "CustomerConsent",
@@ -145,6 +148,23 @@ class ScoredContent:
 
 
 @dataclass(frozen=True)
+class ActionAnswer:
+    """NextBestAction's answer (`lifecycle.actions` decides; the payload comes from the same
+    serving path as RecommendProducts and ScoreContent)."""
+
+    customer_id: str
+    action: str
+    personalized: bool
+    not_personalized_reason: str
+    reasons: tuple[str, ...]
+    products: ProductAnswer | None = None
+    """The product answer the payload is from (its items: the payload), None without one."""
+    items: tuple[Item, ...] = ()
+    content: tuple[ScoredContent, ...] = ()
+    state: CustomerState | None = None
+
+
+@dataclass(frozen=True)
 class ContentAnswer:
     customer_id: str
     items: list[ScoredContent]
@@ -210,6 +230,8 @@ class _StoreOutage:
 
 
 _outage = _StoreOutage()
+DUE_SHARE = 0.8
+"""NextBestAction's replenish: a bought product is due once this share of its interval passed."""
 _NOTHING_RECORDED = (np.zeros(0, np.int64), np.zeros(0), np.zeros(0))
 """`ServedModel._recorded` of a customer without recorded purchases."""
 
@@ -357,6 +379,13 @@ class ServedModel:
             if b.lifecycle is not None
             else None
         )
+        self._valuable_from = np.inf
+        """Purchase value from which a customer counts as valuable (NextBestAction)."""
+        if self.lifecycle is not None:
+            values = self.lifecycle.summary.value[self.lifecycle.summary.days > 0]
+            share = self.settings.lifecycle.human_touch_share
+            if len(values) and share > 0:
+                self._valuable_from = float(np.quantile(values, 1.0 - share))
 
     @property
     def version(self) -> str:
@@ -871,6 +900,130 @@ class ServedModel:
         row = int(self.bundle.user_index(np.asarray([customer_id], dtype=str))[0])
         state = lifecycle.state(row, days, values, self.now_day())
         return (state, "") if state is not None else (None, "unknown_customer")
+
+    def next_best_action(self, customer_id: str, channel: str, limit: int) -> ActionAnswer:
+        """One action for the customer (see `lifecycle.actions.decide`) with its payload."""
+        state, why = self.customer_state(customer_id)
+        base = ProductQuery(customer_id=customer_id, limit=limit, channel=channel)
+        b = self.bundle
+        user = int(b.user_index(np.asarray([customer_id], dtype=str))[0])
+        plain = None
+        due: set[str] = set()
+        bought = set(b.item_ids[self._history(user)].tolist()) if user >= 0 else set()
+        fresh: list[Item] = []
+        if state is not None or why in ("no_lifecycle_model", "unknown_customer"):
+            [plain] = self.recommend([base])
+            if plain.personalized:
+                due = self._due(user, [i.product_id for i in plain.items if i.product_id in bought])
+                fresh = [i for i in plain.items if i.product_id not in bought]
+        valuable, durable, sensitive_ok = False, -1, False
+        if state is not None and user >= 0:
+            (_, (sensitive_ok,), _, _) = self.consent_details([customer_id])
+            value = self.lifecycle.summary.value
+            valuable = bool(value[user] > 0 and value[user] >= self._valuable_from)
+            durable = self._recent_durable(user, bool(sensitive_ok))
+        situation = Situation(
+            state=state,
+            why_not=why,
+            valuable=valuable,
+            recent_durable=(self.titles[durable] or str(b.item_ids[durable]))
+            if durable >= 0
+            else "",
+            due=len(due),
+            new=len(fresh),
+        )
+        action, reasons = decide(situation, self.settings.lifecycle.care_days)
+        products, items, content = None, (), ()
+        if action in ("welcome", "win_back") and state is not None:
+            categories = self._categories_of(user, bool(sensitive_ok), first=action == "welcome")
+            query = dataclasses.replace(base, include_categories=categories)
+            [products] = self.recommend([query] if categories else [base])
+            items = tuple(products.items)
+        elif action == "welcome" or action in ("replenish", "cross_sell"):
+            products = plain
+            if action == "replenish":
+                items = tuple(i for i in plain.items if i.product_id in due)
+            elif action == "cross_sell":
+                items = tuple(fresh)
+            else:
+                items = tuple(plain.items)
+        elif action == "care":
+            about = self._content_about(str(b.item_ids[durable]))
+            answer = self.score_content(customer_id, [ContentQuery(content_id=c) for c in about])
+            content = tuple(c for c in answer.items if c.relevance > 0)[:limit]
+        return ActionAnswer(
+            customer_id=customer_id,
+            action=action,
+            personalized=state is not None,
+            not_personalized_reason=why,
+            reasons=reasons,
+            products=products,
+            items=items,
+            content=content,
+            state=state,
+        )
+
+    def _due(self, user: int, product_ids: list[str]) -> set[str]:
+        """Of the customer's bought `product_ids`: those due again now (days since the last
+        purchase at least DUE_SHARE of the customer's own interval for it, else the product's
+        usual repurchase interval)."""
+        if user < 0 or not product_ids:
+            return set()
+        b = self.bundle
+        rs = b.repeat
+        items = b.item_index(np.asarray(product_ids, dtype=str))
+        start, stop = rs.days_bought.indptr[user], rs.days_bought.indptr[user + 1]
+        mine = rs.days_bought.indices[start:stop]
+        at = start + np.searchsorted(mine, items)
+        days = rs.days_bought.data[at]
+        last = rs.last_day.data[at]
+        own = (last - rs.first_day.data[at]) / np.maximum(days - 1, 1)
+        every = np.where(days >= 2, own, item_interval(b, items))
+        age = np.floor(self.now_day()) - np.floor(last)
+        ok = np.isfinite(every) & (every > 0) & (age >= DUE_SHARE * every)
+        return {p for p, y in zip(product_ids, ok.tolist(), strict=True) if y}
+
+    def _recent_durable(self, user: int, sensitive_ok: bool) -> int:
+        """The most recent durable the customer bought within lifecycle.care_days that some
+        content is about (item index), or -1."""
+        b = self.bundle
+        rs = b.repeat
+        start, stop = rs.days_bought.indptr[user], rs.days_bought.indptr[user + 1]
+        items = rs.days_bought.indices[start:stop]
+        last = rs.last_day.data[start:stop]
+        today = np.floor(self.now_day())
+        recent = last >= today - self.settings.lifecycle.care_days
+        durable = is_durable(b, items, durable_repeat_rate=self.settings.serve.durable_repeat_rate)
+        ok = recent & durable & (sensitive_ok | ~b.item_sensitive[items])
+        for k in np.flatnonzero(ok)[np.argsort(-last[ok], kind="stable")]:
+            if self._content_about(str(b.item_ids[items[k]])):
+                return int(items[k])
+        return -1
+
+    def _categories_of(self, user: int, sensitive_ok: bool, *, first: bool) -> tuple[str, ...]:
+        """Categories of the customer's first (or last) purchase day's products, without
+        sensitive ones unless sensitive consent."""
+        b = self.bundle
+        rs = b.repeat
+        start, stop = rs.days_bought.indptr[user], rs.days_bought.indptr[user + 1]
+        items = rs.days_bought.indices[start:stop]
+        days = np.floor((rs.first_day if first else rs.last_day).data[start:stop])
+        keep = sensitive_ok | ~b.item_sensitive[items]
+        if not keep.any():
+            return ()
+        items, days = items[keep], days[keep]
+        chosen = items[days == (days.min() if first else days.max())]
+        return tuple(sorted({self.categories[i] for i in chosen.tolist()} - {""}))
+
+    def _content_about(self, product_id: str) -> list[str]:
+        """Ids of the snapshot's content linked to `product_id`."""
+        if not self.content.num_rows:
+            return []
+        lists = self.content.column("product_ids")
+        flat = pc.list_flatten(lists).to_numpy(zero_copy_only=False)
+        parents = pc.list_parent_indices(lists).to_numpy(zero_copy_only=False)
+        rows = np.unique(parents[flat == product_id])
+        return [str(self.content_ids[r]) for r in rows.tolist()]
 
     def similar(
         self, product_ids: list[str], limit: int, customer_id: str = ""

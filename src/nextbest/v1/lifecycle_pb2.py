@@ -22,21 +22,28 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from nextbest.v1 import recommender_pb2 as nextbest_dot_v1_dot_recommender__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bnextbest/v1/lifecycle.proto\x12\x0bnextbest.v1\".\n\x17GetCustomerStateRequest\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\"\x80\x03\n\rCustomerState\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\x12\x14\n\x0cpersonalized\x18\x02 \x01(\x08\x12\x1f\n\x17not_personalized_reason\x18\x03 \x01(\t\x12!\n\x05stage\x18\x04 \x01(\x0e\x32\x12.nextbest.v1.Stage\x12\x12\n\nchurn_risk\x18\x05 \x01(\x01\x12\x1a\n\x12\x65xpected_purchases\x18\x06 \x01(\x01\x12\x16\n\x0e\x65xpected_value\x18\x07 \x01(\x01\x12\x16\n\x0e\x61\x63tive_days_30\x18\x08 \x01(\x05\x12\x15\n\rinterval_days\x18\t \x01(\x01\x12 \n\x18\x64\x61ys_since_last_purchase\x18\n \x01(\x05\x12\x15\n\rpurchase_days\x18\x0b \x01(\x05\x12\x0f\n\x07reasons\x18\x0c \x03(\t\x12\x12\n\nrisk_model\x18\r \x01(\t\x12\x14\n\x0chorizon_days\x18\x0e \x01(\x01\x12\x15\n\rmodel_version\x18\x0f \x01(\t*w\n\x05Stage\x12\x15\n\x11STAGE_UNSPECIFIED\x10\x00\x12\r\n\tSTAGE_NEW\x10\x01\x12\x10\n\x0cSTAGE_ACTIVE\x10\x02\x12\x11\n\rSTAGE_AT_RISK\x10\x03\x12\x11\n\rSTAGE_DORMANT\x10\x04\x12\x10\n\x0cSTAGE_LAPSED\x10\x05\x32\x61\n\tLifecycle\x12T\n\x10GetCustomerState\x12$.nextbest.v1.GetCustomerStateRequest\x1a\x1a.nextbest.v1.CustomerStateb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bnextbest/v1/lifecycle.proto\x12\x0bnextbest.v1\x1a\x1dnextbest/v1/recommender.proto\".\n\x17GetCustomerStateRequest\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\"\x80\x03\n\rCustomerState\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\x12\x14\n\x0cpersonalized\x18\x02 \x01(\x08\x12\x1f\n\x17not_personalized_reason\x18\x03 \x01(\t\x12!\n\x05stage\x18\x04 \x01(\x0e\x32\x12.nextbest.v1.Stage\x12\x12\n\nchurn_risk\x18\x05 \x01(\x01\x12\x1a\n\x12\x65xpected_purchases\x18\x06 \x01(\x01\x12\x16\n\x0e\x65xpected_value\x18\x07 \x01(\x01\x12\x16\n\x0e\x61\x63tive_days_30\x18\x08 \x01(\x05\x12\x15\n\rinterval_days\x18\t \x01(\x01\x12 \n\x18\x64\x61ys_since_last_purchase\x18\n \x01(\x05\x12\x15\n\rpurchase_days\x18\x0b \x01(\x05\x12\x0f\n\x07reasons\x18\x0c \x03(\t\x12\x12\n\nrisk_model\x18\r \x01(\t\x12\x14\n\x0chorizon_days\x18\x0e \x01(\x01\x12\x15\n\rmodel_version\x18\x0f \x01(\t\"q\n\x15NextBestActionRequest\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\x12%\n\x07\x63hannel\x18\x02 \x01(\x0e\x32\x14.nextbest.v1.Channel\x12\x12\n\x05limit\x18\x03 \x01(\x05H\x00\x88\x01\x01\x42\x08\n\x06_limit\"\xbc\x02\n\x16NextBestActionResponse\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\x12#\n\x06\x61\x63tion\x18\x02 \x01(\x0e\x32\x13.nextbest.v1.Action\x12\x14\n\x0cpersonalized\x18\x03 \x01(\x08\x12\x1f\n\x17not_personalized_reason\x18\x04 \x01(\t\x12\x31\n\x08products\x18\x05 \x03(\x0b\x32\x1f.nextbest.v1.RecommendedProduct\x12+\n\x07\x63ontent\x18\x06 \x03(\x0b\x32\x1a.nextbest.v1.ScoredContent\x12\x0f\n\x07reasons\x18\x07 \x03(\t\x12)\n\x05state\x18\x08 \x01(\x0b\x32\x1a.nextbest.v1.CustomerState\x12\x15\n\rmodel_version\x18\t \x01(\t*w\n\x05Stage\x12\x15\n\x11STAGE_UNSPECIFIED\x10\x00\x12\r\n\tSTAGE_NEW\x10\x01\x12\x10\n\x0cSTAGE_ACTIVE\x10\x02\x12\x11\n\rSTAGE_AT_RISK\x10\x03\x12\x11\n\rSTAGE_DORMANT\x10\x04\x12\x10\n\x0cSTAGE_LAPSED\x10\x05*\xb0\x01\n\x06\x41\x63tion\x12\x16\n\x12\x41\x43TION_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x41\x43TION_WELCOME\x10\x01\x12\x16\n\x12\x41\x43TION_HUMAN_TOUCH\x10\x02\x12\x13\n\x0f\x41\x43TION_WIN_BACK\x10\x03\x12\x0f\n\x0b\x41\x43TION_CARE\x10\x04\x12\x14\n\x10\x41\x43TION_REPLENISH\x10\x05\x12\x15\n\x11\x41\x43TION_CROSS_SELL\x10\x06\x12\x0f\n\x0b\x41\x43TION_REST\x10\x07\x32\xbc\x01\n\tLifecycle\x12T\n\x10GetCustomerState\x12$.nextbest.v1.GetCustomerStateRequest\x1a\x1a.nextbest.v1.CustomerState\x12Y\n\x0eNextBestAction\x12\".nextbest.v1.NextBestActionRequest\x1a#.nextbest.v1.NextBestActionResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'nextbest.v1.lifecycle_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_STAGE']._serialized_start=479
-  _globals['_STAGE']._serialized_end=598
-  _globals['_GETCUSTOMERSTATEREQUEST']._serialized_start=44
-  _globals['_GETCUSTOMERSTATEREQUEST']._serialized_end=90
-  _globals['_CUSTOMERSTATE']._serialized_start=93
-  _globals['_CUSTOMERSTATE']._serialized_end=477
-  _globals['_LIFECYCLE']._serialized_start=600
-  _globals['_LIFECYCLE']._serialized_end=697
+  _globals['_STAGE']._serialized_start=944
+  _globals['_STAGE']._serialized_end=1063
+  _globals['_ACTION']._serialized_start=1066
+  _globals['_ACTION']._serialized_end=1242
+  _globals['_GETCUSTOMERSTATEREQUEST']._serialized_start=75
+  _globals['_GETCUSTOMERSTATEREQUEST']._serialized_end=121
+  _globals['_CUSTOMERSTATE']._serialized_start=124
+  _globals['_CUSTOMERSTATE']._serialized_end=508
+  _globals['_NEXTBESTACTIONREQUEST']._serialized_start=510
+  _globals['_NEXTBESTACTIONREQUEST']._serialized_end=623
+  _globals['_NEXTBESTACTIONRESPONSE']._serialized_start=626
+  _globals['_NEXTBESTACTIONRESPONSE']._serialized_end=942
+  _globals['_LIFECYCLE']._serialized_start=1245
+  _globals['_LIFECYCLE']._serialized_end=1433
 # @@protoc_insertion_point(module_scope)

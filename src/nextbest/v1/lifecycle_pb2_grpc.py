@@ -39,6 +39,11 @@ class LifecycleStub:
                 request_serializer=nextbest_dot_v1_dot_lifecycle__pb2.GetCustomerStateRequest.SerializeToString,
                 response_deserializer=nextbest_dot_v1_dot_lifecycle__pb2.CustomerState.FromString,
                 _registered_method=True)
+        self.NextBestAction = channel.unary_unary(
+                '/nextbest.v1.Lifecycle/NextBestAction',
+                request_serializer=nextbest_dot_v1_dot_lifecycle__pb2.NextBestActionRequest.SerializeToString,
+                response_deserializer=nextbest_dot_v1_dot_lifecycle__pb2.NextBestActionResponse.FromString,
+                _registered_method=True)
 
 
 class LifecycleServicer:
@@ -50,6 +55,14 @@ class LifecycleServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def NextBestAction(self, request, context):
+        """One action with its payload and reasons; consent-gated exactly like RecommendProducts (the
+        products come from it, on the request's channel).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LifecycleServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -57,6 +70,11 @@ def add_LifecycleServicer_to_server(servicer, server):
                     servicer.GetCustomerState,
                     request_deserializer=nextbest_dot_v1_dot_lifecycle__pb2.GetCustomerStateRequest.FromString,
                     response_serializer=nextbest_dot_v1_dot_lifecycle__pb2.CustomerState.SerializeToString,
+            ),
+            'NextBestAction': grpc.unary_unary_rpc_method_handler(
+                    servicer.NextBestAction,
+                    request_deserializer=nextbest_dot_v1_dot_lifecycle__pb2.NextBestActionRequest.FromString,
+                    response_serializer=nextbest_dot_v1_dot_lifecycle__pb2.NextBestActionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -86,6 +104,33 @@ class Lifecycle:
             '/nextbest.v1.Lifecycle/GetCustomerState',
             nextbest_dot_v1_dot_lifecycle__pb2.GetCustomerStateRequest.SerializeToString,
             nextbest_dot_v1_dot_lifecycle__pb2.CustomerState.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def NextBestAction(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nextbest.v1.Lifecycle/NextBestAction',
+            nextbest_dot_v1_dot_lifecycle__pb2.NextBestActionRequest.SerializeToString,
+            nextbest_dot_v1_dot_lifecycle__pb2.NextBestActionResponse.FromString,
             options,
             channel_credentials,
             insecure,
