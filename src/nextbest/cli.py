@@ -440,6 +440,66 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_audience(args: argparse.Namespace) -> int:
+    from nextbest.service import MAX_LIMIT, ServedModel, store_consent
+    from nextbest.store.artifacts import load_bundle
+    from nextbest.store.consent_store import open_store
+
+    settings = _settings(args)
+    out = str(args.output).lower()
+    if not (out.endswith(".csv") or out.endswith(".parquet")):
+        raise DataError(f"{args.output}: --output must be a .csv or .parquet file")
+    if not 1 <= args.limit <= MAX_LIMIT:
+        raise ConfigError(f"--limit: must be within 1..{MAX_LIMIT}")
+    if args.max_customers < 0:
+        raise ConfigError("--max-customers: must be >= 0")
+    store = open_store(args.store or settings.serve.store)
+    try:
+        # What a server on this store answers: the same consent, tombstones, events, impressions.
+        served = ServedModel(
+            load_bundle(args.models_dir or settings.serve.models_dir),
+            settings,
+            store_consent(store, settings.policy.default_consent == "allow"),
+            erased=list(store.tombstones()),
+            events=store.events,
+            impressions=store.unanswered_impressions,
+        )
+        columns: dict[str, list] = {
+            k: []
+            for k in (
+                "customer_id", "stage", "churn_risk", "expected_value", "action",
+                "product_ids", "content_ids", "reasons",
+            )
+        }  # fmt: skip
+        for a in served.audience(
+            stage=args.stage or "",
+            action=args.action or "",
+            channel=args.channel,
+            limit=args.limit,
+            max_customers=args.max_customers,
+        ):
+            columns["customer_id"].append(a.customer_id)
+            columns["stage"].append(a.state.stage)
+            columns["churn_risk"].append(round(a.state.churn_risk, 6))
+            columns["expected_value"].append(round(a.state.expected_value, 6))
+            columns["action"].append(a.action)
+            columns["product_ids"].append("|".join(i.product_id for i in a.items))
+            columns["content_ids"].append("|".join(c.content_id for c in a.content))
+            columns["reasons"].append(" / ".join(a.reasons))
+    finally:
+        store.close()
+    table = pa.table(
+        {
+            k: pa.array(v, pa.float64() if k in ("churn_risk", "expected_value") else pa.string())
+            for k, v in columns.items()
+        }
+    )
+    write_table(table, args.output)
+    audience = f"stage {args.stage}" if args.stage else f"action {args.action}"
+    print(f"wrote {table.num_rows:,} customers of the {audience} audience to {args.output}")
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from nextbest.store import artifacts
 
@@ -587,6 +647,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     q.add_argument("--json", action="store_true", help="print the result as JSON")
     q.set_defaults(func=cmd_lifecycle_evaluate)
+
+    p = sub.add_parser("audience", help="export a stage or action audience (as StreamAudience)")
+    p.add_argument("--models-dir", default=None, help="models directory (default serve.models_dir)")
+    p.add_argument("--store", help="consent and event store URL (default serve.store)")
+    p.add_argument("--config", help="nextbest.toml")
+    who = p.add_mutually_exclusive_group(required=True)
+    who.add_argument("--stage", choices=("new", "active", "at_risk", "dormant", "lapsed"))
+    who.add_argument(
+        "--action",
+        choices=("welcome", "human_touch", "win_back", "care", "replenish", "cross_sell", "rest"),
+    )
+    p.add_argument("--channel", choices=("email", "web", "app"), default="email")
+    p.add_argument("--limit", type=int, default=10, help="products per customer (1..100)")
+    p.add_argument("--max-customers", type=int, default=0, help="0 = the whole audience")
+    p.add_argument("--output", required=True, help="FILE.csv or FILE.parquet")
+    p.set_defaults(func=cmd_audience)
 
     p = sub.add_parser("recommend", help="batch export of the served ranking (email channel)")
     p.add_argument("--models-dir", required=True)

@@ -677,6 +677,48 @@ class LifecycleService(lifecycle_pb2_grpc.LifecycleServicer):
             )
         return reply
 
+    def StreamAudience(self, request, context):
+        stage = _STAGE_NAMES.get(request.stage, "")
+        action = _ACTION_NAMES.get(request.action, "")
+        try:
+            if request.stage and not stage:
+                raise InvalidRequest(f"stage has an unknown value {request.stage}")
+            if request.action and not action:
+                raise InvalidRequest(f"action has an unknown value {request.action}")
+            _channel(request.channel)
+            if request.max_customers < 0:
+                raise InvalidRequest("max_customers must be >= 0")
+            limit, channel = _limit(request), _CHANNELS[request.channel]
+            model = self.holder.current
+            members = model.audience(
+                stage=stage,
+                action=action,
+                channel=channel,
+                limit=limit,
+                max_customers=request.max_customers,
+            )
+        except (InvalidRequest, NotFound, NoModel, ModelError, StoreError) as exc:
+            context.abort(*_status_of(exc))
+        for answer in members:
+            if answer.products is not None and answer.items:
+                shown = dataclasses.replace(answer.products, items=list(answer.items))
+                self.impressions.add([shown], [channel])
+            yield _audience_member(answer.customer_id, model, answer)
+
+
+_STAGE_NAMES = {v: k for k, v in _STAGES.items()}
+
+
+def _audience_member(customer_id: str, model: ServedModel, answer) -> lifecycle_pb2.AudienceMember:
+    return lifecycle_pb2.AudienceMember(
+        customer_id=customer_id,
+        state=_state_pb(customer_id, model, answer.state, ""),
+        action=_ACTIONS[answer.action],
+        products=[_item_pb(i) for i in answer.items],
+        content=[_scored_pb(c) for c in answer.content],
+        reasons=answer.reasons,
+    )
+
 
 _ACTIONS = {
     "welcome": lifecycle_pb2.ACTION_WELCOME,
@@ -687,6 +729,9 @@ _ACTIONS = {
     "cross_sell": lifecycle_pb2.ACTION_CROSS_SELL,
     "rest": lifecycle_pb2.ACTION_REST,
 }
+
+
+_ACTION_NAMES = {v: k for k, v in _ACTIONS.items()}
 
 
 def _state_pb(customer_id: str, model: ServedModel, state, why: str) -> lifecycle_pb2.CustomerState:
@@ -976,6 +1021,30 @@ class CallInterceptor(grpc.ServerInterceptor):
 
             return grpc.unary_unary_rpc_method_handler(
                 unary,
+                request_deserializer=parse,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None:  # StreamAudience: a stream like the others
+            inner_out = handler.unary_stream
+
+            def out_stream(request, context):
+                customer = getattr(request, "customer_id", "")
+                with self._call(method, context, verdict, request_id, customer):
+                    if isinstance(request, _Undecodable):
+                        context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
+                    if not self._streams.acquire(blocking=False):
+                        context.abort(
+                            grpc.StatusCode.RESOURCE_EXHAUSTED,
+                            f"too many open streams (serve.max_concurrent_streams = "
+                            f"{self.max_streams}); retry when one has finished",
+                        )
+                    try:
+                        yield from inner_out(request, context)
+                    finally:
+                        self._streams.release()
+
+            return grpc.unary_stream_rpc_method_handler(
+                out_stream,
                 request_deserializer=parse,
                 response_serializer=handler.response_serializer,
             )

@@ -21,7 +21,7 @@ import datetime as dt
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -31,9 +31,10 @@ import pyarrow.compute as pc
 from nextbest.bundle import ModelBundle, lookup
 from nextbest.config import Settings, clock_day
 from nextbest.data.interactions import to_days
-from nextbest.errors import NotFound
-from nextbest.lifecycle.actions import Situation, decide
+from nextbest.errors import InvalidRequest, ModelError, NotFound
+from nextbest.lifecycle.actions import ACTIONS, Situation, decide
 from nextbest.lifecycle.model import CustomerState
+from nextbest.lifecycle.stages import STAGES
 from nextbest.policy import ConsentState
 from nextbest.scoring import (
     best_sellers_for,
@@ -230,6 +231,16 @@ class _StoreOutage:
 
 
 _outage = _StoreOutage()
+AUDIENCE_STAGES = {
+    "welcome": ("new",),
+    "human_touch": ("at_risk", "dormant"),
+    "win_back": ("dormant",),
+    "care": ("active", "at_risk"),
+    "replenish": ("active", "at_risk"),
+    "cross_sell": ("active", "at_risk"),
+    "rest": STAGES,
+}
+"""The stages a customer with each action can be in (`lifecycle.actions.decide`)."""
 DUE_SHARE = 0.8
 """NextBestAction's replenish: a bought product is due once this share of its interval passed."""
 _NOTHING_RECORDED = (np.zeros(0, np.int64), np.zeros(0), np.zeros(0))
@@ -962,6 +973,48 @@ class ServedModel:
             content=content,
             state=state,
         )
+
+    def audience(
+        self,
+        *,
+        stage: str = "",
+        action: str = "",
+        channel: str = "email",
+        limit: int = DEFAULT_LIMIT,
+        max_customers: int = 0,
+    ) -> Iterator[ActionAnswer]:
+        """Every customer of the model whose state now is `stage` (or whose next best action is
+        `action`), with their action and payload, in the model's customer order. Customers
+        without personalization consent or erased are in no audience. Customers are picked
+        by the training summaries' stage at the clock (recorded purchases only move a customer
+        towards active), then each is decided like NextBestAction."""
+        if bool(stage) == bool(action):
+            raise InvalidRequest("name exactly one of stage and action")
+        if stage and stage not in STAGES:
+            raise InvalidRequest(f"stage: {stage!r} is not one of {', '.join(STAGES)}")
+        if action and action not in ACTIONS:
+            raise InvalidRequest(f"action: {action!r} is not one of {', '.join(ACTIONS)}")
+        if self.lifecycle is None:
+            raise ModelError("the served model has no lifecycle state (retrain it)")
+        plausible = (stage,) if stage else AUDIENCE_STAGES[action]
+        stages = self.lifecycle.stages(self.now_day())
+        rows = np.flatnonzero(np.isin(stages, [STAGES.index(s) for s in plausible]))
+        return self._audience(rows, stage, action, channel, limit, max_customers)
+
+    def _audience(
+        self, rows, stage: str, action: str, channel: str, limit: int, max_customers: int
+    ) -> Iterator[ActionAnswer]:
+        sent = 0
+        for row in rows.tolist():
+            answer = self.next_best_action(str(self.bundle.user_ids[row]), channel, limit)
+            if answer.state is None:
+                continue
+            if (stage and answer.state.stage != stage) or (action and answer.action != action):
+                continue
+            yield answer
+            sent += 1
+            if max_customers and sent >= max_customers:
+                return
 
     def _due(self, user: int, product_ids: list[str]) -> set[str]:
         """Of the customer's bought `product_ids`: those due again now (days since the last

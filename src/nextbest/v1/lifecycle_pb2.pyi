@@ -113,3 +113,33 @@ class NextBestActionResponse(_message.Message):
     state: CustomerState
     model_version: str
     def __init__(self, customer_id: _Optional[str] = ..., action: _Optional[_Union[Action, str]] = ..., personalized: _Optional[bool] = ..., not_personalized_reason: _Optional[str] = ..., products: _Optional[_Iterable[_Union[_recommender_pb2.RecommendedProduct, _Mapping]]] = ..., content: _Optional[_Iterable[_Union[_recommender_pb2.ScoredContent, _Mapping]]] = ..., reasons: _Optional[_Iterable[str]] = ..., state: _Optional[_Union[CustomerState, _Mapping]] = ..., model_version: _Optional[str] = ...) -> None: ...
+
+class StreamAudienceRequest(_message.Message):
+    __slots__ = ("stage", "action", "channel", "limit", "max_customers")
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    CHANNEL_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    MAX_CUSTOMERS_FIELD_NUMBER: _ClassVar[int]
+    stage: Stage
+    action: Action
+    channel: _recommender_pb2.Channel
+    limit: int
+    max_customers: int
+    def __init__(self, stage: _Optional[_Union[Stage, str]] = ..., action: _Optional[_Union[Action, str]] = ..., channel: _Optional[_Union[_recommender_pb2.Channel, str]] = ..., limit: _Optional[int] = ..., max_customers: _Optional[int] = ...) -> None: ...
+
+class AudienceMember(_message.Message):
+    __slots__ = ("customer_id", "state", "action", "products", "content", "reasons")
+    CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    PRODUCTS_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_FIELD_NUMBER: _ClassVar[int]
+    REASONS_FIELD_NUMBER: _ClassVar[int]
+    customer_id: str
+    state: CustomerState
+    action: Action
+    products: _containers.RepeatedCompositeFieldContainer[_recommender_pb2.RecommendedProduct]
+    content: _containers.RepeatedCompositeFieldContainer[_recommender_pb2.ScoredContent]
+    reasons: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, customer_id: _Optional[str] = ..., state: _Optional[_Union[CustomerState, _Mapping]] = ..., action: _Optional[_Union[Action, str]] = ..., products: _Optional[_Iterable[_Union[_recommender_pb2.RecommendedProduct, _Mapping]]] = ..., content: _Optional[_Iterable[_Union[_recommender_pb2.ScoredContent, _Mapping]]] = ..., reasons: _Optional[_Iterable[str]] = ...) -> None: ...

@@ -44,6 +44,11 @@ class LifecycleStub:
                 request_serializer=nextbest_dot_v1_dot_lifecycle__pb2.NextBestActionRequest.SerializeToString,
                 response_deserializer=nextbest_dot_v1_dot_lifecycle__pb2.NextBestActionResponse.FromString,
                 _registered_method=True)
+        self.StreamAudience = channel.unary_stream(
+                '/nextbest.v1.Lifecycle/StreamAudience',
+                request_serializer=nextbest_dot_v1_dot_lifecycle__pb2.StreamAudienceRequest.SerializeToString,
+                response_deserializer=nextbest_dot_v1_dot_lifecycle__pb2.AudienceMember.FromString,
+                _registered_method=True)
 
 
 class LifecycleServicer:
@@ -63,6 +68,15 @@ class LifecycleServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StreamAudience(self, request, context):
+        """Every customer of a stage or action audience with their action and payload, for campaign
+        batches; flow-controlled (the server computes as the client reads) and counted against
+        serve.max_concurrent_streams. The same as `nextbest audience`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LifecycleServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -75,6 +89,11 @@ def add_LifecycleServicer_to_server(servicer, server):
                     servicer.NextBestAction,
                     request_deserializer=nextbest_dot_v1_dot_lifecycle__pb2.NextBestActionRequest.FromString,
                     response_serializer=nextbest_dot_v1_dot_lifecycle__pb2.NextBestActionResponse.SerializeToString,
+            ),
+            'StreamAudience': grpc.unary_stream_rpc_method_handler(
+                    servicer.StreamAudience,
+                    request_deserializer=nextbest_dot_v1_dot_lifecycle__pb2.StreamAudienceRequest.FromString,
+                    response_serializer=nextbest_dot_v1_dot_lifecycle__pb2.AudienceMember.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -131,6 +150,33 @@ class Lifecycle:
             '/nextbest.v1.Lifecycle/NextBestAction',
             nextbest_dot_v1_dot_lifecycle__pb2.NextBestActionRequest.SerializeToString,
             nextbest_dot_v1_dot_lifecycle__pb2.NextBestActionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamAudience(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/nextbest.v1.Lifecycle/StreamAudience',
+            nextbest_dot_v1_dot_lifecycle__pb2.StreamAudienceRequest.SerializeToString,
+            nextbest_dot_v1_dot_lifecycle__pb2.AudienceMember.FromString,
             options,
             channel_credentials,
             insecure,
