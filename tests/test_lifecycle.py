@@ -141,7 +141,8 @@ def lifecycle_events() -> pa.Table:
 
 
 @pytest.fixture(scope="module")
-def lifecycle_server(tmp_path_factory):
+def lifecycle_running(tmp_path_factory):
+    """A real server over a model trained by the CLI on `lifecycle_events`."""
     from nextbest.server import create_server
 
     d = tmp_path_factory.mktemp("lifecycle")
@@ -189,10 +190,15 @@ def lifecycle_server(tmp_path_factory):
         "serve", models_dir=str(d / "models"), store=store
     )
     running = create_server(settings)
-    channel = grpc.insecure_channel(f"127.0.0.1:{running.port}")
+    yield running
+    running.stop(0)
+
+
+@pytest.fixture(scope="module")
+def lifecycle_server(lifecycle_running):
+    channel = grpc.insecure_channel(f"127.0.0.1:{lifecycle_running.port}")
     yield channel
     channel.close()
-    running.stop(0)
 
 
 def state(channel, customer: str) -> lpb.CustomerState:
@@ -407,3 +413,58 @@ def test_bad_next_best_action_requests(lifecycle_server, fields, message):
         )
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert message in info.value.details()
+
+
+# --- README's email-platform walk-through, run as written -------------------------------------
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+WALK = "### An email platform's day"
+
+
+def walkthrough_block(fence: str) -> str:
+    section = README.read_text()[README.read_text().index(WALK) :]
+    start = section.index(fence) + len(fence)
+    return section[start : section.index("\n```", start)]
+
+
+def as_fixture(code: str, port: int) -> str:
+    """The README's customer ids are the fixture's weekly shopper and valuable customer."""
+    return (
+        code.replace("127.0.0.1:50051", f"127.0.0.1:{port}")
+        .replace("c1042", "weekly-gone")
+        .replace("c7", "vip-gone")
+    )
+
+
+def test_readme_walkthrough_in_python(lifecycle_running, capsys):
+    exec(as_fixture(walkthrough_block("```python\n"), lifecycle_running.port), {})
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "dormant True True"
+    assert out[1].startswith("ACTION_WIN_BACK 3 usually buys every 7 days")
+    assert out[2] == "hand to a person: vip-gone True"
+
+
+def test_readme_walkthrough_in_node(lifecycle_running, tmp_path):
+    import os
+    import shutil
+
+    node = shutil.which("node")
+    client_dir = Path(__file__).resolve().parents[1] / "examples" / "node"
+    if node is None or not (client_dir / "node_modules").exists():
+        if os.environ.get("CI") == "true":
+            pytest.fail("node and examples/node/node_modules are required in CI (make test)")
+        pytest.skip("needs node and examples/node/node_modules (`make test` installs them)")
+    script = client_dir / f".readme-walkthrough-{os.getpid()}.js"  # beside node_modules
+    script.write_text(as_fixture(walkthrough_block("```js\n"), lifecycle_running.port))
+    try:
+        done = subprocess.run(
+            [node, str(script)], capture_output=True, text=True, timeout=60, cwd=client_dir
+        )
+    finally:
+        script.unlink()
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        "dormant true true",
+        "ACTION_WIN_BACK 3",
+        "hand to a person: vip-gone",
+    ]

@@ -282,6 +282,41 @@ class Client:
         request = lifecycle_pb2.GetCustomerStateRequest(customer_id=customer_id)
         return self._call(self.lifecycle.GetCustomerState, request, timeout)
 
+    def next_best_action(
+        self, customer_id: str, *, channel: str = "email", limit: int | None = None, timeout=None
+    ) -> lifecycle_pb2.NextBestActionResponse:
+        """The one action to take next for the customer, with its products or content."""
+        request = lifecycle_pb2.NextBestActionRequest(
+            customer_id=customer_id, channel=CHANNELS[channel]
+        )
+        if limit is not None:
+            request.limit = limit
+        return self._call(self.lifecycle.NextBestAction, request, timeout)
+
+    def audience(
+        self,
+        *,
+        stage: str = "",
+        action: str = "",
+        channel: str = "email",
+        limit: int | None = None,
+        max_customers: int = 0,
+        timeout: float | None = None,
+    ) -> Iterator[lifecycle_pb2.AudienceMember]:
+        """Every customer of a stage (`new`, `active`, `at_risk`, `dormant`, `lapsed`) or action
+        (`welcome`, `win_back`, `human_touch`, ...) audience, streamed with flow control. No
+        deadline unless `timeout` is given."""
+        request = lifecycle_pb2.StreamAudienceRequest(
+            channel=CHANNELS[channel], max_customers=max_customers
+        )
+        if stage:
+            request.stage = lifecycle_pb2.Stage.Value(f"STAGE_{stage.upper()}")
+        if action:
+            request.action = lifecycle_pb2.Action.Value(f"ACTION_{action.upper()}")
+        if limit is not None:
+            request.limit = limit
+        return self.lifecycle.StreamAudience(request, timeout=timeout, metadata=self._metadata)
+
     def model_info(self, *, timeout=None) -> admin_pb2.ModelInfo:
         return self._call(self.admin.GetModelInfo, admin_pb2.GetModelInfoRequest(), timeout)
 
