@@ -322,6 +322,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                 "k": args.k,
                 "results": results,
                 "durable_share": run.durable_share,
+                "win_back": run.win_back,
                 "params": report.params,
                 "als_grid": report.als_grid,
                 "timings": report.timings,
@@ -343,6 +344,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             f"\ndurable rule: {run.durable_share:.2%} of the served top {args.k} items are "
             "durables the customer bought before (the rule says 0)"
         )
+        if run.win_back:
+            w = run.win_back
+            best = max(w["buy_again"]["ndcg"], w["best_sellers"]["ndcg"])
+            print(
+                f"win-back: {w['win_back']['users']:,} customers dormant at the cutoff came back; "
+                f"NDCG@{args.k} of their return basket: win-back {w['win_back']['ndcg']:.4f}, "
+                f"buy again {w['buy_again']['ndcg']:.4f}, best sellers "
+                f"{w['best_sellers']['ndcg']:.4f} (win-back / best baseline "
+                f"{w['win_back']['ndcg'] / best if best else float('nan'):.2f})"
+            )
     if args.export_served:
         _export_served(run, args.export_served)
     if args.publish:

@@ -51,6 +51,7 @@ __all__ = [
     "relevance",
     "metric_curves",
     "ranking_metrics",
+    "win_back_evaluation",
     "metrics_at",
     "item_popularity",
     "popularity_percentile",
@@ -342,6 +343,53 @@ def served_rankings(
             items = bundle.item_index(np.asarray([it.product_id for it in answer.items], dtype=str))
             ids[row, : len(items)] = items
     return ids
+
+
+def win_back_evaluation(
+    bundle: ModelBundle, settings: Settings, test_events: pa.Table, *, now_day: float, k: int
+) -> dict[str, dict[str, float]]:
+    """Customers dormant at `now_day` (the lifecycle stage from the training summaries) who bought
+    again afterwards: NDCG and the other metrics at k of NextBestAction's win-back products (the
+    serving path, every consent granted, the clock at the cutoff) against their return basket
+    (their first purchase day after the cutoff), beside buy again and best sellers. Empty when
+    the model has no lifecycle state or no dormant customer came back."""
+    from nextbest.lifecycle.stages import STAGES
+    from nextbest.policy import ConsentState
+    from nextbest.service import ProductQuery, ServedModel, fixed_consent
+
+    if bundle.lifecycle is None:
+        return {}
+    served = ServedModel(
+        bundle, settings, fixed_consent(ConsentState(default_allow=True, granted={})), as_of=now_day
+    )
+    dormant = served.lifecycle.stages(now_day) == STAGES.index("dormant")
+    basket = relevance(bundle, test_events, now_day=now_day)["next_basket"]
+    back = dormant[basket.users]
+    if not back.any():
+        return {}
+    n_items = bundle.shape[1]
+    positions = np.flatnonzero(back)
+    # Re-key the relevant products to the returning dormant customers' positions.
+    pos, item = np.divmod(basket.keys, n_items)
+    new_pos = np.full(len(basket.users), -1)
+    new_pos[positions] = np.arange(len(positions))
+    keep = new_pos[pos] >= 0
+    rel = Relevance(
+        users=basket.users[positions],
+        keys=np.sort(new_pos[pos[keep]] * n_items + item[keep]),
+        n_relevant=basket.n_relevant[positions],
+    )
+    ids = np.full((len(rel.users), k), -1, dtype=np.int64)
+    for row, user in enumerate(rel.users.tolist()):
+        query = ProductQuery(customer_id=str(bundle.user_ids[user]), limit=k, channel="email")
+        answer = served.leaning_on_purchases(query, user, True, "win_back")
+        got = bundle.item_index(np.asarray([i.product_id for i in answer.items], dtype=str))
+        ids[row, : len(got)] = got
+    return {
+        "win_back": ranking_metrics(ids, rel, n_items),
+        "buy_again": ranking_metrics(_buy_again(bundle, rel.users, k), rel, n_items),
+        "best_sellers": ranking_metrics(_best_sellers(bundle, rel.users, k, False), rel, n_items),
+    }
 
 
 def _without_bought(bundle: ModelBundle, users: np.ndarray, ids: np.ndarray, k: int) -> np.ndarray:

@@ -946,9 +946,7 @@ class ServedModel:
         action, reasons = decide(situation, self.settings.lifecycle.care_days)
         products, items, content = None, (), ()
         if action in ("welcome", "win_back") and state is not None:
-            categories = self._categories_of(user, bool(sensitive_ok), first=action == "welcome")
-            query = dataclasses.replace(base, include_categories=categories)
-            [products] = self.recommend([query] if categories else [base])
+            products = self.leaning_on_purchases(base, user, bool(sensitive_ok), action)
             items = tuple(products.items)
         elif action == "welcome" or action in ("replenish", "cross_sell"):
             products = plain
@@ -1052,6 +1050,17 @@ class ServedModel:
             if self._content_about(str(b.item_ids[items[k]])):
                 return int(items[k])
         return -1
+
+    def leaning_on_purchases(
+        self, query: ProductQuery, user: int, sensitive_ok: bool, action: str
+    ) -> ProductAnswer:
+        """The payload of `welcome` (the categories of the first purchase day) or `win_back`
+        (of the last one): RecommendProducts' answer within those categories (the plain answer
+        when they have none)."""
+        categories = self._categories_of(user, sensitive_ok, first=action == "welcome")
+        query = dataclasses.replace(query, include_categories=categories) if categories else query
+        [answer] = self.recommend([query])
+        return answer
 
     def _categories_of(self, user: int, sensitive_ok: bool, *, first: bool) -> tuple[str, ...]:
         """Categories of the customer's first (or last) purchase day's products, without

@@ -51,6 +51,7 @@ from nextbest.evaluation import (
     rank_models,
     relevance,
     served_rankings,
+    win_back_evaluation,
 )
 from nextbest.lifecycle.model import fit_lifecycle
 from nextbest.policy import sensitive_mask
@@ -515,6 +516,9 @@ class RankedEvaluation:
     """Every evaluated customer (user indices), and ..."""
     served_ids: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.int64))
     """... what the serving path answered each of them (item indices, -1 padded)."""
+    win_back: dict = field(default_factory=dict)
+    """Customers dormant at the cutoff who came back: metrics at k of the win-back products,
+    buy again and best sellers against their return basket (`win_back_evaluation`)."""
 
 
 def evaluate_ranked_at(
@@ -560,7 +564,11 @@ def evaluate_ranked_at(
         if "served" in every.ids
         else 0.0
     )
+    clock = time.perf_counter()
+    win_back = win_back_evaluation(bundle, settings, after, now_day=cutoff_day, k=k)
+    report.timings["win_back_s"] = time.perf_counter() - clock
     return RankedEvaluation(
+        win_back=win_back,
         results=metrics_at(rankings, bundle.shape[1], k),
         report=report,
         bundle=bundle,
