@@ -392,3 +392,24 @@ def test_readme_node_example_of_consent_events_and_admin(node, running, tmp_path
         "RecordEvents 1",
         "Admin true false",
     ]
+
+
+def test_node_client_retries_a_refusal_after_its_pushback(node):
+    """Admission control's RESOURCE_EXHAUSTED with grpc-retry-pushback-ms: retried after it."""
+    from concurrent import futures
+
+    from test_admission import Refusing
+
+    servicer = Refusing()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    rpb.add_RecommenderServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        done = run(node, "recommend", "--address", f"127.0.0.1:{port}", "--customer", "c003")
+        [answer] = lines(done, RECOMMEND)
+        assert answer["customer_id"] == "c003"
+        assert len(servicer.times) == 2
+        assert servicer.times[1] - servicer.times[0] >= 0.29  # waited for the pushback
+    finally:
+        server.stop(0)

@@ -241,6 +241,25 @@ function credentials(opts) {
   return grpc.credentials.createSsl(ca, key, cert);
 }
 
+// gRPC's own retries, as the Python client: UNAVAILABLE (no server yet, a replica draining) and
+// RESOURCE_EXHAUSTED (the server's admission control), after the server's
+// grpc-retry-pushback-ms when it sends one (grpc-js honours it), else with backoff.
+const RETRY_OPTIONS = {
+  'grpc.enable_retries': 1,
+  'grpc.service_config': JSON.stringify({
+    methodConfig: [{
+      name: [{ service: 'nextbest.v1.Recommender' }],
+      retryPolicy: {
+        maxAttempts: 4,
+        initialBackoff: '0.1s',
+        maxBackoff: '2s',
+        backoffMultiplier: 2,
+        retryableStatusCodes: ['UNAVAILABLE', 'RESOURCE_EXHAUSTED'],
+      },
+    }],
+  }),
+};
+
 function connect(opts) {
   const loaded = load(opts.protos);
   const creds = credentials(opts);
@@ -250,7 +269,7 @@ function connect(opts) {
   let recommender;
   let health;
   try {
-    recommender = new loaded.nextbest.v1.Recommender(opts.address, creds);
+    recommender = new loaded.nextbest.v1.Recommender(opts.address, creds, RETRY_OPTIONS);
     // One channel (one connection) for both services.
     const channelOverride = recommender.getChannel();
     health = new loaded.grpc.health.v1.Health(opts.address, creds, { channelOverride });

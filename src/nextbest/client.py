@@ -9,8 +9,9 @@
             ...
 
 Every call has a deadline (`timeout`, 10 s unless given). Calls that fail with UNAVAILABLE (no
-server listening yet, a replica draining, the store out for a write) are retried by gRPC's own
-retry policy with exponential backoff, up to `attempts` times; no other status is retried, and
+server listening yet, a replica draining, the store out for a write) or RESOURCE_EXHAUSTED (the
+server's admission control; after its `grpc-retry-pushback-ms`) are retried by gRPC's own retry
+policy with exponential backoff, up to `attempts` times; no other status is retried, and
 RecordEvents is never retried (a lost answer must not record a purchase twice). Answers are the
 protobuf messages of `nextbest.v1`, documented in protos/.
 """
@@ -56,13 +57,15 @@ RETRIED_SERVICES = (
 
 
 def _service_config(attempts: int) -> str:
-    """gRPC retry policy: UNAVAILABLE only, for every service except Events."""
+    """gRPC retry policy: UNAVAILABLE and RESOURCE_EXHAUSTED, for every service but Events."""
     policy = {
         "maxAttempts": attempts,
         "initialBackoff": "0.1s",
         "maxBackoff": "2s",
         "backoffMultiplier": 2,
-        "retryableStatusCodes": ["UNAVAILABLE"],
+        # RESOURCE_EXHAUSTED: refused by admission control, retried after the server's
+        # `grpc-retry-pushback-ms` (gRPC's retry honours it).
+        "retryableStatusCodes": ["UNAVAILABLE", "RESOURCE_EXHAUSTED"],
     }
     return json.dumps(
         {

@@ -254,6 +254,14 @@ class ServeSettings:
     open stream holds a worker thread, so keep this below `max_workers`."""
     max_concurrent_calls: int = 256
     """Calls being answered or waiting for a worker; one more is refused (RESOURCE_EXHAUSTED)."""
+    max_running_calls: int = 4
+    """Unary calls one server process computes at once (its share of the cores: more only make
+    each slower under the GIL); the others wait for a slot (admission control)..."""
+    max_queue_ms: float = 100.0
+    """...for at most this long, then are refused before any work (RESOURCE_EXHAUSTED with
+    `grpc-retry-pushback-ms`); a call whose deadline is nearer than the method's recent service
+    time is refused at once (DEADLINE_EXCEEDED). Streams are admitted by
+    `max_concurrent_streams` instead."""
     log_format: str = "json"
     """`nextbest serve` logs: `json` (one object per line, with request ids) or `text`."""
     log_hash_key: str = ""
@@ -483,6 +491,8 @@ def _validate(section: str, s: object) -> None:
         need(s.max_message_bytes >= 1024, "max_message_bytes", "must be >= 1024")
         need(s.max_concurrent_streams >= 1, "max_concurrent_streams", "must be >= 1")
         need(s.max_concurrent_calls >= 1, "max_concurrent_calls", "must be >= 1")
+        need(s.max_running_calls >= 1, "max_running_calls", "must be >= 1")
+        need(s.max_queue_ms >= 0, "max_queue_ms", "must be >= 0")
         need(s.log_format in ("json", "text"), "log_format", "must be json or text")
         names = [c.name for c in s.clients]
         need(len(set(names)) == len(names), "clients", "has two clients with one name")

@@ -57,6 +57,22 @@ class Metrics:
             registry=r,
         )
         self._serving: tuple[str, str] | None = None
+        self.admitted = Counter(
+            "nextbest_admitted_calls", "Unary calls admitted to run, by RPC", ["method"], registry=r
+        )
+        self.refused = Counter(
+            "nextbest_refused_calls",
+            "Unary calls refused before any work, by RPC and reason (overloaded, deadline)",
+            ["method", "reason"],
+            registry=r,
+        )
+        self.admission_limit = Gauge(
+            "nextbest_admission_limit",
+            "Unary calls the server computes at once (serve.max_running_calls, summed over "
+            "processes)",
+            multiprocess_mode="livesum",
+            registry=r,
+        )
         self.reload_failures = Counter(
             "nextbest_model_reload_failures", "Model versions refused at load", registry=r
         )

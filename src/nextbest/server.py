@@ -40,6 +40,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from threadpoolctl import threadpool_limits
 
+from nextbest.admission import Admission, Decision
 from nextbest.auth import Gate, Verdict
 from nextbest.config import ServeSettings, Settings
 from nextbest.data.readers import EVENT_SCHEMA, PURCHASE, PURPOSES, RETURN
@@ -961,11 +962,13 @@ class CallInterceptor(grpc.ServerInterceptor):
     requests → INVALID_ARGUMENT, then the call's metrics and one JSON log line with its status,
     time, client name and hashed customer id."""
 
-    def __init__(self, metrics: Metrics, gate: Gate, max_streams: int):
+    def __init__(self, metrics: Metrics, gate: Gate, max_streams: int, admission: Admission):
         self.metrics = metrics
         self.gate = gate
         self.max_streams = max_streams
         self._streams = threading.BoundedSemaphore(max_streams)
+        self.admission = admission
+        metrics.admission_limit.set(admission.max_running)
 
     @contextlib.contextmanager
     def _call(self, method: str, context, verdict: Verdict, request_id: str, customer: str):
@@ -998,6 +1001,18 @@ class CallInterceptor(grpc.ServerInterceptor):
                     },
                 )
 
+    def _refuse(self, method: str, context, decision: Decision) -> None:
+        """Refuse a call admission control turned away (counted; the pushback in trailers)."""
+        self.metrics.refused.labels(method, decision.reason).inc()
+        if decision.pushback_ms:
+            context.set_trailing_metadata((("grpc-retry-pushback-ms", str(decision.pushback_ms)),))
+        code = (
+            grpc.StatusCode.DEADLINE_EXCEEDED
+            if decision.reason == "deadline"
+            else grpc.StatusCode.RESOURCE_EXHAUSTED
+        )
+        context.abort(code, decision.message)
+
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
         method = handler_call_details.method
@@ -1017,7 +1032,15 @@ class CallInterceptor(grpc.ServerInterceptor):
                 with self._call(method, context, verdict, request_id, customer):
                     if isinstance(request, _Undecodable):
                         context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
-                    return inner(request, context)
+                    decision = self.admission.admit(method, context.time_remaining())
+                    if not decision.admitted:
+                        self._refuse(method, context, decision)
+                    self.metrics.admitted.labels(method).inc()
+                    started = time.perf_counter()
+                    try:
+                        return inner(request, context)
+                    finally:
+                        self.admission.release(method, started)
 
             return grpc.unary_unary_rpc_method_handler(
                 unary,
@@ -1185,7 +1208,10 @@ def create_server(settings: Settings, *, reuse_port: bool = False) -> Running:
         ),
         interceptors=[
             CallInterceptor(
-                metrics, Gate(settings.serve.clients), settings.serve.max_concurrent_streams
+                metrics,
+                Gate(settings.serve.clients),
+                settings.serve.max_concurrent_streams,
+                Admission(settings.serve.max_running_calls, settings.serve.max_queue_ms),
             )
         ],
         options=[

@@ -1,0 +1,97 @@
+"""Admission control of unary calls: bounded concurrency, bounded queueing, deadline check.
+
+One Python process computes one call at a time (the GIL): sixteen calls running at once on the
+worker threads each take sixteen times as long, and under overload every admitted call waits
+behind all the others. So each server process runs at most `serve.max_running_calls` unary calls
+at once; a call waits for a slot at most `serve.max_queue_ms`, and is refused if none frees in
+time (RESOURCE_EXHAUSTED with `grpc-retry-pushback-ms`, before any work is done). A call whose
+deadline is nearer than the method's recent service time (an exponential moving average) is
+refused at once (DEADLINE_EXCEEDED): it could not finish anyway. Streams are not counted here
+(`serve.max_concurrent_streams` admits them), so a campaign batch cannot take the slots the
+website's calls need. No gRPC here: the interceptor asks, this module decides.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+
+__all__ = ["Admission", "Decision"]
+
+EWMA_WEIGHT = 0.1
+"""Weight of the newest call in a method's service-time average."""
+
+
+@dataclass(frozen=True)
+class Decision:
+    """`admitted`, else why not: `overloaded` (no slot within max_queue_ms) or `deadline` (the
+    deadline is nearer than the service time); `pushback_ms` for the client's retry: the time
+    the calls waiting now need (waiting × service time / slots), at least max_queue_ms."""
+
+    admitted: bool
+    reason: str = ""
+    message: str = ""
+    pushback_ms: int = 0
+    queued_ms: float = 0.0
+
+
+class Admission:
+    """Slots for running unary calls, a bounded wait for one, and service times per method."""
+
+    def __init__(self, max_running: int, max_queue_ms: float):
+        self.max_running = max_running
+        self.max_queue_ms = max_queue_ms
+        self._slots = threading.BoundedSemaphore(max_running)
+        self._service_ms: dict[str, float] = {}
+        self._lock = threading.Lock()
+        self._waiting = 0
+
+    def service_ms(self, method: str) -> float:
+        """The method's recent service time (0 before its first call)."""
+        return self._service_ms.get(method, 0.0)
+
+    def admit(self, method: str, remaining_s: float | None) -> Decision:
+        """Take a slot for a call of `method` with `remaining_s` to its deadline (None: none);
+        the caller must `release(method, started)` an admitted call."""
+        need = self.service_ms(method)
+        if remaining_s is not None and remaining_s * 1000.0 < need:
+            return Decision(
+                False,
+                "deadline",
+                f"the deadline is {max(remaining_s * 1000.0, 0.0):.1f} ms away and a call takes "
+                f"about {need:.1f} ms: refused before any work",
+            )
+        wait_ms = self.max_queue_ms
+        if remaining_s is not None:  # never wait past the point where the call cannot finish
+            wait_ms = min(wait_ms, max(remaining_s * 1000.0 - need, 0.0))
+        t0 = time.perf_counter()
+        with self._lock:
+            self._waiting += 1
+        try:
+            if self._slots.acquire(timeout=wait_ms / 1000.0):
+                return Decision(True, queued_ms=(time.perf_counter() - t0) * 1000.0)
+            waiting = self._waiting
+        finally:
+            with self._lock:
+                self._waiting -= 1
+        # Retry once the calls waiting now have had their turn (at least max_queue_ms).
+        pushback = max(int(self.max_queue_ms), int(waiting * need / self.max_running), 1)
+        return Decision(
+            False,
+            "overloaded",
+            f"server busy: no slot within {wait_ms:.0f} ms (serve.max_running_calls = "
+            f"{self.max_running}, serve.max_queue_ms = {self.max_queue_ms:g}); retry after "
+            f"{pushback} ms",
+            pushback_ms=pushback,
+            queued_ms=(time.perf_counter() - t0) * 1000.0,
+        )
+
+    def release(self, method: str, started: float) -> None:
+        """Give the slot back and fold the call's service time (since `started`,
+        perf_counter seconds) into the method's average."""
+        ms = (time.perf_counter() - started) * 1000.0
+        with self._lock:
+            old = self._service_ms.get(method)
+            self._service_ms[method] = ms if old is None else old + EWMA_WEIGHT * (ms - old)
+        self._slots.release()

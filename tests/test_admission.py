@@ -1,0 +1,137 @@
+"""Admission control through a real server: a call whose deadline cannot be met is refused
+before any work; beyond the running slots and the queue bound, calls are refused at once with a
+retry pushback, counted in the metrics; the client's retry policy honours the pushback."""
+
+from __future__ import annotations
+
+import threading
+import time
+import urllib.request
+
+import grpc
+import pytest
+from conftest import served_settings
+
+from nextbest.admission import Admission
+from nextbest.client import Client
+from nextbest.server import create_server
+from nextbest.v1 import recommender_pb2 as pb
+from nextbest.v1 import recommender_pb2_grpc as rpb
+
+METHOD = "/nextbest.v1.Recommender/RecommendProducts"
+
+
+def test_admission_unit():
+    a = Admission(max_running=1, max_queue_ms=20)
+    first = a.admit("m", None)
+    assert first.admitted
+    t0 = time.perf_counter()
+    second = a.admit("m", None)  # the one slot is taken: waits 20 ms, then refused
+    assert not second.admitted and second.reason == "overloaded" and second.pushback_ms == 20
+    assert 0.015 < time.perf_counter() - t0 < 1.0
+    a.release("m", time.perf_counter() - 0.010)  # a 10 ms call
+    assert 9.0 < a.service_ms("m") < 50.0
+    assert not a.admit("m", 0.001).admitted  # 1 ms left, calls take ~10 ms
+    assert a.admit("m", 5.0).admitted
+
+
+def metric(port: int, name: str, **labels: str) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith((name + "{", name + " ")) and all(
+            f'{k}="{v}"' in line for k, v in labels.items()
+        ):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+@pytest.fixture
+def tight(own):
+    """A server that computes one call at a time and queues none for long."""
+    settings = served_settings(own, own / "models").with_overrides(
+        "serve", max_running_calls=1, max_queue_ms=5.0, max_workers=16
+    )
+    running = create_server(settings)
+    yield running
+    running.stop(0)
+
+
+def test_a_call_with_1_ms_left_is_refused_before_any_work(tight):
+    with grpc.insecure_channel(f"127.0.0.1:{tight.port}") as ch:
+        stub = rpb.RecommenderStub(ch)
+        for _ in range(5):  # the service time the check compares with
+            stub.RecommendProducts(pb.RecommendProductsRequest(customer_id="c003"), timeout=10)
+        answered = metric(tight.metrics_port, "nextbest_admitted_calls_total", method=METHOD)
+        with pytest.raises(grpc.RpcError) as info:
+            stub.RecommendProducts(pb.RecommendProductsRequest(customer_id="c003"), timeout=0.001)
+        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    # Refused by the check (or by gRPC itself when the millisecond ran out on the way): either
+    # way the model was not asked.
+    assert metric(tight.metrics_port, "nextbest_admitted_calls_total", method=METHOD) == answered
+
+
+def test_overload_is_refused_at_once_with_a_pushback(tight):
+    codes: list = []
+    pushbacks: list = []
+    waits: list = []
+
+    def call() -> None:
+        with grpc.insecure_channel(
+            f"127.0.0.1:{tight.port}", options=[("grpc.enable_retries", 0)]
+        ) as ch:
+            t0 = time.perf_counter()
+            try:
+                rpb.RecommenderStub(ch).RecommendProducts(
+                    pb.RecommendProductsRequest(customer_id="c003"), timeout=10
+                )
+                codes.append(grpc.StatusCode.OK)
+            except grpc.RpcError as exc:
+                codes.append(exc.code())
+                waits.append(time.perf_counter() - t0)
+                pushbacks.append(dict(exc.trailing_metadata() or ()).get("grpc-retry-pushback-ms"))
+
+    threads = [threading.Thread(target=call) for _ in range(24)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    refused = codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED)
+    assert refused > 0 and codes.count(grpc.StatusCode.OK) > 0, codes
+    assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}
+    assert pushbacks and all(int(p) >= 5 for p in pushbacks)  # at least max_queue_ms
+    assert max(waits) < 2.0  # refused quickly, not after queueing behind everyone
+    got = metric(tight.metrics_port, "nextbest_refused_calls_total", method=METHOD)
+    assert got == refused
+    assert metric(tight.metrics_port, "nextbest_admission_limit") == 1.0
+
+
+class Refusing(rpb.RecommenderServicer):
+    """Refuses the first call as admission control does (pushback 300 ms), then answers."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def RecommendProducts(self, request, context):
+        self.times.append(time.perf_counter())
+        if len(self.times) == 1:
+            context.set_trailing_metadata((("grpc-retry-pushback-ms", "300"),))
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "server busy (scripted)")
+        return pb.RecommendProductsResponse(customer_id=request.customer_id, personalized=True)
+
+
+def test_the_client_retries_a_refusal_after_its_pushback():
+    from concurrent import futures
+
+    servicer = Refusing()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    rpb.add_RecommenderServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with Client(f"127.0.0.1:{port}", attempts=3) as nb:
+            assert nb.recommend("c003").personalized
+        assert len(servicer.times) == 2
+        assert servicer.times[1] - servicer.times[0] >= 0.29  # waited for the pushback
+    finally:
+        server.stop(0)
