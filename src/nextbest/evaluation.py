@@ -382,7 +382,7 @@ def win_back_evaluation(
     ids = np.full((len(rel.users), k), -1, dtype=np.int64)
     for row, user in enumerate(rel.users.tolist()):
         query = ProductQuery(customer_id=str(bundle.user_ids[user]), limit=k, channel="email")
-        answer = served.leaning_on_purchases(query, user, True, "win_back")
+        answer = served.action_products(query, user, True, "win_back")
         got = bundle.item_index(np.asarray([i.product_id for i in answer.items], dtype=str))
         ids[row, : len(got)] = got
     return {

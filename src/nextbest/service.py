@@ -945,10 +945,10 @@ class ServedModel:
         )
         action, reasons = decide(situation, self.settings.lifecycle.care_days)
         products, items, content = None, (), ()
-        if action in ("welcome", "win_back") and state is not None:
-            products = self.leaning_on_purchases(base, user, bool(sensitive_ok), action)
+        if action == "welcome" and state is not None:
+            products = self.action_products(base, user, bool(sensitive_ok), action)
             items = tuple(products.items)
-        elif action == "welcome" or action in ("replenish", "cross_sell"):
+        elif action in ("welcome", "win_back", "replenish", "cross_sell"):
             products = plain
             if action == "replenish":
                 items = tuple(i for i in plain.items if i.product_id in due)
@@ -1051,30 +1051,34 @@ class ServedModel:
                 return int(items[k])
         return -1
 
-    def leaning_on_purchases(
+    def action_products(
         self, query: ProductQuery, user: int, sensitive_ok: bool, action: str
     ) -> ProductAnswer:
-        """The payload of `welcome` (the categories of the first purchase day) or `win_back`
-        (of the last one): RecommendProducts' answer within those categories (the plain answer
-        when they have none)."""
-        categories = self._categories_of(user, sensitive_ok, first=action == "welcome")
+        """The products of an action: for `welcome`, RecommendProducts' answer within the
+        categories of the first purchase day; for the others (`win_back` included), its plain
+        answer. Win-back leans on the last purchases through the ranking's own recency features:
+        restricting it to the last purchase day's categories scored lower on the customers who
+        came back (EVALUATION.md)."""
+        categories = (
+            self._first_categories(user, sensitive_ok) if action == "welcome" else ()
+        )
         query = dataclasses.replace(query, include_categories=categories) if categories else query
         [answer] = self.recommend([query])
         return answer
 
-    def _categories_of(self, user: int, sensitive_ok: bool, *, first: bool) -> tuple[str, ...]:
-        """Categories of the customer's first (or last) purchase day's products, without
-        sensitive ones unless sensitive consent."""
+    def _first_categories(self, user: int, sensitive_ok: bool) -> tuple[str, ...]:
+        """Categories of the customer's first purchase day's products, without sensitive ones
+        unless sensitive consent."""
         b = self.bundle
         rs = b.repeat
         start, stop = rs.days_bought.indptr[user], rs.days_bought.indptr[user + 1]
         items = rs.days_bought.indices[start:stop]
-        days = np.floor((rs.first_day if first else rs.last_day).data[start:stop])
+        days = np.floor(rs.first_day.data[start:stop])
         keep = sensitive_ok | ~b.item_sensitive[items]
         if not keep.any():
             return ()
         items, days = items[keep], days[keep]
-        chosen = items[days == (days.min() if first else days.max())]
+        chosen = items[days == days.min()]
         return tuple(sorted({self.categories[i] for i in chosen.tolist()} - {""}))
 
     def _content_about(self, product_id: str) -> list[str]:

@@ -57,7 +57,7 @@ def decide(s: Situation, care_days: float) -> tuple[str, tuple[str, ...]]:
             f"valuable and {st.stage.replace('_', ' ')}: hand to a person, no automated message",
         )
     if st.stage == "dormant":
-        return "win_back", (head, "dormant: products leaning on the last purchase's categories")
+        return "win_back", (head, "dormant: win back with the products most likely bought now")
     if st.stage == "lapsed":
         return "rest", (head, "lapsed: past win-back")
     if s.recent_durable:
