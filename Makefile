@@ -32,7 +32,7 @@ CDNOW_EVENTS := $(DATA)/cdnow/events.parquet
 ENGINE ?= implicit
 SPARK_MASTER ?= local[*]
 
-.PHONY: install install-dev install-report install-spark install-all test lint train evaluate evaluate-cj evaluate-lgsr evaluate-lifecycle bench-train bench-serve bench-scale bench-soak audit-privacy prepare clean demo serve proto docs chromium java parity-spark
+.PHONY: install install-dev install-report install-spark install-all test lint train evaluate evaluate-cj evaluate-lgsr evaluate-lifecycle bench-train bench-serve bench-overload bench-scale bench-soak audit-privacy prepare clean demo serve proto docs chromium java parity-spark
 
 # The runtime alone (what the demo, train, serve and the benchmarks need); each extra on top when a
 # target needs it: dev (tests, lint, make proto), report (evaluate's HTML report: matplotlib),
@@ -150,6 +150,11 @@ bench-train: install $(CJ_EVENTS)
 # one run; trains its own ALS-only model into $(DATA)/bench-serve once, updates BENCHMARKS.md.
 bench-serve: install-dev $(CJ_EVENTS)
 	$(PY) benchmarks/bench_serve.py --events $(CJ_EVENTS) --catalog $(DATA)/complete-journey/catalog.parquet --write
+
+# RecommendProducts at 3× the measured capacity for 60 s between two spells at 80%, with admission
+# control (as shipped) and without: p99 of admitted calls, how fast refusals come, recovery time.
+bench-overload: install-dev $(CJ_EVENTS)
+	$(PY) benchmarks/bench_overload.py --events $(CJ_EVENTS) --catalog $(DATA)/complete-journey/catalog.parquet --write
 
 # The chain at 10k, 100k and 1M customers of a synthetic retailer (benchmarks/synth.py, 100k
 # products, 50 events per customer): train (ALS only), server start, RSS, RecommendProducts p50/p99,

@@ -254,6 +254,11 @@ class ServeSettings:
     open stream holds a worker thread, so keep this below `max_workers`."""
     max_concurrent_calls: int = 256
     """Calls being answered or waiting for a worker; one more is refused (RESOURCE_EXHAUSTED)."""
+    slate_cache_size: int = 50_000
+    """Rankings kept per server process, per customer (known, consenting, asking without
+    filters), so that a customer's next call only applies consent, fatigue and the privacy rule
+    to it; least recently used dropped beyond this, emptied at a model swap and for an erased
+    customer; 0 = off. About 4 KB each."""
     max_running_calls: int = 4
     """Unary calls one server process computes at once (its share of the cores: more only make
     each slower under the GIL); the others wait for a slot (admission control)..."""
@@ -492,6 +497,7 @@ def _validate(section: str, s: object) -> None:
         need(s.max_concurrent_streams >= 1, "max_concurrent_streams", "must be >= 1")
         need(s.max_concurrent_calls >= 1, "max_concurrent_calls", "must be >= 1")
         need(s.max_running_calls >= 1, "max_running_calls", "must be >= 1")
+        need(s.slate_cache_size >= 0, "slate_cache_size", "must be >= 0")
         need(s.max_queue_ms >= 0, "max_queue_ms", "must be >= 0")
         need(s.log_format in ("json", "text"), "log_format", "must be json or text")
         names = [c.name for c in s.clients]

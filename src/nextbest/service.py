@@ -21,6 +21,7 @@ import datetime as dt
 import logging
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -301,6 +302,58 @@ def store_consent(store, default_allow: bool) -> ConsentSource:
     return lookup
 
 
+@dataclass(frozen=True)
+class Slate:
+    """One customer's ranking before the per-call rules: candidates (item indices) with their
+    relevance, best-seller flags and reasons, as the ranking stage left them."""
+
+    ids: np.ndarray
+    scores: np.ndarray
+    popular: np.ndarray
+    reasons: list
+    personalized: bool
+    why_not: str
+
+
+class SlateCache:
+    """Slates of known customers without filters, per (user, sensitive consent, depth, clock
+    day), least recently used dropped beyond `size` (0 = off). Per model: a new model version
+    starts empty. Thread-safe."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self._slates: OrderedDict[tuple, Slate] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: tuple) -> Slate | None:
+        if not self.size:
+            return None
+        with self._lock:
+            slate = self._slates.get(key)
+            if slate is None:
+                self.misses += 1
+                return None
+            self._slates.move_to_end(key)
+            self.hits += 1
+            return slate
+
+    def put(self, key: tuple, slate: Slate) -> None:
+        if not self.size:
+            return
+        with self._lock:
+            self._slates[key] = slate
+            while len(self._slates) > self.size:
+                self._slates.popitem(last=False)
+
+    def drop_user(self, user: int) -> None:
+        """Forget every slate of `user` (erasure)."""
+        with self._lock:
+            for key in [k for k in self._slates if k[0] == user]:
+                del self._slates[key]
+
+
 @dataclass
 class ServedModel:
     """A model version ready to answer: the bundle plus per-item catalog fields and indexes."""
@@ -336,6 +389,7 @@ class ServedModel:
             if b.cf_candidates is not None
             else cf_candidates_for(b, self.settings.train.candidate_pool)
         )
+        self.slates = SlateCache(self.settings.serve.slate_cache_size)
         for customer_id in self.erased:
             self.forget(customer_id)
         catalog = b.catalog
@@ -467,6 +521,7 @@ class ServedModel:
         if hasattr(model, "user_factors"):
             model.user_factors[user] = 0.0
         self.cf_candidates[user] = -1
+        self.slates.drop_user(user)
         return True
 
     # --- RecommendProducts / StreamRecommendations --------------------------------------------
@@ -501,7 +556,7 @@ class ServedModel:
         return answers  # type: ignore[return-value]
 
     def _recommend(self, queries: list[ProductQuery], limit: int) -> list[ProductAnswer]:
-        b, serve = self.bundle, self.settings.serve
+        b = self.bundle
         customer_ids = [q.customer_id for q in queries]
         now = self.now_day()
         try:
@@ -521,30 +576,35 @@ class ServedModel:
         ]
         fetch = limit + max(5, limit // 2)  # spare candidates for items the privacy rule withholds
         users = b.user_index(np.asarray(customer_ids, dtype=str))
-        refolded = {
-            r: f
-            for r in np.flatnonzero(personal_ok & ~sensitive_ok & (users >= 0)).tolist()
-            if (f := self._without_sensitive(int(users[r]))) is not None
-        }
-        recs = recommend_for(
-            b,
-            np.asarray(customer_ids, dtype=str),
-            N=fetch,
-            now_day=now,
-            personalization_ok=personal_ok,
-            sensitive_ok=sensitive_ok,
-            durable_repeat_rate=serve.durable_repeat_rate,
-            discovery_share=serve.discovery_share,
-            pool=self.settings.train.candidate_pool,
-            item_masks=masks,
-            include_purchased=np.asarray([q.include_purchased for q in queries], dtype=bool),
-            cf_candidates=self.cf_candidates,
-            user_factors=refolded,
-        )
+        # The ranking of a known, consenting customer without filters or recorded purchases
+        # depends only on the model, the clock and sensitive consent: computed once (a slate),
+        # then every call applies consent, fatigue and the privacy rule to it.
+        cacheable = [
+            bool(personal_ok[r] and users[r] >= 0 and masks[r] is None) and not q.include_purchased
+            for r, q in enumerate(queries)
+        ]
+        keys = [(int(users[r]), bool(sensitive_ok[r]), fetch, now) for r in range(len(queries))]
+        slates = [self.slates.get(keys[r]) if cacheable[r] else None for r in range(len(queries))]
+        todo = [r for r in range(len(queries)) if slates[r] is None]
+        if todo:
+            computed = self._rank(
+                [queries[r] for r in todo],
+                users[todo],
+                personal_ok[todo],
+                sensitive_ok[todo],
+                [masks[r] for r in todo],
+                fetch,
+                now,
+            )
+            for r, slate in zip(todo, computed, strict=True):
+                slates[r] = slate
+                if cacheable[r]:
+                    self.slates.put(keys[r], slate)
         out = []
         for r, q in enumerate(queries):
             items, counts, _ = recorded[r]
-            user = int(recs.users[r])
+            user = int(users[r])
+            slate = slates[r]
             if user < 0 and personal_ok[r] and len(items):
                 folded = self._folded(q, items, counts, bool(sensitive_ok[r]), masks[r], fetch)
                 if folded is not None:
@@ -555,12 +615,14 @@ class ServedModel:
             else:
                 folded = None
             if folded is None:
-                valid = recs.ids[r] >= 0
-                chosen, relevance = recs.ids[r][valid], recs.scores[r][valid]
-                popular = recs.popular[r][valid]
-                reasons = self._reasons(user, chosen, popular, bool(sensitive_ok[r]), now)
+                chosen, relevance, popular, reasons = (
+                    slate.ids,
+                    slate.scores,
+                    slate.popular,
+                    slate.reasons,
+                )
                 bought = self._history(user)
-            if not (folded is not None or recs.personalized[r]):
+            if not (folded is not None or slate.personalized):
                 answer = ProductAnswer(
                     customer_id=q.customer_id,
                     items=[
@@ -570,8 +632,8 @@ class ServedModel:
                         )
                     ],
                     personalized=False,
-                    not_personalized_reason=why_not[r] or recs.reasons[r],
-                    decisions=(f"not personalized: {_words(why_not[r] or recs.reasons[r])}",),
+                    not_personalized_reason=why_not[r] or slate.why_not,
+                    decisions=(f"not personalized: {_words(why_not[r] or slate.why_not)}",),
                 )
             else:
                 answer = self._privacy_rule(
@@ -588,6 +650,55 @@ class ServedModel:
                     limit,
                 )
             out.append(answer)
+        return out
+
+    def _rank(
+        self,
+        queries: list[ProductQuery],
+        users: np.ndarray,
+        personal_ok: np.ndarray,
+        sensitive_ok: np.ndarray,
+        masks: list[np.ndarray | None],
+        fetch: int,
+        now: float,
+    ) -> list[Slate]:
+        """The ranking stage: `recommend_for` and the reasons of its items, per query."""
+        b, serve = self.bundle, self.settings.serve
+        refolded = {
+            r: f
+            for r in np.flatnonzero(personal_ok & ~sensitive_ok & (users >= 0)).tolist()
+            if (f := self._without_sensitive(int(users[r]))) is not None
+        }
+        recs = recommend_for(
+            b,
+            np.asarray([q.customer_id for q in queries], dtype=str),
+            N=fetch,
+            now_day=now,
+            personalization_ok=personal_ok,
+            sensitive_ok=sensitive_ok,
+            durable_repeat_rate=serve.durable_repeat_rate,
+            discovery_share=serve.discovery_share,
+            pool=self.settings.train.candidate_pool,
+            item_masks=masks,
+            include_purchased=np.asarray([q.include_purchased for q in queries], dtype=bool),
+            cf_candidates=self.cf_candidates,
+            user_factors=refolded,
+        )
+        out = []
+        for r in range(len(queries)):
+            valid = recs.ids[r] >= 0
+            ids, popular = recs.ids[r][valid], recs.popular[r][valid]
+            user = int(recs.users[r])
+            out.append(
+                Slate(
+                    ids=ids,
+                    scores=recs.scores[r][valid],
+                    popular=popular,
+                    reasons=self._reasons(user, ids, popular, bool(sensitive_ok[r]), now),
+                    personalized=bool(recs.personalized[r]),
+                    why_not=recs.reasons[r],
+                )
+            )
         return out
 
     def _without_sensitive(self, user: int) -> np.ndarray | None:
@@ -1059,9 +1170,7 @@ class ServedModel:
         answer. Win-back leans on the last purchases through the ranking's own recency features:
         restricting it to the last purchase day's categories scored lower on the customers who
         came back (EVALUATION.md)."""
-        categories = (
-            self._first_categories(user, sensitive_ok) if action == "welcome" else ()
-        )
+        categories = self._first_categories(user, sensitive_ok) if action == "welcome" else ()
         query = dataclasses.replace(query, include_categories=categories) if categories else query
         [answer] = self.recommend([query])
         return answer
