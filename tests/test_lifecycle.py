@@ -20,10 +20,10 @@ from nextbest.lifecycle.bgnbd import fit_bgnbd
 from nextbest.lifecycle.stages import STAGES, stage_of
 from nextbest.lifecycle.summary import summarise
 from nextbest.v1 import consent_pb2, consent_pb2_grpc, events_pb2, events_pb2_grpc
-from nextbest.v1 import recommender_pb2 as pb
-from nextbest.v1 import recommender_pb2_grpc as rpb
 from nextbest.v1 import lifecycle_pb2 as lpb
 from nextbest.v1 import lifecycle_pb2_grpc as lrpc
+from nextbest.v1 import recommender_pb2 as pb
+from nextbest.v1 import recommender_pb2_grpc as rpb
 
 CDNOW = Path(__file__).resolve().parents[2] / "shared" / "data" / "cdnow" / "CDNOW_master.txt"
 
