@@ -358,6 +358,9 @@ async def load_cell(
                         await stub.RecommendProducts(request, timeout=30)
                     except grpc.aio.AioRpcError as exc:
                         errors.append(exc.code())
+                        # A refusal by admission control: wait its pushback, as clients do.
+                        trailers = dict(exc.trailing_metadata() or ())
+                        await asyncio.sleep(int(trailers.get("grpc-retry-pushback-ms", 0)) / 1e3)
                         continue
                     latencies.append(time.perf_counter() - t0)
 
@@ -370,10 +373,13 @@ async def load_cell(
     finally:
         for ch in chans:
             await ch.close()
-    if errors:
-        raise SystemExit(f"{address}: {len(errors)} failed calls, e.g. {errors[0]}")
+    refused = sum(1 for e in errors if e == grpc.StatusCode.RESOURCE_EXHAUSTED)
+    failed = [e for e in errors if e != grpc.StatusCode.RESOURCE_EXHAUSTED]
+    if failed:
+        raise SystemExit(f"{address}: {len(failed)} failed calls, e.g. {failed[0]}")
     ms = np.asarray(latencies) * 1000.0
     return {
+        "refused": refused,
         "calls": len(ms),
         "qps": len(ms) / elapsed,
         "p50": float(np.percentile(ms, 50)),
@@ -555,15 +561,17 @@ def report(r: dict) -> str:
         f"shuffled order, one in {UNKNOWN_EVERY} a customer the model does not know (best "
         "sellers); the same order for every server.",
         "",
-        "| server | concurrency | calls | QPS | p50 ms | p99 ms | QPS ratio to echo |",
-        "|---|---|---|---|---|---|---|",
+        "| server | concurrency | calls answered | refused (admission) | QPS | p50 ms | p99 ms | "
+        "QPS ratio to echo |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for c in r["concurrency"]:
         for server in servers:
             x = a[(server, c)]
             echo = a[("echo" + TLS, c)] if server.endswith(TLS) else a[("echo", c)]
             lines.append(
-                f"| {LABELS[server]} | {c} | {x['calls']:,} | {x['qps']:,.0f} | {x['p50']:.2f} | "
+                f"| {LABELS[server]} | {c} | {x['calls']:,} | {x.get('refused', 0):,} | "
+                f"{x['qps']:,.0f} | {x['p50']:.2f} | "
                 f"{x['p99']:.2f} | {x['qps'] / echo['qps']:.2f} |"
             )
     lines += [
@@ -776,7 +784,8 @@ def main() -> int:
                 unary[(name, c)] = cell
                 print(
                     f"{name:11} concurrency {c:2}: {cell['calls']:6} calls, {cell['qps']:6.0f} "
-                    f"QPS, p50 {cell['p50']:.2f} ms, p99 {cell['p99']:.2f} ms",
+                    f"QPS, p50 {cell['p50']:.2f} ms, p99 {cell['p99']:.2f} ms, "
+                    f"{cell['refused']} refused",
                     flush=True,
                 )
         runs: dict[str, list[float]] = {name: [] for name in ["bare", *nextbest_names]}

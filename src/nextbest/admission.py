@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-__all__ = ["Admission", "Decision"]
+__all__ = ["Admission", "Decision", "StampedExecutor", "queued_ms"]
 
 EWMA_WEIGHT = 0.1
 """Weight of the newest call in a method's service-time average."""
@@ -51,9 +52,11 @@ class Admission:
         """The method's recent service time (0 before its first call)."""
         return self._service_ms.get(method, 0.0)
 
-    def admit(self, method: str, remaining_s: float | None) -> Decision:
-        """Take a slot for a call of `method` with `remaining_s` to its deadline (None: none);
-        the caller must `release(method, started)` an admitted call."""
+    def admit(self, method: str, remaining_s: float | None, queued_ms: float = 0.0) -> Decision:
+        """Take a slot for a call of `method` with `remaining_s` to its deadline (None: none)
+        that already waited `queued_ms` for a worker thread (`StampedExecutor`); the caller must
+        `release(method, started)` an admitted call. The whole wait, for a worker and for a
+        slot, stays within max_queue_ms."""
         need = self.service_ms(method)
         if remaining_s is not None and remaining_s * 1000.0 < need:
             return Decision(
@@ -62,7 +65,17 @@ class Admission:
                 f"the deadline is {max(remaining_s * 1000.0, 0.0):.1f} ms away and a call takes "
                 f"about {need:.1f} ms: refused before any work",
             )
-        wait_ms = self.max_queue_ms
+        wait_ms = self.max_queue_ms - queued_ms
+        if wait_ms <= 0:
+            pushback = max(int(self.max_queue_ms), int(queued_ms), 1)
+            return Decision(
+                False,
+                "overloaded",
+                f"server busy: the call waited {queued_ms:.0f} ms for a worker (serve.max_queue_ms"
+                f" = {self.max_queue_ms:g}); retry after {pushback} ms",
+                pushback_ms=pushback,
+                queued_ms=queued_ms,
+            )
         if remaining_s is not None:  # never wait past the point where the call cannot finish
             wait_ms = min(wait_ms, max(remaining_s * 1000.0 - need, 0.0))
         t0 = time.perf_counter()
@@ -80,7 +93,7 @@ class Admission:
         return Decision(
             False,
             "overloaded",
-            f"server busy: no slot within {wait_ms:.0f} ms (serve.max_running_calls = "
+            f"server busy: no slot within {wait_ms + queued_ms:.0f} ms (serve.max_running_calls = "
             f"{self.max_running}, serve.max_queue_ms = {self.max_queue_ms:g}); retry after "
             f"{pushback} ms",
             pushback_ms=pushback,
@@ -95,3 +108,28 @@ class Admission:
             old = self._service_ms.get(method)
             self._service_ms[method] = ms if old is None else old + EWMA_WEIGHT * (ms - old)
         self._slots.release()
+
+
+_arrival = threading.local()
+
+
+def _stamped(enqueued: float, fn, args, kwargs):
+    _arrival.at = enqueued
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        _arrival.at = None
+
+
+class StampedExecutor(ThreadPoolExecutor):
+    """The server's worker pool: remembers when each job was queued, so that the call running
+    in a worker knows how long it waited for one (`queued_ms`)."""
+
+    def submit(self, fn, /, *args, **kwargs):
+        return super().submit(_stamped, time.perf_counter(), fn, args, kwargs)
+
+
+def queued_ms() -> float:
+    """How long the job running in this worker thread waited for the worker (0 outside one)."""
+    at = getattr(_arrival, "at", None)
+    return 0.0 if at is None else (time.perf_counter() - at) * 1000.0

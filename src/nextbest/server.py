@@ -28,7 +28,6 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from concurrent import futures
 from pathlib import Path
 
 import grpc
@@ -40,7 +39,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from threadpoolctl import threadpool_limits
 
-from nextbest.admission import Admission, Decision
+from nextbest.admission import Admission, Decision, StampedExecutor, queued_ms
 from nextbest.auth import Gate, Verdict
 from nextbest.config import ServeSettings, Settings
 from nextbest.data.readers import EVENT_SCHEMA, PURCHASE, PURPOSES, RETURN
@@ -1032,7 +1031,7 @@ class CallInterceptor(grpc.ServerInterceptor):
                 with self._call(method, context, verdict, request_id, customer):
                     if isinstance(request, _Undecodable):
                         context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
-                    decision = self.admission.admit(method, context.time_remaining())
+                    decision = self.admission.admit(method, context.time_remaining(), queued_ms())
                     if not decision.admitted:
                         self._refuse(method, context, decision)
                     self.metrics.admitted.labels(method).inc()
@@ -1203,9 +1202,7 @@ def create_server(settings: Settings, *, reuse_port: bool = False) -> Running:
         health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     holder.on_loaded = mark_serving
     server = grpc.server(
-        futures.ThreadPoolExecutor(
-            max_workers=settings.serve.max_workers, thread_name_prefix="grpc"
-        ),
+        StampedExecutor(max_workers=settings.serve.max_workers, thread_name_prefix="grpc"),
         interceptors=[
             CallInterceptor(
                 metrics,
