@@ -39,7 +39,7 @@ from multiprocessing.connection import Connection
 from nextbest.config import Settings
 from nextbest.errors import ModelError, NextbestError
 
-__all__ = ["process_count", "serve_processes"]
+__all__ = ["process_count", "serve_processes", "stop_on_signals"]
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +82,19 @@ def reserve_port(host: str, port: int) -> socket.socket:
         held.close()
         raise ModelError(f"cannot listen on {host}:{port} ({exc.strerror or exc})") from None
     return held
+
+
+def stop_on_signals() -> threading.Event:
+    """An event set by SIGTERM or SIGINT (logged: the server then drains its calls)."""
+    stop = threading.Event()
+
+    def on_signal(signum, frame) -> None:
+        logger.info("%s: draining calls in flight", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    return stop
 
 
 def _die_with_parent() -> None:
@@ -224,14 +237,7 @@ def serve_processes(settings: Settings, count: int, log_level: int) -> int:
     )
     supervisor = _Supervisor(child_settings, count, log_level)
     supervisor.metrics_dir = metrics_dir
-    stop = threading.Event()
-
-    def on_signal(signum, frame) -> None:
-        logger.info("%s: draining calls in flight", signal.Signals(signum).name)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    stop = stop_on_signals()
     http = None
     try:
         supervisor.children = [supervisor.start_child() for _ in range(count)]

@@ -22,7 +22,6 @@ import logging
 import os
 import queue
 import re
-import signal
 import sys
 import threading
 import time
@@ -47,7 +46,7 @@ from nextbest.errors import ConfigError, InvalidRequest, ModelError, NotFound
 from nextbest.logs import call_context, hash_customer_id
 from nextbest.metrics import Metrics
 from nextbest.policy import BEHAVIORAL_EVENTS
-from nextbest.processes import process_count, serve_processes
+from nextbest.processes import process_count, serve_processes, stop_on_signals
 from nextbest.service import (
     DEFAULT_LIMIT,
     MAX_LIMIT,
@@ -1322,14 +1321,7 @@ def serve(settings: Settings) -> int:
     if limit_malloc_arenas():
         logger.info("glibc malloc arenas capped at 2 (set MALLOC_ARENA_MAX to choose otherwise)")
     running = create_server(settings)
-    stop = threading.Event()
-
-    def on_signal(signum, frame) -> None:
-        logger.info("%s: draining calls in flight", signal.Signals(signum).name)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    stop = stop_on_signals()
     print(f"nextbest serving on {settings.serve.host}:{running.port}", flush=True)
     stop.wait()
     running.stop(settings.serve.grace_s)
