@@ -754,6 +754,7 @@ def cmd_token(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from nextbest.logs import configure_logging, set_hash_key
+    from nextbest.processes import process_count, serve_processes
     from nextbest.server import serve
 
     settings = _settings(args)
@@ -768,6 +769,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = settings.with_overrides("serve", **{k: v for k, v in given.items() if v is not None})
     configure_logging(settings.serve.log_format, logging.getLogger().level)
     set_hash_key(settings.serve.log_hash_key)
+    count = process_count(settings)
+    if count > 1:  # a supervisor of `count` server processes on one port
+        return serve_processes(settings, count, logging.getLogger().level)
     return serve(settings)
 
 

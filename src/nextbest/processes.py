@@ -39,7 +39,7 @@ from multiprocessing.connection import Connection
 from nextbest.config import Settings
 from nextbest.errors import ModelError, NextbestError
 
-__all__ = ["process_count", "serve_processes", "stop_on_signals"]
+__all__ = ["process_count", "serve_processes"]
 
 logger = logging.getLogger(__name__)
 
@@ -82,19 +82,6 @@ def reserve_port(host: str, port: int) -> socket.socket:
         held.close()
         raise ModelError(f"cannot listen on {host}:{port} ({exc.strerror or exc})") from None
     return held
-
-
-def stop_on_signals() -> threading.Event:
-    """An event set by SIGTERM or SIGINT (logged: the server then drains its calls)."""
-    stop = threading.Event()
-
-    def on_signal(signum, frame) -> None:
-        logger.info("%s: draining calls in flight", signal.Signals(signum).name)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    return stop
 
 
 def _die_with_parent() -> None:
@@ -218,7 +205,7 @@ class _Supervisor:
 def serve_processes(settings: Settings, count: int, log_level: int) -> int:
     """Run `count` server processes on `serve.port` until SIGTERM / SIGINT (see the module)."""
     from nextbest.metrics import serve_multiprocess_http
-    from nextbest.server import credentials
+    from nextbest.server import credentials, stop_on_signals
     from nextbest.store.consent_store import open_store
 
     serve = settings.serve

@@ -22,6 +22,7 @@ import logging
 import os
 import queue
 import re
+import signal
 import sys
 import threading
 import time
@@ -46,7 +47,6 @@ from nextbest.errors import ConfigError, InvalidRequest, ModelError, NotFound
 from nextbest.logs import call_context, hash_customer_id
 from nextbest.metrics import Metrics
 from nextbest.policy import BEHAVIORAL_EVENTS
-from nextbest.processes import process_count, serve_processes, stop_on_signals
 from nextbest.service import (
     DEFAULT_LIMIT,
     MAX_LIMIT,
@@ -1312,12 +1312,22 @@ def trim_malloc() -> None:
         libc.malloc_trim(0)
 
 
+def stop_on_signals() -> threading.Event:
+    """An event set by SIGTERM or SIGINT (logged: the server then drains its calls)."""
+    stop = threading.Event()
+
+    def on_signal(signum, frame) -> None:
+        logger.info("%s: draining calls in flight", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    return stop
+
+
 def serve(settings: Settings) -> int:
-    """Run until SIGTERM or SIGINT, then drain calls in flight for up to `serve.grace_s`; with
-    `serve.processes` other than 1, as that many processes on one port (`processes.py`)."""
-    count = process_count(settings)
-    if count > 1:
-        return serve_processes(settings, count, logging.getLogger().level)
+    """One server process until SIGTERM or SIGINT, then drain calls in flight for up to
+    `serve.grace_s` (`processes.serve_processes` runs several)."""
     if limit_malloc_arenas():
         logger.info("glibc malloc arenas capped at 2 (set MALLOC_ARENA_MAX to choose otherwise)")
     running = create_server(settings)
