@@ -47,6 +47,7 @@ class Admission:
         self._service_ms: dict[str, float] = {}
         self._lock = threading.Lock()
         self._waiting = 0
+        self._running = 0
 
     def service_ms(self, method: str) -> float:
         """The method's recent service time (0 before its first call)."""
@@ -66,7 +67,11 @@ class Admission:
                 f"about {need:.1f} ms: refused before any work",
             )
         wait_ms = self.max_queue_ms - queued_ms
-        if wait_ms <= 0:
+        # A long wait for a worker counts only while every slot is taken (a busy server); with a
+        # free slot it was a pause of the process (garbage collection), not load: go ahead.
+        if wait_ms <= 0 and self._running < self.max_running:
+            wait_ms = 0.0
+        elif wait_ms <= 0:
             pushback = max(int(self.max_queue_ms), int(queued_ms), 1)
             return Decision(
                 False,
@@ -82,7 +87,13 @@ class Admission:
         with self._lock:
             self._waiting += 1
         try:
-            if self._slots.acquire(timeout=wait_ms / 1000.0):
+            if (
+                self._slots.acquire(timeout=wait_ms / 1000.0)
+                if wait_ms > 0
+                else self._slots.acquire(blocking=False)
+            ):
+                with self._lock:
+                    self._running += 1
                 return Decision(True, queued_ms=(time.perf_counter() - t0) * 1000.0)
             waiting = self._waiting
         finally:
@@ -107,6 +118,7 @@ class Admission:
         with self._lock:
             old = self._service_ms.get(method)
             self._service_ms[method] = ms if old is None else old + EWMA_WEIGHT * (ms - old)
+            self._running -= 1
         self._slots.release()
 
 
