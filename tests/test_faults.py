@@ -615,8 +615,13 @@ def _code(call, request) -> tuple[grpc.StatusCode, str, float]:
     return grpc.StatusCode.OK, "", time.perf_counter() - started
 
 
-def test_store_outage_fails_closed_and_recovers_without_a_restart(own, proxied_store, serving):
+def test_store_outage_fails_closed_and_recovers_without_a_restart(
+    own, proxied_store, serving, monkeypatch
+):
     proxy, url = proxied_store
+    # Twelve calls side by side below, each waiting on the store: admission control would refuse
+    # some (tests/test_admission.py covers that); here they must all run.
+    monkeypatch.setenv("NEXTBEST_SERVE__MAX_RUNNING_CALLS", "16")
     server = serving(own, url)
     customers = [f"c{k:03d}" for k in range(2, 40)]
     content = pb.ScoreContentRequest(
