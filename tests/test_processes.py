@@ -187,3 +187,89 @@ def test_bad_process_count_is_a_one_line_error():
     assert done.returncode == 2
     assert "serve.processes must be >= 0" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def client_config(folder: Path, name: str, token: str) -> None:
+    """The folder's config with one client holding `token` (plaintext, tokens still needed)."""
+    from nextbest.auth import token_sha256
+
+    base = (folder / "nextbest.toml").read_text().split("[[serve.clients]]")[0]
+    (folder / "nextbest.toml").write_text(
+        base
+        + f'[[serve.clients]]\nname = "{name}"\ntoken_sha256 = "{token_sha256(token)}"\n'
+        + 'roles = ["recommend"]\n'
+    )
+
+
+def test_sighup_rotates_tokens_in_every_process_without_dropping_a_call(own):
+    from nextbest.auth import new_token
+
+    old, new = new_token(), new_token()
+    client_config(own, "web-old", old)
+    server = Supervised(own)
+
+    def call(token: str, customer: str = "c003"):
+        options = [("grpc.use_local_subchannel_pool", 1)]
+        with grpc.insecure_channel(server.address, options=options) as channel:
+            return rpb.RecommenderStub(channel).RecommendProducts(
+                pb.RecommendProductsRequest(customer_id=customer),
+                metadata=(("authorization", f"Bearer {token}"),),
+                timeout=10,
+            )
+
+    def refused(token: str) -> bool:
+        try:
+            call(token)
+        except grpc.RpcError as exc:
+            return exc.code() == grpc.StatusCode.UNAUTHENTICATED
+        return False
+
+    try:
+        assert all(call(old).personalized for _ in range(10))
+        assert refused(new)
+        # A stream opened with the old token before the rotation...
+        options = [("grpc.use_local_subchannel_pool", 1)]
+        channel = grpc.insecure_channel(server.address, options=options)
+        slow = threading.Event()
+
+        def requests():
+            for k in range(30):
+                yield pb.RecommendProductsRequest(customer_id=f"c{k % 40 + 2:03d}")
+                if k == 5:
+                    slow.wait(10)
+
+        stream = rpb.RecommenderStub(channel).StreamRecommendations(
+            requests(), metadata=(("authorization", f"Bearer {old}"),), timeout=60
+        )
+        first = next(stream)
+        client_config(own, "web-new", new)
+        server.proc.send_signal(signal.SIGHUP)
+        wait_for(
+            lambda: (
+                sum("SIGHUP: 1 clients (web-new)" in x.get("msg", "") for x in server.lines)
+                == PROCESSES
+            ),
+            20,
+            "every process to reload",
+        )
+        # ...finishes after it: calls in flight keep the verdict they started with.
+        slow.set()
+        assert len([first, *stream]) == 30
+        channel.close()
+        for _ in range(10):  # fresh connections reach both processes
+            assert refused(old)
+            assert call(new).personalized
+        # A config that does not load changes nothing.
+        (own / "nextbest.toml").write_text("[serve\\nbroken")
+        server.proc.send_signal(signal.SIGHUP)
+        wait_for(
+            lambda: (
+                sum("the clients stay as they were" in x.get("msg", "") for x in server.lines)
+                == PROCESSES
+            ),
+            20,
+            "the refusal",
+        )
+        assert call(new).personalized
+    finally:
+        server.close()

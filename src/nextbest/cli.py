@@ -770,9 +770,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     configure_logging(settings.serve.log_format, logging.getLogger().level)
     set_hash_key(settings.serve.log_hash_key)
     count = process_count(settings)
+    config = getattr(args, "config", None)
     if count > 1:  # a supervisor of `count` server processes on one port
-        return serve_processes(settings, count, logging.getLogger().level)
-    return serve(settings)
+        return serve_processes(settings, count, logging.getLogger().level, config)
+    return serve(settings, config)
 
 
 def cmd_consent(args: argparse.Namespace) -> int:

@@ -18,6 +18,7 @@ One Python process answers on one core at a time (the GIL), whatever its thread 
   that fails while starting stops the whole server with its error. Children die with the
   supervisor (Linux `PR_SET_PDEATHSIG`), so a `kill -9` of the server leaves nothing behind.
 - Log lines carry the child's `pid`; the customer-id hash key is shared by all children.
+- SIGHUP is passed on: every child reads its clients (tokens, roles) again from the config.
 """
 
 from __future__ import annotations
@@ -104,11 +105,13 @@ def _tell(conn: Connection, message: tuple) -> None:
         conn.close()
 
 
-def _child_main(settings: Settings, log_level: int, conn: Connection) -> None:
+def _child_main(
+    settings: Settings, log_level: int, conn: Connection, config_path: str | None
+) -> None:
     """One server process: start, report ready (or the error), serve until SIGTERM, drain."""
     _die_with_parent()
     from nextbest.logs import configure_logging, set_hash_key
-    from nextbest.server import create_server, limit_malloc_arenas
+    from nextbest.server import create_server, limit_malloc_arenas, reload_on_sighup
 
     configure_logging(settings.serve.log_format, log_level)
     set_hash_key(settings.serve.log_hash_key)
@@ -121,6 +124,7 @@ def _child_main(settings: Settings, log_level: int, conn: Connection) -> None:
     except NextbestError as exc:
         _tell(conn, ("error", str(exc)))
         raise SystemExit(2) from None
+    reload_on_sighup(running, config_path)
     _tell(conn, ("ready", os.getpid()))
     stop.wait()
     running.stop(settings.serve.grace_s)
@@ -133,8 +137,9 @@ class _Child:
 
 
 class _Supervisor:
-    def __init__(self, settings: Settings, count: int, log_level: int):
+    def __init__(self, settings: Settings, count: int, log_level: int, config_path: str | None):
         self.settings = settings
+        self.config_path = config_path
         self.count = count
         self.log_level = log_level
         self.context = multiprocessing.get_context("spawn")
@@ -145,7 +150,7 @@ class _Supervisor:
         ours, theirs = self.context.Pipe(duplex=False)
         process = self.context.Process(
             target=_child_main,
-            args=(self.settings, self.log_level, theirs),
+            args=(self.settings, self.log_level, theirs, self.config_path),
             name="nextbest-serve",
             daemon=False,
         )
@@ -168,6 +173,11 @@ class _Supervisor:
         if kind == "error":
             child.process.join()
             raise ModelError(detail)
+
+    def forward(self, signum: int) -> None:
+        for child in self.children:
+            if child.process.is_alive():
+                os.kill(child.process.pid, signum)
 
     def stop_children(self, grace: float) -> None:
         for child in self.children:
@@ -202,7 +212,9 @@ class _Supervisor:
             self.children[k] = fresh
 
 
-def serve_processes(settings: Settings, count: int, log_level: int) -> int:
+def serve_processes(
+    settings: Settings, count: int, log_level: int, config_path: str | None = None
+) -> int:
     """Run `count` server processes on `serve.port` until SIGTERM / SIGINT (see the module)."""
     from nextbest.metrics import serve_multiprocess_http
     from nextbest.server import credentials, stop_on_signals
@@ -222,9 +234,11 @@ def serve_processes(settings: Settings, count: int, log_level: int) -> int:
         processes=1,
         log_hash_key=serve.log_hash_key or secrets.token_hex(32),
     )
-    supervisor = _Supervisor(child_settings, count, log_level)
+    supervisor = _Supervisor(child_settings, count, log_level, config_path)
     supervisor.metrics_dir = metrics_dir
     stop = stop_on_signals()
+    # SIGHUP: every process reads its clients again.
+    signal.signal(signal.SIGHUP, lambda signum, frame: supervisor.forward(signal.SIGHUP))
     http = None
     try:
         supervisor.children = [supervisor.start_child() for _ in range(count)]

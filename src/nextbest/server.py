@@ -1122,6 +1122,31 @@ class Running:
     metrics: Metrics
     metrics_port: int
     """-1 when metrics are off."""
+    calls: CallInterceptor | None = None
+
+    def reload_clients(self, config_path: str | None) -> bool:
+        """Read `[[serve.clients]]` again from the config (and NEXTBEST_ variables) and use it
+        from the next call on; calls in flight keep the verdict they started with. A config
+        that does not load, or that leaves a TLS server without clients, is refused (logged)
+        and the old clients stay. Only the clients change: other settings need a restart."""
+        from nextbest.config import load_settings
+
+        try:
+            fresh = load_settings(config_path)
+        except ConfigError as exc:
+            logger.error("SIGHUP: %s; the clients stay as they were", exc)
+            return False
+        insecure = self.holder.settings.serve.insecure
+        if not insecure and not fresh.serve.clients:
+            logger.error("SIGHUP: the config lists no [[serve.clients]]; the clients stay")
+            return False
+        self.calls.gate = Gate(fresh.serve.clients)
+        logger.info(
+            "SIGHUP: %d clients (%s)",
+            len(fresh.serve.clients),
+            ", ".join(c.name for c in fresh.serve.clients) or "none",
+        )
+        return True
 
     def stop(self, grace: float | None = None) -> None:
         """Mark NOT_SERVING, let calls in flight finish for up to `grace` s, stop watching."""
@@ -1200,16 +1225,15 @@ def create_server(settings: Settings, *, reuse_port: bool = False) -> Running:
     for name in ("", *SERVICE_NAMES):
         health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     holder.on_loaded = mark_serving
+    calls = CallInterceptor(
+        metrics,
+        Gate(settings.serve.clients),
+        settings.serve.max_concurrent_streams,
+        Admission(settings.serve.max_running_calls, settings.serve.max_queue_ms),
+    )
     server = grpc.server(
         StampedExecutor(max_workers=settings.serve.max_workers, thread_name_prefix="grpc"),
-        interceptors=[
-            CallInterceptor(
-                metrics,
-                Gate(settings.serve.clients),
-                settings.serve.max_concurrent_streams,
-                Admission(settings.serve.max_running_calls, settings.serve.max_queue_ms),
-            )
-        ],
+        interceptors=[calls],
         options=[
             ("grpc.max_receive_message_length", settings.serve.max_message_bytes),
             ("grpc.max_send_message_length", settings.serve.max_message_bytes),
@@ -1274,6 +1298,7 @@ def create_server(settings: Settings, *, reuse_port: bool = False) -> Running:
         impressions=impressions,
         metrics=metrics,
         metrics_port=metrics_port,
+        calls=calls,
     )
 
 
@@ -1325,12 +1350,19 @@ def stop_on_signals() -> threading.Event:
     return stop
 
 
-def serve(settings: Settings) -> int:
+def reload_on_sighup(running: Running, config_path: str | None) -> None:
+    """SIGHUP: read the clients (tokens, roles) again (`Running.reload_clients`)."""
+    signal.signal(signal.SIGHUP, lambda signum, frame: running.reload_clients(config_path))
+
+
+def serve(settings: Settings, config_path: str | None = None) -> int:
     """One server process until SIGTERM or SIGINT, then drain calls in flight for up to
-    `serve.grace_s` (`processes.serve_processes` runs several)."""
+    `serve.grace_s` (`processes.serve_processes` runs several); SIGHUP reloads the clients
+    from `config_path`."""
     if limit_malloc_arenas():
         logger.info("glibc malloc arenas capped at 2 (set MALLOC_ARENA_MAX to choose otherwise)")
     running = create_server(settings)
+    reload_on_sighup(running, config_path)
     stop = stop_on_signals()
     print(f"nextbest serving on {settings.serve.host}:{running.port}", flush=True)
     stop.wait()
