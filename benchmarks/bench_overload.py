@@ -38,6 +38,7 @@ from bench_serve import (  # noqa: E402
     ServerProcess,
     channel,
     ensure_model,
+    fresh_store,
     load_cell,
     machine,
     serve_command,
@@ -215,7 +216,9 @@ def main() -> int:
     order = [known[i] for i in np.random.default_rng(7).permutation(len(known))]
     requests = [pb.RecommendProductsRequest(customer_id=c) for c in order]
     cmd, _ = serve_command(config, models_dir)
+    fresh_store(models_dir)
     shipped = run_config("shipped", cmd, None, work, requests, None, args)
+    fresh_store(models_dir)  # the same empty store for the second server
     off = run_config("off", cmd, OFF, work, requests, shipped["rates"], args)
     results = {
         "shipped": shipped,

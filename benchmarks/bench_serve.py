@@ -168,6 +168,13 @@ def nextbest_cli() -> list[str]:
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "nextbest.cli"]
 
 
+def fresh_store(models_dir: Path) -> None:
+    """Start a run with an empty store beside the model: impressions recorded by earlier runs
+    (a million after a few) would make every call's fatigue read slower from run to run."""
+    for path in models_dir.parent.glob("store.db*"):
+        path.unlink()
+
+
 def serve_command(config: Path, models_dir: Path) -> tuple[list[str], str]:
     """`nextbest serve` on the benchmark model, with its own consent store beside it."""
     store = f"sqlite:///{(models_dir.parent / 'store.db').resolve()}"
@@ -723,6 +730,7 @@ def main() -> int:
     config.write_text(CONFIG)
     models_dir = work / "models"
     ensure_model(args, config, models_dir)
+    fresh_store(models_dir)
     workers = load_settings(config).serve.max_workers
 
     bundle = load_bundle(models_dir)
