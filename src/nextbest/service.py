@@ -34,7 +34,7 @@ from nextbest.config import Settings, clock_day
 from nextbest.data.interactions import to_days
 from nextbest.errors import InvalidRequest, ModelError, NotFound
 from nextbest.lifecycle.actions import ACTIONS, Situation, decide
-from nextbest.lifecycle.model import CustomerState
+from nextbest.lifecycle.model import CustomerState, purchases_of
 from nextbest.lifecycle.stages import STAGES
 from nextbest.policy import ConsentState
 from nextbest.scoring import (
@@ -425,6 +425,14 @@ class ServedModel:
         order = np.argsort(np.asarray(content.column("content_id").to_pylist(), dtype=str))
         self.content = content.take(pa.array(order, pa.int64())) if content.num_rows else content
         self.content_ids = np.asarray(self.content.column("content_id").to_pylist(), dtype=str)
+        self.content_by_product: dict[str, list[str]] = {}
+        """Product id → ids of the content linked to it (NextBestAction's care)."""
+        if self.content.num_rows:
+            lists = self.content.column("product_ids")
+            flat = pc.list_flatten(lists).to_numpy(zero_copy_only=False)
+            parents = pc.list_parent_indices(lists).to_numpy(zero_copy_only=False)
+            for product, row in sorted(set(zip(flat.tolist(), parents.tolist(), strict=True))):
+                self.content_by_product.setdefault(product, []).append(str(self.content_ids[row]))
         buyers = b.repeat.item_recent_buyers.astype(np.float64)
         if buyers.max(initial=0) <= 0:
             buyers = b.repeat.item_buyers.astype(np.float64)
@@ -996,36 +1004,36 @@ class ServedModel:
         """The lifecycle state of one customer now (their training history plus the purchases
         recorded since), or (None, why not): no_consent, erased, consent_unavailable (fail
         closed), no_lifecycle_model, or unknown_customer (no purchase known)."""
+        state, why, _ = self._state_and_consent(customer_id)
+        return state, why
+
+    def _state_and_consent(self, customer_id: str) -> tuple[CustomerState | None, str, bool]:
+        """`customer_state` and whether the customer gave sensitive consent (one store read)."""
         try:
-            personal, _, why, _ = self.consent_details([customer_id])
+            personal, sensitive, why, _ = self.consent_details([customer_id])
             table = self.events([customer_id]) if self.events is not None else None
         except StoreError as exc:
             _outage.failed("lifecycle requests", 1, exc)
-            return None, CONSENT_UNAVAILABLE
+            return None, CONSENT_UNAVAILABLE, False
         _outage.ok()
         if not personal[0]:
-            return None, why[0] or "no_consent"
+            return None, why[0] or "no_consent", False
         lifecycle = self.lifecycle
         if lifecycle is None:
-            return None, "no_lifecycle_model"
+            return None, "no_lifecycle_model", bool(sensitive[0])
         days, values = np.zeros(0), np.zeros(0)
         if table is not None and table.num_rows:
-            table = table.filter(pc.equal(table.column("event_type"), "purchase"))
-            days = to_days(table.column("timestamp"))
+            _, days, values = purchases_of(table)
             since = days > self.bundle.reference_day  # the rest trained the model
-            table, days = table.filter(pa.array(since)), days[since]
-            values = (
-                table.column("value").to_numpy(zero_copy_only=False).astype(float)
-                if "value" in table.column_names
-                else np.full(len(days), np.nan)
-            )
+            days, values = days[since], values[since]
         row = int(self.bundle.user_index(np.asarray([customer_id], dtype=str))[0])
         state = lifecycle.state(row, days, values, self.now_day())
-        return (state, "") if state is not None else (None, "unknown_customer")
+        why = "" if state is not None else "unknown_customer"
+        return state, why, bool(sensitive[0])
 
     def next_best_action(self, customer_id: str, channel: str, limit: int) -> ActionAnswer:
         """One action for the customer (see `lifecycle.actions.decide`) with its payload."""
-        state, why = self.customer_state(customer_id)
+        state, why, sensitive_ok = self._state_and_consent(customer_id)
         base = ProductQuery(customer_id=customer_id, limit=limit, channel=channel)
         b = self.bundle
         user = int(b.user_index(np.asarray([customer_id], dtype=str))[0])
@@ -1038,12 +1046,11 @@ class ServedModel:
             if plain.personalized:
                 due = self._due(user, [i.product_id for i in plain.items if i.product_id in bought])
                 fresh = [i for i in plain.items if i.product_id not in bought]
-        valuable, durable, sensitive_ok = False, -1, False
+        valuable, durable = False, -1
         if state is not None and user >= 0:
-            (_, (sensitive_ok,), _, _) = self.consent_details([customer_id])
             value = self.lifecycle.summary.value
             valuable = bool(value[user] > 0 and value[user] >= self._valuable_from)
-            durable = self._recent_durable(user, bool(sensitive_ok))
+            durable = self._recent_durable(user, sensitive_ok)
         situation = Situation(
             state=state,
             why_not=why,
@@ -1057,7 +1064,7 @@ class ServedModel:
         action, reasons = decide(situation, self.settings.lifecycle.care_days)
         products, items, content = None, (), ()
         if action == "welcome" and state is not None:
-            products = self.action_products(base, user, bool(sensitive_ok), action)
+            products = self.action_products(base, user, sensitive_ok, action)
             items = tuple(products.items)
         elif action in ("welcome", "win_back", "replenish", "cross_sell"):
             products = plain
@@ -1192,13 +1199,7 @@ class ServedModel:
 
     def _content_about(self, product_id: str) -> list[str]:
         """Ids of the snapshot's content linked to `product_id`."""
-        if not self.content.num_rows:
-            return []
-        lists = self.content.column("product_ids")
-        flat = pc.list_flatten(lists).to_numpy(zero_copy_only=False)
-        parents = pc.list_parent_indices(lists).to_numpy(zero_copy_only=False)
-        rows = np.unique(parents[flat == product_id])
-        return [str(self.content_ids[r]) for r in rows.tolist()]
+        return self.content_by_product.get(product_id, [])
 
     def similar(
         self, product_ids: list[str], limit: int, customer_id: str = ""

@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from nextbest.config import LifecycleSettings
+from nextbest.data.interactions import to_days
 from nextbest.lifecycle.risk import RiskModel, fit_risk
 from nextbest.lifecycle.stages import STAGES, stage_of, stage_reason
 from nextbest.lifecycle.summary import Summary, summarise
@@ -26,16 +27,15 @@ __all__ = ["CustomerState", "LifecycleModel", "fit_lifecycle", "purchases_of"]
 
 logger = logging.getLogger(__name__)
 
-DAY_US = 86_400_000_000
 SUMMARY_FIELDS = ("first", "last", "days", "value", "recent_30", "recent_90", "gap_cv")
 
 
 def purchases_of(events: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(customer ids, day as float days since the epoch, value or NaN) of the purchase events."""
+    """(customer ids, time as float days since the epoch, value or NaN) of the purchase events
+    (the summaries count whole days)."""
     purchases = events.filter(pc.equal(events["event_type"], "purchase"))
     customers = purchases["customer_id"].to_numpy(zero_copy_only=False).astype(str)
-    micros = purchases["timestamp"].cast(pa.int64()).to_numpy(zero_copy_only=False)
-    days = np.floor(micros / DAY_US)
+    days = to_days(purchases["timestamp"])
     if "value" in purchases.column_names:
         values = purchases["value"].to_numpy(zero_copy_only=False).astype(float)
     else:
