@@ -657,9 +657,7 @@ class LifecycleService(lifecycle_pb2_grpc.LifecycleServicer):
         limit, channel = _limit(request), _CHANNELS[request.channel]
         model = self.holder.current
         answer = model.next_best_action(customer_id, channel, limit)
-        if answer.products is not None and answer.items:  # what is shown counts for fatigue
-            shown = dataclasses.replace(answer.products, items=list(answer.items))
-            self.impressions.add([shown], [channel])
+        self._record_shown(answer, channel)
         reply = lifecycle_pb2.NextBestActionResponse(
             customer_id=customer_id,
             action=_ACTIONS[answer.action],
@@ -675,6 +673,12 @@ class LifecycleService(lifecycle_pb2_grpc.LifecycleServicer):
                 _state_pb(customer_id, model, answer.state, answer.not_personalized_reason)
             )
         return reply
+
+    def _record_shown(self, answer, channel: str) -> None:
+        """The products an action shows count as impressions (fatigue), as RecommendProducts'."""
+        if answer.products is not None and answer.items:
+            shown = dataclasses.replace(answer.products, items=list(answer.items))
+            self.impressions.add([shown], [channel])
 
     def StreamAudience(self, request, context):
         stage = _STAGE_NAMES.get(request.stage, "")
@@ -699,9 +703,7 @@ class LifecycleService(lifecycle_pb2_grpc.LifecycleServicer):
         except (InvalidRequest, NotFound, NoModel, ModelError, StoreError) as exc:
             context.abort(*_status_of(exc))
         for answer in members:
-            if answer.products is not None and answer.items:
-                shown = dataclasses.replace(answer.products, items=list(answer.items))
-                self.impressions.add([shown], [channel])
+            self._record_shown(answer, channel)
             yield _audience_member(answer.customer_id, model, answer)
 
 
