@@ -43,8 +43,8 @@ def evaluate_risk(
     horizon_days: float,
 ) -> dict:
     """AUC (churn = no purchase within `horizon_days` after `cutoff`) and calibration."""
-    model = fit_risk(customers, days, values, cutoff, horizon_days)
     at = summarise(customers, days, values, cutoff)
+    model = fit_risk(customers, days, values, cutoff, horizon_days, current=at)
     truth = churned(at, summarise(customers, days, values, cutoff + horizon_days))
     scores = {
         "recency": at.recency,

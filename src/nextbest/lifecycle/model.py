@@ -189,12 +189,12 @@ def fit_lifecycle(
     consent-gated) up to the model's newest day; None (logged) when the data cannot fit risk."""
     customers, days, values = purchases_of(events)
     now = float(np.floor(reference_day)) + 1.0
+    full = summarise(customers, days, values, now)
     try:
-        risk = fit_risk(customers, days, values, now, settings.horizon_days)
+        risk = fit_risk(customers, days, values, now, settings.horizon_days, current=full)
     except ValueError as exc:
         logger.warning("no lifecycle state in this model: %s", exc)
         return None
-    full = summarise(customers, days, values, now)
     rows = full.rows(np.asarray(user_ids).astype(str))
     have = rows >= 0
     pick = np.maximum(rows, 0)

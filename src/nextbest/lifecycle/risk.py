@@ -150,12 +150,14 @@ def fit_risk(
     *,
     holdout_share: float = 0.3,
     seed: int = 0,
+    current: Summary | None = None,
 ) -> RiskModel:
     """Fit both candidates on purchases before `now` and keep the better on validation.
 
     The time split: summaries at `now − horizon_days`, labels from `[now − horizon, now)`. A
     `holdout_share` of those customers (keyed hash, stable) validates; then the learned model is
-    refitted on all of them and BG/NBD on everything before `now`."""
+    refitted on all of them and BG/NBD on everything before `now`. `current`: the summary at
+    `now` when the caller has it already."""
     start = now - horizon_days
     past = summarise(customers, days, values, start)
     if len(past.customers) < 20:
@@ -163,7 +165,9 @@ def fit_risk(
             f"lifecycle: {len(past.customers)} customers bought before {horizon_days:g} days "
             "ahead of the data's end: too few to fit churn risk (lifecycle.horizon_days)"
         )
-    label = churned(past, summarise(customers, days, values, now))
+    if current is None:
+        current = summarise(customers, days, values, now)
+    label = churned(past, current)
     x = features(past)
     held = np.random.default_rng(seed).random(len(label)) < holdout_share
     validation: dict[str, float] = {}
@@ -180,8 +184,7 @@ def fit_risk(
     validation["recency"] = auc(past.recency[held], label[held])
     kind = "learned" if validation["learned"] >= validation["bgnbd"] else "bgnbd"
     mean, scale, coef, intercept = _logistic(x, label)
-    now_summary = summarise(customers, days, values, now)
-    bg = fit_bgnbd(now_summary.x, now_summary.t_x, now_summary.T)
+    bg = fit_bgnbd(current.x, current.t_x, current.T)
     return RiskModel(
         kind=kind,
         horizon_days=float(horizon_days),
