@@ -95,6 +95,17 @@ def write_csv(table: pa.Table, path: Path) -> Path:
     return path
 
 
+def answer_only(response):
+    """A copy of a RecommendProducts response without its attribution id (new for every answer),
+    for comparing two answers; asserts the id is set on a personalized answer."""
+    if response.personalized:
+        assert len(response.attribution_id) == 32
+    out = type(response)()
+    out.CopyFrom(response)
+    out.attribution_id = ""
+    return out
+
+
 @pytest.fixture
 def events_file(tmp_path: Path) -> Path:
     path = tmp_path / "events.parquet"

@@ -38,6 +38,7 @@ DATA_TABLES = (
     "nextbest_consent",
     "nextbest_consent_audit",
     "nextbest_events",
+    "nextbest_impressions",
     "nextbest_tombstones",
 )
 T0 = dt.datetime(2024, 3, 1, 12, 0, 0)
@@ -529,7 +530,7 @@ def test_open_store_sqlite_urls(tmp_path, monkeypatch) -> None:
         with s._read() as cur:
             assert cur.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
             assert cur.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
-            assert cur.execute("SELECT version FROM nextbest_schema_version").fetchall() == [(1,)]
+            assert cur.execute("SELECT version FROM nextbest_schema_version").fetchall() == [(2,)]
     with open_store("other.sqlite") as s:
         assert s.events().num_rows == 0
 
@@ -616,3 +617,47 @@ def test_impressions_count_until_the_customer_answers(store: Store) -> None:
     store.forget("c1", source="dsar")
     assert store.unanswered_impressions(["c1"], since=day(0)) == {}
     assert store.unanswered_impressions([], since=day(0)) == {}
+
+
+def test_impressions_keep_their_arm_rank_and_version(store: Store) -> None:
+    from nextbest.store.consent_store import Impression
+
+    rows = [
+        Impression("c1", "p1", "web", day(1), "exp", "served", "a" * 32, 1, "v1"),
+        Impression("c1", "p2", "web", day(1), "exp", "served", "a" * 32, 2, "v1"),
+        ("c2", "p1", "email", day(2)),  # the fields of earlier versions only
+    ]
+    assert store.record_impressions(rows) == 3
+    got = store.impressions()
+    assert got[:2] == rows[:2]
+    assert got[2] == Impression("c2", "p1", "email", day(2), "", "", "", 0, "")
+    assert store.impressions(["c2"]) == [got[2]]
+    assert store.impressions(since=day(1.5)) == [got[2]]
+    assert store.impressions([]) == []
+    store.forget("c1", source="dsar")
+    assert [i.customer_id for i in store.impressions()] == ["c2"]
+
+
+def test_a_version_1_store_is_migrated_in_place(store_url: str) -> None:
+    """A store created by the previous release (schema 1: impressions without the experiment
+    columns) gets the new columns at open, keeping its rows."""
+    with open_store(store_url) as s, s._write() as cur:
+        cur.execute("DROP TABLE nextbest_impressions")
+        cur.execute(
+            "CREATE TABLE nextbest_impressions (customer_id TEXT NOT NULL, product_id TEXT NOT "
+            "NULL, channel TEXT NOT NULL, shown_at "
+            + ("INTEGER" if store_url.startswith("sqlite") else "TIMESTAMP")
+            + " NOT NULL)"
+        )
+        cur.execute(
+            s._sql("INSERT INTO nextbest_impressions VALUES (?, ?, ?, ?)"),
+            ("c1", "p1", "web", s._ts(day(1))),
+        )
+        cur.execute("UPDATE nextbest_schema_version SET version = 1")
+    with open_store(store_url) as s:
+        with s._read() as cur:
+            cur.execute("SELECT version FROM nextbest_schema_version")
+            assert cur.fetchall() == [(2,)]
+        assert s.impressions() == [("c1", "p1", "web", day(1), "", "", "", 0, "")]
+        s.record_impressions([("c1", "p2", "web", day(2), "e", "v", "x", 1, "m")])
+        assert s.impressions()[1].variant == "v"

@@ -727,12 +727,45 @@ def build_parser() -> argparse.ArgumentParser:
     _add_consent_default(p)
     p.set_defaults(func=cmd_consent)
 
+    p = sub.add_parser("experiments", help="the A/B experiments: lift over the control")
+    exp = p.add_subparsers(dest="experiments_command", required=True)
+    q = exp.add_parser("report", help="per variant: customers, attributed purchases, lift, SRM")
+    q.add_argument("--config", help="nextbest.toml with the [[experiments]]")
+    q.add_argument("--store", help="store URL (default serve.store)")
+    q.add_argument("--json", action="store_true", help="print the report as JSON")
+    q.add_argument("--html", metavar="FILE", help="also write the report as an HTML page")
+    q.set_defaults(func=cmd_experiments_report)
+
     p = sub.add_parser("models", help="list, promote or roll back model versions")
     p.add_argument("action", choices=("list", "promote", "rollback"))
     p.add_argument("version", nargs="?", help="the version to promote")
     p.add_argument("--models-dir", default="models")
     p.set_defaults(func=cmd_models)
     return parser
+
+
+def cmd_experiments_report(args: argparse.Namespace) -> int:
+    from nextbest.experiments.html import experiments_section
+    from nextbest.experiments.report import report_json, report_lines, store_report
+    from nextbest.store.consent_store import open_store
+
+    settings = _settings(args)
+    with open_store(args.store or settings.serve.store) as store:
+        reports = store_report(settings, store)
+    if args.html:
+        page = (
+            "<!doctype html><html><head><meta charset='utf-8'><title>nextbest experiments"
+            f"</title></head><body>{experiments_section(reports)}</body></html>"
+        )
+        try:
+            Path(args.html).write_text(page)
+        except OSError as exc:
+            raise DataError(f"{args.html}: cannot write the report: {exc.strerror}") from None
+    if args.json:
+        print(json.dumps(report_json(reports), indent=2))
+    else:
+        print("\n".join(report_lines(reports)))
+    return 0
 
 
 def cmd_token(args: argparse.Namespace) -> int:
@@ -755,7 +788,7 @@ def cmd_token(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from nextbest.logs import configure_logging, set_hash_key
     from nextbest.processes import process_count, serve_processes
-    from nextbest.server import serve
+    from nextbest.server import check_experiments, serve
 
     settings = _settings(args)
     given = {
@@ -769,6 +802,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = settings.with_overrides("serve", **{k: v for k, v in given.items() if v is not None})
     configure_logging(settings.serve.log_format, logging.getLogger().level)
     set_hash_key(settings.serve.log_hash_key)
+    check_experiments(settings)
     count = process_count(settings)
     config = getattr(args, "config", None)
     if count > 1:  # a supervisor of `count` server processes on one port

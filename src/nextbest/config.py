@@ -27,6 +27,8 @@ __all__ = [
     "PolicySettings",
     "ServeSettings",
     "LifecycleSettings",
+    "Experiment",
+    "Variant",
     "Settings",
     "load_settings",
     "config_reference",
@@ -213,7 +215,9 @@ class ServeSettings:
     """What "now" is when judging repurchase timing and recency: `model` (the newest training
     event of the served model; right for historic data and daily retraining), `wall` (the
     server's clock) or a date `YYYY-MM-DD` (a fixed clock: replaying or checking historic data,
-    as `nextbest evaluate` does at its cutoff)."""
+    as `nextbest evaluate` does at its cutoff). `replay` (replays of history only, one process):
+    now is the newest event time recorded through this server (the model's newest event before
+    any), and impressions are stamped with it."""
     store: str = "sqlite:///nextbest-store.db"
     """The consent and event store: `sqlite:///path.db` (a file; the default, relative to the
     working directory) or `postgresql://user@host:port/db` for several servers sharing it."""
@@ -306,6 +310,53 @@ class LifecycleSettings:
     """NextBestAction: a durable bought this recently gets `care` (content about it)."""
 
 
+VARIANT_KEYS = {
+    "policy": ("min_value", "fatigue_impressions", "fatigue_days", "fatigue_demotion"),
+    "serve": ("durable_repeat_rate", "discovery_share", "content_half_life_days"),
+}
+"""What a variant may change. Consent and sensitivity are never varied: every variant keeps the
+same privacy rules."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Variant:
+    """One arm of an experiment (`[[experiments.variants]]`)."""
+
+    name: str
+    """Shown in answers, impressions and the report (letters, digits, `._-`)."""
+    share: float
+    """Share of the experiment's customers in this arm; the arms' shares sum to 1."""
+    control: bool = False
+    """The holdout: best sellers, no personalization, for consenting customers (what lift is
+    measured against)."""
+    model_version: str = ""
+    """A published model version to serve this arm ('' = the version being served)."""
+    policy: dict[str, float] = field(default_factory=dict)
+    """Overrides of [policy] for this arm: min_value, fatigue_impressions, fatigue_days,
+    fatigue_demotion."""
+    serve: dict[str, float] = field(default_factory=dict)
+    """Overrides of [serve] for this arm: durable_repeat_rate, discovery_share,
+    content_half_life_days."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Experiment:
+    """An A/B test (`[[experiments]]`): a share of the consenting customers split over variants
+    by a keyed hash of the customer id. A customer is in at most one experiment."""
+
+    name: str
+    """Unique; also the hash key unless `salt` is set (letters, digits, `._-`)."""
+    share: float = 1.0
+    """Share of all customers in this experiment; the experiments' shares sum to at most 1."""
+    attribution_days: float = 14.0
+    """A purchase of a product shown within this many days before it is attributed to the
+    showing."""
+    salt: str = ""
+    """Key of the assignment hash ('' = the name): change it to draw a new split."""
+    variants: tuple[Variant, ...] = ()
+    """Two or more arms."""
+
+
 @dataclass(frozen=True, kw_only=True)
 class Settings:
     """The settings root."""
@@ -315,6 +366,8 @@ class Settings:
     policy: PolicySettings = field(default_factory=PolicySettings)
     serve: ServeSettings = field(default_factory=ServeSettings)
     lifecycle: LifecycleSettings = field(default_factory=LifecycleSettings)
+    experiments: tuple[Experiment, ...] = ()
+    """`[[experiments]]` tables (not settable from the environment)."""
 
     def with_overrides(self, section: str, **values: object) -> Settings:
         """A copy with some values of one section replaced (validated like file values)."""
@@ -324,7 +377,8 @@ class Settings:
         return dataclasses.replace(self, **{section: _build(type(current), section, merged)})
 
 
-_SECTIONS = {f.name: f for f in dataclasses.fields(Settings)}
+_SECTIONS = {f.name: f for f in dataclasses.fields(Settings) if f.name != "experiments"}
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 def _coerce(value: object, hint: object, where: str) -> object:
@@ -393,6 +447,112 @@ def _client(value: dict, where: str) -> ClientToken:
     ):
         raise ConfigError(f"config: {where}.roles must be a non-empty list of {', '.join(ROLES)}")
     return ClientToken(name=name.strip(), token_sha256=digest, roles=tuple(roles))
+
+
+def _table(value: object, where: str, known: set[str]) -> dict:
+    if not isinstance(value, dict):
+        raise ConfigError(f"config: {where} must be a table")
+    unknown = set(value) - known
+    if unknown:
+        raise ConfigError(f"config: {where} has an unknown key {sorted(unknown)[0]}")
+    return value
+
+
+def _share(value: object, where: str, *, zero_ok: bool) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"config: {where} must be a number in (0, 1]")
+    if not (0.0 <= value <= 1.0) or (value == 0 and not zero_ok):
+        raise ConfigError(f"config: {where} must be in {'[0' if zero_ok else '(0'}, 1]")
+    return float(value)
+
+
+def _name(value: object, where: str) -> str:
+    if not isinstance(value, str) or not _NAME.fullmatch(value):
+        raise ConfigError(
+            f"config: {where} must be 1-64 letters, digits or ._- (starting with a letter or digit)"
+        )
+    return value
+
+
+def _variant(value: object, where: str, base: Settings) -> Variant:
+    v = _table(value, where, {f.name for f in dataclasses.fields(Variant)})
+    name = _name(v.get("name"), f"{where}.name")
+    overrides: dict[str, dict[str, float]] = {}
+    for section, allowed in VARIANT_KEYS.items():
+        given = _table(v.get(section, {}), f"{where}.{section}", set(allowed))
+        # Validated like the section's own keys; the error names the variant's key.
+        try:
+            base.with_overrides(section, **given)
+        except ConfigError as exc:
+            raise ConfigError(
+                str(exc).replace(f"config: {section}.", f"config: {where}.{section}.")
+            ) from None
+        overrides[section] = {k: float(x) for k, x in given.items()}
+    control = v.get("control", False)
+    if not isinstance(control, bool):
+        raise ConfigError(f"config: {where}.control must be true or false")
+    version = v.get("model_version", "")
+    if not isinstance(version, str):
+        raise ConfigError(f"config: {where}.model_version must be a model version string")
+    if control and (version or any(overrides.values())):
+        raise ConfigError(
+            f"config: {where} is the control (best sellers): it takes no model_version, policy "
+            "or serve"
+        )
+    return Variant(
+        name=name,
+        share=_share(v.get("share"), f"{where}.share", zero_ok=True),
+        control=control,
+        model_version=version,
+        **overrides,
+    )
+
+
+def _experiments(value: object, base: Settings) -> tuple[Experiment, ...]:
+    if not isinstance(value, list):
+        raise ConfigError("config: experiments must be [[experiments]] tables")
+    out = []
+    for k, raw in enumerate(value):
+        where = f"experiments[{k}]"
+        e = _table(raw, where, {f.name for f in dataclasses.fields(Experiment)})
+        variants_raw = e.get("variants", [])
+        if not isinstance(variants_raw, list) or len(variants_raw) < 2:
+            raise ConfigError(
+                f"config: {where}.variants needs two or more [[experiments.variants]] tables"
+            )
+        variants = tuple(
+            _variant(v, f"{where}.variants[{j}]", base) for j, v in enumerate(variants_raw)
+        )
+        names = [v.name for v in variants]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"config: {where}.variants has two variants with one name")
+        total = sum(v.share for v in variants)
+        if abs(total - 1.0) > 1e-6:
+            raise ConfigError(f"config: {where}.variants shares sum to {total:g}, not 1")
+        if sum(v.control for v in variants) > 1:
+            raise ConfigError(f"config: {where}.variants has more than one control")
+        days = e.get("attribution_days", 14.0)
+        if isinstance(days, bool) or not isinstance(days, int | float) or not 0 < days <= 365:
+            raise ConfigError(f"config: {where}.attribution_days must be in (0, 365]")
+        salt = e.get("salt", "")
+        if not isinstance(salt, str):
+            raise ConfigError(f"config: {where}.salt must be a string")
+        out.append(
+            Experiment(
+                name=_name(e.get("name"), f"{where}.name"),
+                share=_share(e.get("share", 1.0), f"{where}.share", zero_ok=False),
+                attribution_days=float(days),
+                salt=salt,
+                variants=variants,
+            )
+        )
+    names = [e.name for e in out]
+    if len(set(names)) != len(names):
+        raise ConfigError("config: experiments has two experiments with one name")
+    total = sum(e.share for e in out)
+    if total > 1.0 + 1e-6:
+        raise ConfigError(f"config: experiments shares sum to {total:g}, more than 1")
+    return tuple(out)
 
 
 def _build(cls: type, section: str, values: dict[str, object]) -> object:
@@ -483,9 +643,9 @@ def _validate(section: str, s: object) -> None:
         need(0.0 <= s.durable_repeat_rate <= 1.0, "durable_repeat_rate", "must be in [0, 1]")
         need(0.0 <= s.discovery_share <= 1.0, "discovery_share", "must be in [0, 1]")
         need(
-            s.clock in ("model", "wall") or clock_day(s.clock) is not None,
+            s.clock in ("model", "wall", "replay") or clock_day(s.clock) is not None,
             "clock",
-            "must be model, wall or a date YYYY-MM-DD",
+            "must be model, wall, replay or a date YYYY-MM-DD",
         )
         need(s.processes >= 0, "processes", "must be >= 0 (0 = one per core)")
         need(s.max_workers >= 1, "max_workers", "must be >= 1")
@@ -538,6 +698,15 @@ def config_reference() -> str:
     client_docs = docs["ClientToken"]
     out += ["**[[serve.clients]]** " + ClientToken.__doc__, ""]
     out += [f"- `{name}`: {text}" for name, text in client_docs.items()]
+    for cls in (Experiment, Variant):
+        table = "experiments" if cls is Experiment else "experiments.variants"
+        out += ["", f"**[[{table}]]** " + str(cls.__doc__), ""]
+        for key in dataclasses.fields(cls):
+            default = "required" if key.default is dataclasses.MISSING else key.default
+            if key.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+                default = key.default_factory()  # type: ignore[misc]
+            shown = json.dumps(list(default) if isinstance(default, tuple) else default)
+            out.append(f"- `{key.name}` (`{shown}`): {docs[cls.__name__].get(key.name, '')}")
     return "\n".join(out) + "\n"
 
 
@@ -585,6 +754,7 @@ def load_settings(
             raise ConfigError(f"config: file {path} not found") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config: {path} is not valid TOML: {exc}") from None
+    experiments = raw.pop("experiments", [])
     for key in raw:
         if key not in _SECTIONS:
             raise ConfigError(f"config: unknown section [{key}] in {path}")
@@ -602,7 +772,10 @@ def load_settings(
     for name in _SECTIONS:
         cls = typing.get_type_hints(Settings)[name]
         sections[name] = _build(cls, name, dict(raw.get(name, {})))
-    return Settings(**sections)
+    settings = Settings(**sections)
+    if experiments:
+        settings = dataclasses.replace(settings, experiments=_experiments(experiments, settings))
+    return settings
 
 
 if __name__ == "__main__":  # `make docs`

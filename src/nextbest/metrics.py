@@ -49,6 +49,19 @@ class Metrics:
             registry=r,
         )
         self.erasures = Counter("nextbest_erasures", "Customers forgotten", registry=r)
+        self.experiment_impressions = Counter(
+            "nextbest_experiment_impressions",
+            "Products shown to customers in an experiment, by experiment and variant",
+            ["experiment", "variant"],
+            registry=r,
+        )
+        self.attributed_purchases = Counter(
+            "nextbest_attributed_purchases",
+            "Purchases recorded through Events of a product shown to the customer within the "
+            "attribution window (last touch), by experiment and variant ('' outside experiments)",
+            ["experiment", "variant"],
+            registry=r,
+        )
         self.model = Gauge(
             "nextbest_model_info",
             "The model version being served: 1 while a server process serves it, else 0",

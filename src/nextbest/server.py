@@ -41,9 +41,11 @@ from threadpoolctl import threadpool_limits
 
 from nextbest.admission import Admission, Decision, StampedExecutor, queued_ms
 from nextbest.auth import Gate, Verdict
+from nextbest.bundle import ModelBundle
 from nextbest.config import ServeSettings, Settings
 from nextbest.data.readers import EVENT_SCHEMA, PURCHASE, PURPOSES, RETURN
 from nextbest.errors import ConfigError, InvalidRequest, ModelError, NotFound
+from nextbest.experiments import Assignment, assigner, attribution
 from nextbest.logs import call_context, hash_customer_id
 from nextbest.metrics import Metrics
 from nextbest.policy import BEHAVIORAL_EVENTS
@@ -56,11 +58,12 @@ from nextbest.service import (
     ProductAnswer,
     ProductQuery,
     Reason,
+    ReplayClock,
     ServedModel,
     store_consent,
 )
 from nextbest.store.artifacts import current_version, load_bundle
-from nextbest.store.consent_store import Store, StoreError, open_store
+from nextbest.store.consent_store import Impression, Store, StoreError, open_store
 from nextbest.v1 import (
     admin_pb2,
     admin_pb2_grpc,
@@ -114,7 +117,11 @@ _NOT_PERSONALIZED = {
     "unknown_customer": pb.NOT_PERSONALIZED_REASON_UNKNOWN_CUSTOMER,
     "erased": pb.NOT_PERSONALIZED_REASON_ERASED,
     "consent_unavailable": pb.NOT_PERSONALIZED_REASON_CONSENT_UNAVAILABLE,
+    "holdout": pb.NOT_PERSONALIZED_REASON_HOLDOUT,
 }
+_WITHOUT_CONSENT = frozenset({"no_consent", "erased", "consent_unavailable"})
+"""Reasons of answers to customers who are outside every experiment and of whom nothing is
+kept (no consent, erased, or consent unknown)."""
 _PURPOSES = {
     consent_pb2.PURPOSE_PERSONALIZATION: "personalization",
     consent_pb2.PURPOSE_BEHAVIORAL: "behavioral",
@@ -130,30 +137,57 @@ class NoModel(Exception):
 # --- the served model --------------------------------------------------------------------------
 
 
-class ImpressionRecorder:
-    """Records what the server returned as impressions (for the fatigue rule), written in
-    batches by a background thread: a call never waits for this write, and a crash loses at
-    most the last `interval_s` of impressions (they are not acknowledged writes)."""
+@dataclasses.dataclass(frozen=True)
+class Shown:
+    """An answer as served: the model and experiment arm it came from and the id its
+    impressions are recorded under ('' when nothing is recorded: no consent)."""
 
-    def __init__(self, store: Store, interval_s: float = 0.5):
+    answer: ProductAnswer
+    model: ServedModel
+    arm: Assignment | None = None
+    attribution_id: str = ""
+
+
+class ImpressionRecorder:
+    """Records what the server returned as impressions (for the fatigue rule and attribution),
+    written in batches by a background thread: a call never waits for this write, and a crash
+    loses at most the last `interval_s` of impressions (they are not acknowledged writes)."""
+
+    def __init__(self, store: Store, interval_s: float = 0.5, metrics: Metrics | None = None):
         self.store = store
         self.interval_s = interval_s
-        self._pending: list[tuple[str, str, str, dt.datetime]] = []
+        self.metrics = metrics
+        self._pending: list[Impression] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="impressions", daemon=True)
         self._thread.start()
 
-    def add(self, answers: list[ProductAnswer], channels: list[str]) -> None:
-        at = dt.datetime.now(dt.UTC).replace(tzinfo=None)
-        # Only personalized answers: fatigue only applies to them, and what a customer without
-        # consent was shown is not kept about them.
+    def add(self, shown: list[Shown], channels: list[str]) -> None:
+        # Only answers with an attribution id: personalized ones and those of an experiment arm.
+        # What a customer without consent was shown is not kept about them.
         rows = [
-            (a.customer_id, item.product_id, channel, at)
-            for a, channel in zip(answers, channels, strict=True)
-            if a.personalized
-            for item in a.items
+            Impression(
+                s.answer.customer_id,
+                item.product_id,
+                channel,
+                s.model.now(),
+                s.arm.experiment if s.arm else "",
+                s.arm.variant if s.arm else "",
+                s.attribution_id,
+                rank,
+                s.model.version,
+            )
+            for s, channel in zip(shown, channels, strict=True)
+            if s.attribution_id
+            for rank, item in enumerate(s.answer.items, start=1)
         ]
+        if self.metrics is not None:
+            for s in shown:
+                if s.arm is not None and s.attribution_id:
+                    self.metrics.experiment_impressions.labels(s.arm.experiment, s.arm.variant).inc(
+                        len(s.answer.items)
+                    )
         with self._lock:
             self._pending.extend(rows)
 
@@ -192,6 +226,13 @@ class ModelHolder:
         self.store = store
         self.models_dir = Path(settings.serve.models_dir)
         self._current: ServedModel | None = None
+        self._arms: dict[str, ServedModel] = {}
+        """Experiment arm label → the model answering it, for arms that differ from the served
+        model (the control, a pinned version, policy or serve overrides)."""
+        self._pinned: dict[str, ModelBundle] = {}
+        self._assign = assigner(settings.experiments)
+        self.replay = ReplayClock()
+        """Advanced by recorded events; the clock of `serve.clock = "replay"`."""
         self._lock = threading.Lock()
         self._refused: str | None = None
         self._waiting_for_store: str | None = None
@@ -225,16 +266,9 @@ class ModelHolder:
                 raise NotFound(f"version: {wanted!r} is not a model in {self.models_dir}")
             erased = list(self.store.tombstones()) if self.store is not None else []
             bundle = load_bundle(self.models_dir, wanted)
-            store = self.store
-            model = ServedModel(
-                bundle,
-                self.settings,
-                self.consent,
-                erased=erased,
-                events=store.events if store is not None else None,
-                impressions=store.unanswered_impressions if store is not None else None,
-            )
-            self._current = model
+            model = self._served(bundle, self.settings, erased)
+            arms = self._arms_of(model, erased)
+            self._current, self._arms = model, arms
             self._refused = None
         logger.info(
             "serving model %s (%d customers, %d products, %d content items)",
@@ -247,6 +281,91 @@ class ModelHolder:
         trim_malloc()
         self.on_loaded(model)
         return model, True
+
+    def _served(
+        self, bundle: ModelBundle, settings: Settings, erased: list[str], holdout: bool = False
+    ) -> ServedModel:
+        store = self.store
+        return ServedModel(
+            bundle,
+            settings,
+            self.consent,
+            erased=erased,
+            events=store.events if store is not None else None,
+            impressions=store.unanswered_impressions if store is not None else None,
+            replay=self.replay,
+            holdout=holdout,
+        )
+
+    def _arms_of(self, model: ServedModel, erased: list[str]) -> dict[str, ServedModel]:
+        """The models of the experiment arms that differ from `model` (same bundle unless the
+        arm pins a version; pinned bundles are loaded once)."""
+        arms = {}
+        for e in self.settings.experiments:
+            for v in e.variants:
+                if not (v.control or v.model_version or v.policy or v.serve):
+                    continue
+                bundle = model.bundle
+                if v.model_version and v.model_version != model.version:
+                    if v.model_version not in self._pinned:
+                        self._pinned[v.model_version] = load_bundle(
+                            self.models_dir, v.model_version
+                        )
+                    bundle = self._pinned[v.model_version]
+                settings = self.settings
+                for section in ("policy", "serve"):
+                    if getattr(v, section):
+                        settings = settings.with_overrides(section, **getattr(v, section))
+                arms[f"{e.name}/{v.name}"] = self._served(bundle, settings, erased, v.control)
+        return arms
+
+    def route(self, customer_id: str) -> tuple[ServedModel, Assignment | None]:
+        """The model that answers the customer and their experiment arm (None outside every
+        experiment). Applies to customers with personalization consent only: see `answered`."""
+        model, arms = self.current, self._arms
+        arm = self._assign(customer_id)
+        return (arms.get(arm.label, model) if arm is not None else model), arm
+
+    def answered(
+        self, routed: tuple[ServedModel, Assignment | None], answer, redo: Callable
+    ) -> tuple[object, ServedModel, Assignment | None, str]:
+        """(answer, model, arm, attribution id) of an answer computed on the routed model. A
+        customer without consent is outside every experiment: answered by the served model
+        (`redo(model)`) and nothing about them is kept (no arm, no attribution id)."""
+        model, arm = routed
+        if answer.not_personalized_reason in _WITHOUT_CONSENT:
+            default = self.current
+            if model is not default:
+                answer, model = redo(default), default
+            return answer, model, None, ""
+        keep = answer.personalized or arm is not None
+        return answer, model, arm, uuid.uuid4().hex if keep else ""
+
+    def recommend(self, queries: list[ProductQuery]) -> list[Shown]:
+        """RecommendProducts' answers, each from the model of the customer's arm."""
+        routed = [self.route(q.customer_id) for q in queries]
+        answers: list = [None] * len(queries)
+        groups: dict[int, list[int]] = {}
+        for r, (model, _) in enumerate(routed):
+            groups.setdefault(id(model), []).append(r)
+        for rows in groups.values():
+            model = routed[rows[0]][0]
+            for r, answer in zip(rows, model.recommend([queries[r] for r in rows]), strict=True):
+                answers[r] = answer
+        out = []
+        for r, q in enumerate(queries):
+            answer, model, arm, aid = self.answered(
+                routed[r], answers[r], lambda m, q=q: m.recommend([q])[0]
+            )
+            out.append(Shown(answer, model, arm, aid))
+        return out
+
+    def forget(self, customer_id: str) -> None:
+        """Drop an erased customer from every loaded model (the served one and the arms')."""
+        if self._current is not None:
+            self._current.forget(customer_id)
+        for model in self._arms.values():
+            model.forget(customer_id)
 
     def check(self) -> None:
         """Load CURRENT if it changed; a broken version is refused once and logged."""
@@ -397,18 +516,23 @@ def _scored_pb(s) -> pb.ScoredContent:
     )
 
 
-def _answer_pb(
-    answer: ProductAnswer, request: pb.RecommendProductsRequest, version: str
-) -> pb.RecommendProductsResponse:
+def _arm_pb(arm: Assignment | None) -> pb.ExperimentArm | None:
+    return pb.ExperimentArm(experiment=arm.experiment, variant=arm.variant) if arm else None
+
+
+def _answer_pb(shown: Shown, request: pb.RecommendProductsRequest) -> pb.RecommendProductsResponse:
+    answer = shown.answer
     return pb.RecommendProductsResponse(
         customer_id=answer.customer_id,
         request_id=request.request_id,
         items=[_item_pb(i) for i in answer.items],
-        model_version=version,
+        model_version=shown.model.version,
         personalized=answer.personalized,
         not_personalized_reason=_NOT_PERSONALIZED[answer.not_personalized_reason],
         decisions=answer.decisions,
         withheld=answer.withheld,
+        experiment=_arm_pb(shown.arm),
+        attribution_id=shown.attribution_id,
     )
 
 
@@ -465,11 +589,10 @@ class RecommenderService(recommender_pb2_grpc.RecommenderServicer):
     @_unary
     def RecommendProducts(self, request, context):
         query = product_query(request)
-        model = self.holder.current
-        [answer] = model.recommend([query])
-        self.impressions.add([answer], [query.channel])
-        self.holder.metrics.answered([answer])
-        return _answer_pb(answer, request, model.version)
+        shown = self.holder.recommend([query])
+        self.impressions.add(shown, [query.channel])
+        self.holder.metrics.answered([s.answer for s in shown])
+        return _answer_pb(shown[0], request)
 
     def StreamRecommendations(self, request_iterator, context) -> Iterator:
         pending: queue.Queue = queue.Queue(maxsize=STREAM_BUFFER)
@@ -522,11 +645,10 @@ class RecommenderService(recommender_pb2_grpc.RecommenderServicer):
                 queries.append(None)
                 errors.append(_status_of(exc))
         try:
-            model = self.holder.current
             valid = [q for q in queries if q is not None]
-            answered = model.recommend(valid)
+            answered = self.holder.recommend(valid)
             self.impressions.add(answered, [q.channel for q in valid])
-            self.holder.metrics.answered(answered)
+            self.holder.metrics.answered([s.answer for s in answered])
             answers = iter(answered)
         except NoModel as exc:
             errors = [e or _status_of(exc) for e in errors]
@@ -540,7 +662,7 @@ class RecommenderService(recommender_pb2_grpc.RecommenderServicer):
                     error=pb.RequestError(code=code.value[0], message=message),
                 )
             else:
-                yield _answer_pb(next(answers), request, model.version)
+                yield _answer_pb(next(answers), request)
 
     @_unary
     def SimilarProducts(self, request, context):
@@ -582,14 +704,19 @@ class RecommenderService(recommender_pb2_grpc.RecommenderServicer):
                     "categories"
                 )
             queries.append(q)
-        model = self.holder.current
-        answer = model.score_content(customer_id, queries)
+        routed = self.holder.route(customer_id)
+        answer, model, arm, _ = self.holder.answered(
+            routed,
+            routed[0].score_content(customer_id, queries),
+            lambda m: m.score_content(customer_id, queries),
+        )
         return pb.ScoreContentResponse(
             customer_id=customer_id,
             items=[_scored_pb(s) for s in answer.items],
             model_version=model.version,
             personalized=answer.personalized,
             not_personalized_reason=_NOT_PERSONALIZED[answer.not_personalized_reason],
+            experiment=_arm_pb(arm),
         )
 
 
@@ -655,9 +782,15 @@ class LifecycleService(lifecycle_pb2_grpc.LifecycleServicer):
         customer_id = _id(request.customer_id, "customer_id")
         _channel(request.channel)
         limit, channel = _limit(request), _CHANNELS[request.channel]
-        model = self.holder.current
-        answer = model.next_best_action(customer_id, channel, limit)
-        self._record_shown(answer, channel)
+        routed = self.holder.route(customer_id)
+        answer, model, arm, aid = self.holder.answered(
+            routed,
+            routed[0].next_best_action(customer_id, channel, limit),
+            lambda m: m.next_best_action(customer_id, channel, limit),
+        )
+        if not answer.items:
+            aid = ""
+        self._record_shown(answer, channel, model, arm, aid)
         reply = lifecycle_pb2.NextBestActionResponse(
             customer_id=customer_id,
             action=_ACTIONS[answer.action],
@@ -667,6 +800,8 @@ class LifecycleService(lifecycle_pb2_grpc.LifecycleServicer):
             content=[_scored_pb(c) for c in answer.content],
             reasons=answer.reasons,
             model_version=model.version,
+            experiment=_arm_pb(arm),
+            attribution_id=aid,
         )
         if answer.state is not None:
             reply.state.CopyFrom(
@@ -674,11 +809,21 @@ class LifecycleService(lifecycle_pb2_grpc.LifecycleServicer):
             )
         return reply
 
-    def _record_shown(self, answer, channel: str) -> None:
-        """The products an action shows count as impressions (fatigue), as RecommendProducts'."""
+    def _record_shown(
+        self,
+        answer,
+        channel: str,
+        model: ServedModel,
+        arm: Assignment | None = None,
+        attribution_id: str = "",
+    ) -> None:
+        """The products an action shows count as impressions (fatigue, attribution), as
+        RecommendProducts'."""
         if answer.products is not None and answer.items:
-            shown = dataclasses.replace(answer.products, items=list(answer.items))
-            self.impressions.add([shown], [channel])
+            products = dataclasses.replace(answer.products, items=list(answer.items))
+            if not attribution_id and products.personalized:
+                attribution_id = uuid.uuid4().hex
+            self.impressions.add([Shown(products, model, arm, attribution_id)], [channel])
 
     def StreamAudience(self, request, context):
         stage = _STAGE_NAMES.get(request.stage, "")
@@ -703,7 +848,7 @@ class LifecycleService(lifecycle_pb2_grpc.LifecycleServicer):
         except (InvalidRequest, NotFound, NoModel, ModelError, StoreError) as exc:
             context.abort(*_status_of(exc))
         for answer in members:
-            self._record_shown(answer, channel)
+            self._record_shown(answer, channel, model)
             yield _audience_member(answer.customer_id, model, answer)
 
 
@@ -831,8 +976,7 @@ class ConsentService(consent_pb2_grpc.ConsentServicer):
         source = _id(request.source, "source")
         report = self.store.forget(customer_id, source=source)
         self.holder.metrics.erasures.inc()
-        if self.holder.loaded:
-            self.holder.current.forget(customer_id)
+        self.holder.forget(customer_id)
         logger.info("forgot a customer (source %s)", source)
         return consent_pb2.ForgetCustomerResponse(
             customer_id=customer_id,
@@ -862,7 +1006,7 @@ class EventsService(events_pb2_grpc.EventsServicer):
             )
         now = dt.datetime.now(dt.UTC).replace(tzinfo=None)
         rows = {name: [] for name in ("customer_id", "product_id", "event_type", "quantity")}
-        rows.update(timestamp=[], channel=[])
+        rows.update(timestamp=[], channel=[], value=[])
         for k, e in enumerate(request.events):
             field = f"events[{k}]"
             rows["customer_id"].append(_id(e.customer_id, f"{field}.customer_id"))
@@ -890,6 +1034,10 @@ class EventsService(events_pb2_grpc.EventsServicer):
             if _CONTROL.search(e.channel):
                 raise InvalidRequest(f"{field}.channel contains a control character")
             rows["channel"].append(e.channel or None)
+            value = e.value if e.HasField("value") else None
+            if value is not None and not (value >= 0 and np.isfinite(value)):
+                raise InvalidRequest(f"{field}.value must be >= 0 (got {value})")
+            rows["value"].append(value)
         state = self.store.consent_state(rows["customer_id"], self.default_allow)
         ids = pa.array(rows["customer_id"], pa.string())
         erased = self.store.erased(rows["customer_id"])
@@ -912,12 +1060,15 @@ class EventsService(events_pb2_grpc.EventsServicer):
                 "timestamp": pa.array(rows["timestamp"], pa.timestamp("us")),
                 "event_type": pa.array(rows["event_type"], pa.string()),
                 "quantity": pa.array(rows["quantity"], pa.float64()),
-                "value": pa.nulls(len(ids), pa.float64()),
+                "value": pa.array(rows["value"], pa.float64()),
                 "channel": pa.array(rows["channel"], pa.string()),
             },
             schema=EVENT_SCHEMA,
         ).filter(pa.array(allowed))
         recorded = self.store.record_events(table) if table.num_rows else 0
+        if recorded:
+            self.holder.replay.advance(max(table.column("timestamp").to_pylist()))
+            self._count_attributed(table)
         unknown: list[str] = []
         if self.holder.loaded:
             products = sorted(set(rows["product_id"]))
@@ -928,6 +1079,24 @@ class EventsService(events_pb2_grpc.EventsServicer):
             ignored_without_consent=int((~allowed).sum()),
             unknown_product_ids=unknown,
         )
+
+    def _count_attributed(self, events: pa.Table) -> None:
+        """Count the recorded purchases of a shown product (last touch) per experiment arm."""
+        purchases = attribution.purchases_of(events)
+        if not purchases:
+            return
+        windows = attribution.windows_of(self.holder.settings.experiments)
+        since = attribution.before(
+            min(p.at for p in purchases), max([attribution.DEFAULT_DAYS, *windows.values()])
+        )
+        try:
+            shown = self.store.impressions(sorted({p.customer_id for p in purchases}), since=since)
+        except StoreError as exc:  # a metric only: the events are stored
+            logger.error("attributed purchases not counted: %s", exc)
+            return
+        for a in attribution.attribute(purchases, shown, windows):
+            touch = a.last_touch
+            self.holder.metrics.attributed_purchases.labels(touch.experiment, touch.variant).inc()
 
 
 class _Undecodable:
@@ -1206,6 +1375,20 @@ def _security_summary(serve: ServeSettings) -> str:
     return f"TLS{mutual}, {tokens}"
 
 
+def check_experiments(settings: Settings) -> None:
+    """Refuse a config whose experiment arms pin a model version that is not published."""
+    models = Path(settings.serve.models_dir)
+    for k, e in enumerate(settings.experiments):
+        for j, v in enumerate(e.variants):
+            if v.model_version and not (
+                _VERSION.fullmatch(v.model_version) and (models / v.model_version).is_dir()
+            ):
+                raise ConfigError(
+                    f"config: experiments[{k}].variants[{j}].model_version: "
+                    f"{v.model_version!r} is not a model in {models}"
+                )
+
+
 def create_server(settings: Settings, *, reuse_port: bool = False) -> Running:
     """Build, bind and start the server; loads CURRENT when there is one (else NOT_SERVING until
     the watcher finds one). `serve.port = 0` binds a free port (see `Running.port`). Consent
@@ -1213,6 +1396,7 @@ def create_server(settings: Settings, *, reuse_port: bool = False) -> Running:
     unless `reuse_port` (one of `serve.processes` processes sharing it, see `processes.py`)."""
     # One BLAS / OpenMP thread per call (see ServedModel): the worker threads are the parallelism.
     threadpool_limits(1)
+    check_experiments(settings)
     server_credentials = credentials(settings.serve)
     store = open_store(settings.serve.store)
     default_allow = settings.policy.default_consent == "allow"
@@ -1243,7 +1427,7 @@ def create_server(settings: Settings, *, reuse_port: bool = False) -> Running:
         ],
         maximum_concurrent_rpcs=settings.serve.max_concurrent_calls,
     )
-    impressions = ImpressionRecorder(store)
+    impressions = ImpressionRecorder(store, metrics=metrics)
     recommender_pb2_grpc.add_RecommenderServicer_to_server(
         RecommenderService(holder, impressions), server
     )

@@ -354,6 +354,22 @@ class SlateCache:
                 del self._slates[key]
 
 
+class ReplayClock:
+    """`serve.clock = "replay"`: the newest event time recorded through this server."""
+
+    def __init__(self) -> None:
+        self.at: dt.datetime | None = None
+        self._lock = threading.Lock()
+
+    def advance(self, at: dt.datetime) -> None:
+        with self._lock:
+            if self.at is None or at > self.at:
+                self.at = at
+
+
+_EPOCH = dt.datetime(1970, 1, 1)
+
+
 @dataclass
 class ServedModel:
     """A model version ready to answer: the bundle plus per-item catalog fields and indexes."""
@@ -372,6 +388,11 @@ class ServedModel:
     impressions: ImpressionSource | None = None
     """What each customer was already shown: the fatigue rule demotes products shown too often
     without an answer."""
+    replay: ReplayClock | None = None
+    """The clock of `serve.clock = "replay"` (advanced by recorded events)."""
+    holdout: bool = False
+    """An experiment's control arm: consenting customers get best sellers (reason `holdout`),
+    as if without personalization consent, so that the experiment measures what it adds."""
     loaded_at: str = field(
         default_factory=lambda: dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     )
@@ -472,7 +493,17 @@ class ServedModel:
             return time.time() / 86400.0
         if clock == "model":
             return self.bundle.reference_day
+        if clock == "replay":
+            return (self.now() - _EPOCH).total_seconds() / 86400.0
         return clock_day(clock)
+
+    def now(self) -> dt.datetime:
+        """The time impressions are stamped with and fatigue counts back from (naive UTC): the
+        wall clock, or the replay clock's."""
+        if self.settings.serve.clock == "replay":
+            at = self.replay.at if self.replay is not None else None
+            return at if at is not None else _EPOCH + dt.timedelta(days=self.bundle.reference_day)
+        return dt.datetime.now(dt.UTC).replace(tzinfo=None)
 
     def consents(self, customer_ids: list[str]) -> tuple[np.ndarray, np.ndarray, list[str]]:
         """(personalization allowed, sensitive allowed, why not personal: '' / no_consent /
@@ -492,6 +523,10 @@ class ServedModel:
             for p, e in zip(c.personalization, c.erased, strict=True)
         ]
         sensitive = c.sensitive & ~c.erased
+        if self.holdout:  # the control arm: nothing personal, for the consenting too
+            why = ["holdout" if ok else w for ok, w in zip(personal, why, strict=True)]
+            personal = np.zeros_like(personal)
+            sensitive = np.zeros_like(sensitive)
         behavioral = c.personalization if c.behavioral is None else c.behavioral
         policy = self.settings.policy
         trust = policy.trust_full - policy.trust_step * ((~behavioral).astype(float) + ~sensitive)
@@ -513,7 +548,7 @@ class ServedModel:
         personal_ids = [c for c, ok in zip(customer_ids, personal_ok, strict=True) if ok]
         if not personal_ids:
             return {}
-        since = dt.datetime.now(dt.UTC).replace(tzinfo=None) - dt.timedelta(
+        since = self.now() - dt.timedelta(
             days=policy.fatigue_days
         )
         return self.impressions(personal_ids, since)

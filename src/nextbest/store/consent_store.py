@@ -44,7 +44,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 import numpy as np
@@ -57,6 +57,7 @@ from nextbest.policy import ConsentState
 
 __all__ = [
     "SCHEMA_VERSION",
+    "Impression",
     "StoreError",
     "ConsentRecord",
     "AuditRecord",
@@ -67,7 +68,18 @@ __all__ = [
     "open_store",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+"""2: impressions carry their experiment arm, attribution id, rank and model version."""
+_MIGRATIONS = {
+    2: [
+        ("nextbest_impressions", "experiment", "TEXT"),
+        ("nextbest_impressions", "variant", "TEXT"),
+        ("nextbest_impressions", "attribution_id", "TEXT"),
+        ("nextbest_impressions", "rank", "INTEGER"),
+        ("nextbest_impressions", "model_version", "TEXT"),
+    ]
+}
+"""Columns each schema version added to tables of the version before (added in place)."""
 _EPOCH = dt.datetime(1970, 1, 1)
 _MICRO = dt.timedelta(microseconds=1)
 _IDLE_CONNECTIONS = 16
@@ -248,7 +260,12 @@ _TABLES = (
         customer_id TEXT NOT NULL,
         product_id TEXT NOT NULL,
         channel TEXT NOT NULL,
-        shown_at {ts} NOT NULL
+        shown_at {ts} NOT NULL,
+        experiment TEXT,
+        variant TEXT,
+        attribution_id TEXT,
+        rank INTEGER,
+        model_version TEXT
     ){strict}""",
     """CREATE INDEX IF NOT EXISTS nextbest_impressions_customer
         ON nextbest_impressions (customer_id, shown_at)""",
@@ -265,6 +282,28 @@ _AUDIT_INSERT = (
     "changed_at, source, recorded_at) VALUES (?, ?, ?, ?, ?, ?, ?)"
 )
 _IMPORT_COLUMNS = ("customer_id", "purpose", "granted", "updated_at")
+_IMPRESSION_COLUMNS = (
+    "customer_id, product_id, channel, shown_at, experiment, variant, attribution_id, rank, "
+    "model_version"
+)
+
+
+class Impression(NamedTuple):
+    """One product shown to a customer (the fatigue rule and attribution read these)."""
+
+    customer_id: str
+    product_id: str
+    channel: str
+    shown_at: dt.datetime
+    """Naive UTC."""
+    experiment: str = ""
+    variant: str = ""
+    """The experiment arm of the answer ('' outside experiments)."""
+    attribution_id: str = ""
+    """The answer's id (RecommendProductsResponse.attribution_id)."""
+    rank: int = 0
+    """1-based position in the answer."""
+    model_version: str = ""
 
 
 class Store:
@@ -296,6 +335,10 @@ class Store:
         raise NotImplementedError
 
     def _driver_error(self) -> type[Exception]:
+        raise NotImplementedError
+
+    def _add_column(self, cur: Any, table: str, column: str, kind: str) -> None:
+        """Add a column to a table of an older schema (a no-op when it is there)."""
         raise NotImplementedError
 
     def _is_broken(self, conn: Any) -> bool:
@@ -429,6 +472,13 @@ class Store:
             cur.execute(
                 self._sql("INSERT INTO nextbest_schema_version (version) VALUES (?)"),
                 (SCHEMA_VERSION,),
+            )
+        elif version < SCHEMA_VERSION:
+            for target in range(version + 1, SCHEMA_VERSION + 1):
+                for table, column, kind in _MIGRATIONS.get(target, []):
+                    self._add_column(cur, table, column, kind)
+            cur.execute(
+                self._sql("UPDATE nextbest_schema_version SET version = ?"), (SCHEMA_VERSION,)
             )
         elif version > SCHEMA_VERSION:
             raise StoreError(
@@ -757,19 +807,47 @@ class Store:
 
     # -- impressions (cross-channel fatigue) ---------------------------------------------------
 
-    def record_impressions(self, rows: Sequence[tuple[str, str, str, dt.datetime]]) -> int:
-        """Store what was shown: (customer_id, product_id, channel, shown_at naive UTC) rows, in
-        one transaction."""
+    def record_impressions(self, rows: Sequence[Sequence[Any]]) -> int:
+        """Store what was shown, in one transaction: `Impression` rows, or their first fields
+        (customer_id, product_id, channel, shown_at naive UTC, ...)."""
         if not rows:
             return 0
+        shown = [Impression(*r) for r in rows]
         with self._write() as cur:
             self._copy(
                 cur,
                 "nextbest_impressions",
-                "customer_id, product_id, channel, shown_at",
-                [(c, p, ch, self._ts(at)) for c, p, ch, at in rows],
+                _IMPRESSION_COLUMNS,
+                [(*i[:3], self._ts(i.shown_at), *i[4:]) for i in shown],
             )
         return len(rows)
+
+    def impressions(
+        self, customer_ids: Sequence[str] | None = None, since: dt.datetime | None = None
+    ) -> list[Impression]:
+        """Stored impressions (of the given customers, default everyone; shown at or after
+        `since`, naive UTC, default ever), oldest first."""
+        where, params = [], []
+        if customer_ids is not None:
+            ids = sorted({c for c in customer_ids if isinstance(c, str) and c})
+            if not ids:
+                return []
+            subquery, param = self._id_set(ids)
+            where.append(f"customer_id IN ({subquery})")
+            params.append(param)
+        if since is not None:
+            where.append("shown_at >= ?")
+            params.append(self._ts(since))
+        sql = f"SELECT {_IMPRESSION_COLUMNS} FROM nextbest_impressions"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        with self._read() as cur:
+            cur.execute(self._sql(sql + " ORDER BY shown_at, customer_id, rank"), tuple(params))
+            rows = cur.fetchall()
+        return [
+            Impression(c, p, ch, self._dt(at), e or "", v or "", a or "", int(r or 0), m or "")
+            for c, p, ch, at, e, v, a, r, m in rows
+        ]
 
     def unanswered_impressions(
         self, customer_ids: Sequence[str], since: dt.datetime
@@ -868,6 +946,11 @@ class SqliteStore(Store):
     }
     _temp = "temp"
 
+    def _add_column(self, cur: Any, table: str, column: str, kind: str) -> None:
+        cur.execute(f"PRAGMA table_info({table})")
+        if column not in {row[1] for row in cur.fetchall()}:
+            cur.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+
     def __init__(self, url: str, path: Path) -> None:
         self.path = path
         super().__init__(url)
@@ -939,6 +1022,9 @@ class PostgresStore(Store):
         "strict": "",
     }
     _temp = "pg_temp"
+
+    def _add_column(self, cur: Any, table: str, column: str, kind: str) -> None:
+        cur.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} {kind}")
 
     def __init__(self, url: str) -> None:
         parts = urlsplit(url)

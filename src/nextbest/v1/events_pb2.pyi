@@ -10,20 +10,22 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Event(_message.Message):
-    __slots__ = ("customer_id", "product_id", "event_type", "quantity", "timestamp", "channel")
+    __slots__ = ("customer_id", "product_id", "event_type", "quantity", "timestamp", "channel", "value")
     CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
     PRODUCT_ID_FIELD_NUMBER: _ClassVar[int]
     EVENT_TYPE_FIELD_NUMBER: _ClassVar[int]
     QUANTITY_FIELD_NUMBER: _ClassVar[int]
     TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
     CHANNEL_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
     customer_id: str
     product_id: str
     event_type: str
     quantity: float
     timestamp: _timestamp_pb2.Timestamp
     channel: str
-    def __init__(self, customer_id: _Optional[str] = ..., product_id: _Optional[str] = ..., event_type: _Optional[str] = ..., quantity: _Optional[float] = ..., timestamp: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., channel: _Optional[str] = ...) -> None: ...
+    value: float
+    def __init__(self, customer_id: _Optional[str] = ..., product_id: _Optional[str] = ..., event_type: _Optional[str] = ..., quantity: _Optional[float] = ..., timestamp: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., channel: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
 
 class RecordEventsRequest(_message.Message):
     __slots__ = ("events",)

@@ -93,7 +93,7 @@ class NextBestActionRequest(_message.Message):
     def __init__(self, customer_id: _Optional[str] = ..., channel: _Optional[_Union[_recommender_pb2.Channel, str]] = ..., limit: _Optional[int] = ...) -> None: ...
 
 class NextBestActionResponse(_message.Message):
-    __slots__ = ("customer_id", "action", "personalized", "not_personalized_reason", "products", "content", "reasons", "state", "model_version")
+    __slots__ = ("customer_id", "action", "personalized", "not_personalized_reason", "products", "content", "reasons", "state", "model_version", "experiment", "attribution_id")
     CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
     ACTION_FIELD_NUMBER: _ClassVar[int]
     PERSONALIZED_FIELD_NUMBER: _ClassVar[int]
@@ -103,6 +103,8 @@ class NextBestActionResponse(_message.Message):
     REASONS_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    EXPERIMENT_FIELD_NUMBER: _ClassVar[int]
+    ATTRIBUTION_ID_FIELD_NUMBER: _ClassVar[int]
     customer_id: str
     action: Action
     personalized: bool
@@ -112,7 +114,9 @@ class NextBestActionResponse(_message.Message):
     reasons: _containers.RepeatedScalarFieldContainer[str]
     state: CustomerState
     model_version: str
-    def __init__(self, customer_id: _Optional[str] = ..., action: _Optional[_Union[Action, str]] = ..., personalized: _Optional[bool] = ..., not_personalized_reason: _Optional[str] = ..., products: _Optional[_Iterable[_Union[_recommender_pb2.RecommendedProduct, _Mapping]]] = ..., content: _Optional[_Iterable[_Union[_recommender_pb2.ScoredContent, _Mapping]]] = ..., reasons: _Optional[_Iterable[str]] = ..., state: _Optional[_Union[CustomerState, _Mapping]] = ..., model_version: _Optional[str] = ...) -> None: ...
+    experiment: _recommender_pb2.ExperimentArm
+    attribution_id: str
+    def __init__(self, customer_id: _Optional[str] = ..., action: _Optional[_Union[Action, str]] = ..., personalized: _Optional[bool] = ..., not_personalized_reason: _Optional[str] = ..., products: _Optional[_Iterable[_Union[_recommender_pb2.RecommendedProduct, _Mapping]]] = ..., content: _Optional[_Iterable[_Union[_recommender_pb2.ScoredContent, _Mapping]]] = ..., reasons: _Optional[_Iterable[str]] = ..., state: _Optional[_Union[CustomerState, _Mapping]] = ..., model_version: _Optional[str] = ..., experiment: _Optional[_Union[_recommender_pb2.ExperimentArm, _Mapping]] = ..., attribution_id: _Optional[str] = ...) -> None: ...
 
 class StreamAudienceRequest(_message.Message):
     __slots__ = ("stage", "action", "channel", "limit", "max_customers")

@@ -24,41 +24,43 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dnextbest/v1/recommender.proto\x12\x0bnextbest.v1\"v\n\x06Reason\x12%\n\x04kind\x18\x01 \x01(\x0e\x32\x17.nextbest.v1.ReasonKind\x12\x12\n\nproduct_id\x18\x02 \x01(\t\x12\x15\n\rproduct_title\x18\x03 \x01(\t\x12\x0c\n\x04\x64\x61ys\x18\x04 \x01(\x01\x12\x0c\n\x04text\x18\x05 \x01(\t\"-\n\x0cRequestError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xf8\x01\n\x18RecommendProductsRequest\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\x12\x12\n\x05limit\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12%\n\x07\x63hannel\x18\x03 \x01(\x0e\x32\x14.nextbest.v1.Channel\x12\x1a\n\x12include_categories\x18\x04 \x03(\t\x12\x1a\n\x12\x65xclude_categories\x18\x05 \x03(\t\x12\x1b\n\x13\x65xclude_product_ids\x18\x06 \x03(\t\x12\x19\n\x11include_purchased\x18\x07 \x01(\x08\x12\x12\n\nrequest_id\x18\x08 \x01(\tB\x08\n\x06_limit\"\x9c\x01\n\x12RecommendedProduct\x12\x12\n\nproduct_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x01\x12$\n\x07reasons\x18\x03 \x03(\x0b\x32\x13.nextbest.v1.Reason\x12\r\n\x05title\x18\x04 \x01(\t\x12\x10\n\x08\x63\x61tegory\x18\x05 \x01(\t\x12\x12\n\x05price\x18\x06 \x01(\x01H\x00\x88\x01\x01\x42\x08\n\x06_price\"\xb5\x02\n\x19RecommendProductsResponse\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12.\n\x05items\x18\x03 \x03(\x0b\x32\x1f.nextbest.v1.RecommendedProduct\x12\x15\n\rmodel_version\x18\x04 \x01(\t\x12\x14\n\x0cpersonalized\x18\x05 \x01(\x08\x12\x43\n\x17not_personalized_reason\x18\x06 \x01(\x0e\x32\".nextbest.v1.NotPersonalizedReason\x12(\n\x05\x65rror\x18\x07 \x01(\x0b\x32\x19.nextbest.v1.RequestError\x12\x11\n\tdecisions\x18\x08 \x03(\t\x12\x10\n\x08withheld\x18\t \x01(\x05\"`\n\x16SimilarProductsRequest\x12\x13\n\x0bproduct_ids\x18\x01 \x03(\t\x12\x12\n\x05limit\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12\x13\n\x0b\x63ustomer_id\x18\x03 \x01(\tB\x08\n\x06_limit\"}\n\x17SimilarProductsResponse\x12.\n\x05items\x18\x01 \x03(\x0b\x32\x1f.nextbest.v1.RecommendedProduct\x12\x1b\n\x13unknown_product_ids\x18\x02 \x03(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\"^\n\x10\x43ontentCandidate\x12\x12\n\ncontent_id\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12\x13\n\x0bproduct_ids\x18\x03 \x03(\t\x12\x12\n\ncategories\x18\x04 \x03(\t\"\x84\x01\n\x13ScoreContentRequest\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\x12\x31\n\ncandidates\x18\x02 \x03(\x0b\x32\x1d.nextbest.v1.ContentCandidate\x12%\n\x07\x63hannel\x18\x03 \x01(\x0e\x32\x14.nextbest.v1.Channel\"y\n\rScoredContent\x12\x12\n\ncontent_id\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x11\n\trelevance\x18\x04 \x01(\x01\x12$\n\x07reasons\x18\x05 \x03(\x0b\x32\x13.nextbest.v1.Reason\"\xc8\x01\n\x14ScoreContentResponse\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\x12)\n\x05items\x18\x02 \x03(\x0b\x32\x1a.nextbest.v1.ScoredContent\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x14\n\x0cpersonalized\x18\x04 \x01(\x08\x12\x43\n\x17not_personalized_reason\x18\x05 \x01(\x0e\x32\".nextbest.v1.NotPersonalizedReason*W\n\x07\x43hannel\x12\x17\n\x13\x43HANNEL_UNSPECIFIED\x10\x00\x12\x11\n\rCHANNEL_EMAIL\x10\x01\x12\x0f\n\x0b\x43HANNEL_WEB\x10\x02\x12\x0f\n\x0b\x43HANNEL_APP\x10\x03*\xeb\x01\n\x15NotPersonalizedReason\x12\'\n#NOT_PERSONALIZED_REASON_UNSPECIFIED\x10\x00\x12&\n\"NOT_PERSONALIZED_REASON_NO_CONSENT\x10\x01\x12,\n(NOT_PERSONALIZED_REASON_UNKNOWN_CUSTOMER\x10\x02\x12\"\n\x1eNOT_PERSONALIZED_REASON_ERASED\x10\x03\x12/\n+NOT_PERSONALIZED_REASON_CONSENT_UNAVAILABLE\x10\x04*\xfc\x01\n\nReasonKind\x12\x1b\n\x17REASON_KIND_UNSPECIFIED\x10\x00\x12\x1e\n\x1aREASON_KIND_BOUGHT_RELATED\x10\x01\x12\x1e\n\x1aREASON_KIND_REPURCHASE_DUE\x10\x02\x12\x17\n\x13REASON_KIND_POPULAR\x10\x03\x12\x1f\n\x1bREASON_KIND_BOUGHT_RECENTLY\x10\x04\x12\"\n\x1eREASON_KIND_PREDICTED_INTEREST\x10\x05\x12\x1a\n\x16REASON_KIND_SIMILAR_TO\x10\x06\x12\x17\n\x13REASON_KIND_FATIGUE\x10\x07\x32\x90\x03\n\x0bRecommender\x12\x62\n\x11RecommendProducts\x12%.nextbest.v1.RecommendProductsRequest\x1a&.nextbest.v1.RecommendProductsResponse\x12j\n\x15StreamRecommendations\x12%.nextbest.v1.RecommendProductsRequest\x1a&.nextbest.v1.RecommendProductsResponse(\x01\x30\x01\x12\\\n\x0fSimilarProducts\x12#.nextbest.v1.SimilarProductsRequest\x1a$.nextbest.v1.SimilarProductsResponse\x12S\n\x0cScoreContent\x12 .nextbest.v1.ScoreContentRequest\x1a!.nextbest.v1.ScoreContentResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dnextbest/v1/recommender.proto\x12\x0bnextbest.v1\"4\n\rExperimentArm\x12\x12\n\nexperiment\x18\x01 \x01(\t\x12\x0f\n\x07variant\x18\x02 \x01(\t\"v\n\x06Reason\x12%\n\x04kind\x18\x01 \x01(\x0e\x32\x17.nextbest.v1.ReasonKind\x12\x12\n\nproduct_id\x18\x02 \x01(\t\x12\x15\n\rproduct_title\x18\x03 \x01(\t\x12\x0c\n\x04\x64\x61ys\x18\x04 \x01(\x01\x12\x0c\n\x04text\x18\x05 \x01(\t\"-\n\x0cRequestError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xf8\x01\n\x18RecommendProductsRequest\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\x12\x12\n\x05limit\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12%\n\x07\x63hannel\x18\x03 \x01(\x0e\x32\x14.nextbest.v1.Channel\x12\x1a\n\x12include_categories\x18\x04 \x03(\t\x12\x1a\n\x12\x65xclude_categories\x18\x05 \x03(\t\x12\x1b\n\x13\x65xclude_product_ids\x18\x06 \x03(\t\x12\x19\n\x11include_purchased\x18\x07 \x01(\x08\x12\x12\n\nrequest_id\x18\x08 \x01(\tB\x08\n\x06_limit\"\x9c\x01\n\x12RecommendedProduct\x12\x12\n\nproduct_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x01\x12$\n\x07reasons\x18\x03 \x03(\x0b\x32\x13.nextbest.v1.Reason\x12\r\n\x05title\x18\x04 \x01(\t\x12\x10\n\x08\x63\x61tegory\x18\x05 \x01(\t\x12\x12\n\x05price\x18\x06 \x01(\x01H\x00\x88\x01\x01\x42\x08\n\x06_price\"\xfd\x02\n\x19RecommendProductsResponse\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12.\n\x05items\x18\x03 \x03(\x0b\x32\x1f.nextbest.v1.RecommendedProduct\x12\x15\n\rmodel_version\x18\x04 \x01(\t\x12\x14\n\x0cpersonalized\x18\x05 \x01(\x08\x12\x43\n\x17not_personalized_reason\x18\x06 \x01(\x0e\x32\".nextbest.v1.NotPersonalizedReason\x12(\n\x05\x65rror\x18\x07 \x01(\x0b\x32\x19.nextbest.v1.RequestError\x12\x11\n\tdecisions\x18\x08 \x03(\t\x12\x10\n\x08withheld\x18\t \x01(\x05\x12.\n\nexperiment\x18\n \x01(\x0b\x32\x1a.nextbest.v1.ExperimentArm\x12\x16\n\x0e\x61ttribution_id\x18\x0b \x01(\t\"`\n\x16SimilarProductsRequest\x12\x13\n\x0bproduct_ids\x18\x01 \x03(\t\x12\x12\n\x05limit\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12\x13\n\x0b\x63ustomer_id\x18\x03 \x01(\tB\x08\n\x06_limit\"}\n\x17SimilarProductsResponse\x12.\n\x05items\x18\x01 \x03(\x0b\x32\x1f.nextbest.v1.RecommendedProduct\x12\x1b\n\x13unknown_product_ids\x18\x02 \x03(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\"^\n\x10\x43ontentCandidate\x12\x12\n\ncontent_id\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12\x13\n\x0bproduct_ids\x18\x03 \x03(\t\x12\x12\n\ncategories\x18\x04 \x03(\t\"\x84\x01\n\x13ScoreContentRequest\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\x12\x31\n\ncandidates\x18\x02 \x03(\x0b\x32\x1d.nextbest.v1.ContentCandidate\x12%\n\x07\x63hannel\x18\x03 \x01(\x0e\x32\x14.nextbest.v1.Channel\"y\n\rScoredContent\x12\x12\n\ncontent_id\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x11\n\trelevance\x18\x04 \x01(\x01\x12$\n\x07reasons\x18\x05 \x03(\x0b\x32\x13.nextbest.v1.Reason\"\xf8\x01\n\x14ScoreContentResponse\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\x12)\n\x05items\x18\x02 \x03(\x0b\x32\x1a.nextbest.v1.ScoredContent\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x14\n\x0cpersonalized\x18\x04 \x01(\x08\x12\x43\n\x17not_personalized_reason\x18\x05 \x01(\x0e\x32\".nextbest.v1.NotPersonalizedReason\x12.\n\nexperiment\x18\x06 \x01(\x0b\x32\x1a.nextbest.v1.ExperimentArm*W\n\x07\x43hannel\x12\x17\n\x13\x43HANNEL_UNSPECIFIED\x10\x00\x12\x11\n\rCHANNEL_EMAIL\x10\x01\x12\x0f\n\x0b\x43HANNEL_WEB\x10\x02\x12\x0f\n\x0b\x43HANNEL_APP\x10\x03*\x90\x02\n\x15NotPersonalizedReason\x12\'\n#NOT_PERSONALIZED_REASON_UNSPECIFIED\x10\x00\x12&\n\"NOT_PERSONALIZED_REASON_NO_CONSENT\x10\x01\x12,\n(NOT_PERSONALIZED_REASON_UNKNOWN_CUSTOMER\x10\x02\x12\"\n\x1eNOT_PERSONALIZED_REASON_ERASED\x10\x03\x12/\n+NOT_PERSONALIZED_REASON_CONSENT_UNAVAILABLE\x10\x04\x12#\n\x1fNOT_PERSONALIZED_REASON_HOLDOUT\x10\x05*\xfc\x01\n\nReasonKind\x12\x1b\n\x17REASON_KIND_UNSPECIFIED\x10\x00\x12\x1e\n\x1aREASON_KIND_BOUGHT_RELATED\x10\x01\x12\x1e\n\x1aREASON_KIND_REPURCHASE_DUE\x10\x02\x12\x17\n\x13REASON_KIND_POPULAR\x10\x03\x12\x1f\n\x1bREASON_KIND_BOUGHT_RECENTLY\x10\x04\x12\"\n\x1eREASON_KIND_PREDICTED_INTEREST\x10\x05\x12\x1a\n\x16REASON_KIND_SIMILAR_TO\x10\x06\x12\x17\n\x13REASON_KIND_FATIGUE\x10\x07\x32\x90\x03\n\x0bRecommender\x12\x62\n\x11RecommendProducts\x12%.nextbest.v1.RecommendProductsRequest\x1a&.nextbest.v1.RecommendProductsResponse\x12j\n\x15StreamRecommendations\x12%.nextbest.v1.RecommendProductsRequest\x1a&.nextbest.v1.RecommendProductsResponse(\x01\x30\x01\x12\\\n\x0fSimilarProducts\x12#.nextbest.v1.SimilarProductsRequest\x1a$.nextbest.v1.SimilarProductsResponse\x12S\n\x0cScoreContent\x12 .nextbest.v1.ScoreContentRequest\x1a!.nextbest.v1.ScoreContentResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'nextbest.v1.recommender_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CHANNEL']._serialized_start=1717
-  _globals['_CHANNEL']._serialized_end=1804
-  _globals['_NOTPERSONALIZEDREASON']._serialized_start=1807
-  _globals['_NOTPERSONALIZEDREASON']._serialized_end=2042
-  _globals['_REASONKIND']._serialized_start=2045
-  _globals['_REASONKIND']._serialized_end=2297
-  _globals['_REASON']._serialized_start=46
-  _globals['_REASON']._serialized_end=164
-  _globals['_REQUESTERROR']._serialized_start=166
-  _globals['_REQUESTERROR']._serialized_end=211
-  _globals['_RECOMMENDPRODUCTSREQUEST']._serialized_start=214
-  _globals['_RECOMMENDPRODUCTSREQUEST']._serialized_end=462
-  _globals['_RECOMMENDEDPRODUCT']._serialized_start=465
-  _globals['_RECOMMENDEDPRODUCT']._serialized_end=621
-  _globals['_RECOMMENDPRODUCTSRESPONSE']._serialized_start=624
-  _globals['_RECOMMENDPRODUCTSRESPONSE']._serialized_end=933
-  _globals['_SIMILARPRODUCTSREQUEST']._serialized_start=935
-  _globals['_SIMILARPRODUCTSREQUEST']._serialized_end=1031
-  _globals['_SIMILARPRODUCTSRESPONSE']._serialized_start=1033
-  _globals['_SIMILARPRODUCTSRESPONSE']._serialized_end=1158
-  _globals['_CONTENTCANDIDATE']._serialized_start=1160
-  _globals['_CONTENTCANDIDATE']._serialized_end=1254
-  _globals['_SCORECONTENTREQUEST']._serialized_start=1257
-  _globals['_SCORECONTENTREQUEST']._serialized_end=1389
-  _globals['_SCOREDCONTENT']._serialized_start=1391
-  _globals['_SCOREDCONTENT']._serialized_end=1512
-  _globals['_SCORECONTENTRESPONSE']._serialized_start=1515
-  _globals['_SCORECONTENTRESPONSE']._serialized_end=1715
-  _globals['_RECOMMENDER']._serialized_start=2300
-  _globals['_RECOMMENDER']._serialized_end=2700
+  _globals['_CHANNEL']._serialized_start=1891
+  _globals['_CHANNEL']._serialized_end=1978
+  _globals['_NOTPERSONALIZEDREASON']._serialized_start=1981
+  _globals['_NOTPERSONALIZEDREASON']._serialized_end=2253
+  _globals['_REASONKIND']._serialized_start=2256
+  _globals['_REASONKIND']._serialized_end=2508
+  _globals['_EXPERIMENTARM']._serialized_start=46
+  _globals['_EXPERIMENTARM']._serialized_end=98
+  _globals['_REASON']._serialized_start=100
+  _globals['_REASON']._serialized_end=218
+  _globals['_REQUESTERROR']._serialized_start=220
+  _globals['_REQUESTERROR']._serialized_end=265
+  _globals['_RECOMMENDPRODUCTSREQUEST']._serialized_start=268
+  _globals['_RECOMMENDPRODUCTSREQUEST']._serialized_end=516
+  _globals['_RECOMMENDEDPRODUCT']._serialized_start=519
+  _globals['_RECOMMENDEDPRODUCT']._serialized_end=675
+  _globals['_RECOMMENDPRODUCTSRESPONSE']._serialized_start=678
+  _globals['_RECOMMENDPRODUCTSRESPONSE']._serialized_end=1059
+  _globals['_SIMILARPRODUCTSREQUEST']._serialized_start=1061
+  _globals['_SIMILARPRODUCTSREQUEST']._serialized_end=1157
+  _globals['_SIMILARPRODUCTSRESPONSE']._serialized_start=1159
+  _globals['_SIMILARPRODUCTSRESPONSE']._serialized_end=1284
+  _globals['_CONTENTCANDIDATE']._serialized_start=1286
+  _globals['_CONTENTCANDIDATE']._serialized_end=1380
+  _globals['_SCORECONTENTREQUEST']._serialized_start=1383
+  _globals['_SCORECONTENTREQUEST']._serialized_end=1515
+  _globals['_SCOREDCONTENT']._serialized_start=1517
+  _globals['_SCOREDCONTENT']._serialized_end=1638
+  _globals['_SCORECONTENTRESPONSE']._serialized_start=1641
+  _globals['_SCORECONTENTRESPONSE']._serialized_end=1889
+  _globals['_RECOMMENDER']._serialized_start=2511
+  _globals['_RECOMMENDER']._serialized_end=2911
 # @@protoc_insertion_point(module_scope)

@@ -21,6 +21,7 @@ class NotPersonalizedReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     NOT_PERSONALIZED_REASON_UNKNOWN_CUSTOMER: _ClassVar[NotPersonalizedReason]
     NOT_PERSONALIZED_REASON_ERASED: _ClassVar[NotPersonalizedReason]
     NOT_PERSONALIZED_REASON_CONSENT_UNAVAILABLE: _ClassVar[NotPersonalizedReason]
+    NOT_PERSONALIZED_REASON_HOLDOUT: _ClassVar[NotPersonalizedReason]
 
 class ReasonKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -41,6 +42,7 @@ NOT_PERSONALIZED_REASON_NO_CONSENT: NotPersonalizedReason
 NOT_PERSONALIZED_REASON_UNKNOWN_CUSTOMER: NotPersonalizedReason
 NOT_PERSONALIZED_REASON_ERASED: NotPersonalizedReason
 NOT_PERSONALIZED_REASON_CONSENT_UNAVAILABLE: NotPersonalizedReason
+NOT_PERSONALIZED_REASON_HOLDOUT: NotPersonalizedReason
 REASON_KIND_UNSPECIFIED: ReasonKind
 REASON_KIND_BOUGHT_RELATED: ReasonKind
 REASON_KIND_REPURCHASE_DUE: ReasonKind
@@ -49,6 +51,14 @@ REASON_KIND_BOUGHT_RECENTLY: ReasonKind
 REASON_KIND_PREDICTED_INTEREST: ReasonKind
 REASON_KIND_SIMILAR_TO: ReasonKind
 REASON_KIND_FATIGUE: ReasonKind
+
+class ExperimentArm(_message.Message):
+    __slots__ = ("experiment", "variant")
+    EXPERIMENT_FIELD_NUMBER: _ClassVar[int]
+    VARIANT_FIELD_NUMBER: _ClassVar[int]
+    experiment: str
+    variant: str
+    def __init__(self, experiment: _Optional[str] = ..., variant: _Optional[str] = ...) -> None: ...
 
 class Reason(_message.Message):
     __slots__ = ("kind", "product_id", "product_title", "days", "text")
@@ -109,7 +119,7 @@ class RecommendedProduct(_message.Message):
     def __init__(self, product_id: _Optional[str] = ..., score: _Optional[float] = ..., reasons: _Optional[_Iterable[_Union[Reason, _Mapping]]] = ..., title: _Optional[str] = ..., category: _Optional[str] = ..., price: _Optional[float] = ...) -> None: ...
 
 class RecommendProductsResponse(_message.Message):
-    __slots__ = ("customer_id", "request_id", "items", "model_version", "personalized", "not_personalized_reason", "error", "decisions", "withheld")
+    __slots__ = ("customer_id", "request_id", "items", "model_version", "personalized", "not_personalized_reason", "error", "decisions", "withheld", "experiment", "attribution_id")
     CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     ITEMS_FIELD_NUMBER: _ClassVar[int]
@@ -119,6 +129,8 @@ class RecommendProductsResponse(_message.Message):
     ERROR_FIELD_NUMBER: _ClassVar[int]
     DECISIONS_FIELD_NUMBER: _ClassVar[int]
     WITHHELD_FIELD_NUMBER: _ClassVar[int]
+    EXPERIMENT_FIELD_NUMBER: _ClassVar[int]
+    ATTRIBUTION_ID_FIELD_NUMBER: _ClassVar[int]
     customer_id: str
     request_id: str
     items: _containers.RepeatedCompositeFieldContainer[RecommendedProduct]
@@ -128,7 +140,9 @@ class RecommendProductsResponse(_message.Message):
     error: RequestError
     decisions: _containers.RepeatedScalarFieldContainer[str]
     withheld: int
-    def __init__(self, customer_id: _Optional[str] = ..., request_id: _Optional[str] = ..., items: _Optional[_Iterable[_Union[RecommendedProduct, _Mapping]]] = ..., model_version: _Optional[str] = ..., personalized: _Optional[bool] = ..., not_personalized_reason: _Optional[_Union[NotPersonalizedReason, str]] = ..., error: _Optional[_Union[RequestError, _Mapping]] = ..., decisions: _Optional[_Iterable[str]] = ..., withheld: _Optional[int] = ...) -> None: ...
+    experiment: ExperimentArm
+    attribution_id: str
+    def __init__(self, customer_id: _Optional[str] = ..., request_id: _Optional[str] = ..., items: _Optional[_Iterable[_Union[RecommendedProduct, _Mapping]]] = ..., model_version: _Optional[str] = ..., personalized: _Optional[bool] = ..., not_personalized_reason: _Optional[_Union[NotPersonalizedReason, str]] = ..., error: _Optional[_Union[RequestError, _Mapping]] = ..., decisions: _Optional[_Iterable[str]] = ..., withheld: _Optional[int] = ..., experiment: _Optional[_Union[ExperimentArm, _Mapping]] = ..., attribution_id: _Optional[str] = ...) -> None: ...
 
 class SimilarProductsRequest(_message.Message):
     __slots__ = ("product_ids", "limit", "customer_id")
@@ -187,15 +201,17 @@ class ScoredContent(_message.Message):
     def __init__(self, content_id: _Optional[str] = ..., title: _Optional[str] = ..., kind: _Optional[str] = ..., relevance: _Optional[float] = ..., reasons: _Optional[_Iterable[_Union[Reason, _Mapping]]] = ...) -> None: ...
 
 class ScoreContentResponse(_message.Message):
-    __slots__ = ("customer_id", "items", "model_version", "personalized", "not_personalized_reason")
+    __slots__ = ("customer_id", "items", "model_version", "personalized", "not_personalized_reason", "experiment")
     CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
     ITEMS_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     PERSONALIZED_FIELD_NUMBER: _ClassVar[int]
     NOT_PERSONALIZED_REASON_FIELD_NUMBER: _ClassVar[int]
+    EXPERIMENT_FIELD_NUMBER: _ClassVar[int]
     customer_id: str
     items: _containers.RepeatedCompositeFieldContainer[ScoredContent]
     model_version: str
     personalized: bool
     not_personalized_reason: NotPersonalizedReason
-    def __init__(self, customer_id: _Optional[str] = ..., items: _Optional[_Iterable[_Union[ScoredContent, _Mapping]]] = ..., model_version: _Optional[str] = ..., personalized: _Optional[bool] = ..., not_personalized_reason: _Optional[_Union[NotPersonalizedReason, str]] = ...) -> None: ...
+    experiment: ExperimentArm
+    def __init__(self, customer_id: _Optional[str] = ..., items: _Optional[_Iterable[_Union[ScoredContent, _Mapping]]] = ..., model_version: _Optional[str] = ..., personalized: _Optional[bool] = ..., not_personalized_reason: _Optional[_Union[NotPersonalizedReason, str]] = ..., experiment: _Optional[_Union[ExperimentArm, _Mapping]] = ...) -> None: ...
