@@ -32,7 +32,7 @@ CDNOW_EVENTS := $(DATA)/cdnow/events.parquet
 ENGINE ?= implicit
 SPARK_MASTER ?= local[*]
 
-.PHONY: install install-dev install-report install-spark install-all test lint train evaluate evaluate-cj evaluate-lgsr evaluate-lifecycle bench-train bench-serve bench-overload bench-scale bench-soak audit-privacy prepare clean demo serve proto docs chromium java parity-spark
+.PHONY: install install-dev install-report install-spark install-all test lint train evaluate evaluate-cj evaluate-lgsr evaluate-lifecycle bench-train bench-serve bench-overload bench-scale bench-soak audit-privacy replay prepare clean demo serve proto docs chromium java parity-spark
 
 # The runtime alone (what the demo, train, serve and the benchmarks need); each extra on top when a
 # target needs it: dev (tests, lint, make proto), report (evaluate's HTML report: matplotlib),
@@ -180,6 +180,15 @@ bench-soak: install $(CJ_EVENTS) $(CJ_CONTENT)
 audit-privacy: install $(CJ_EVENTS) $(CJ_CONTENT)
 	$(PY) benchmarks/audit_privacy.py --events $(CJ_EVENTS) \
 		--catalog $(DATA)/complete-journey/catalog.parquet --content $(CJ_CONTENT)
+
+# Real history through the live server (EVALUATION.md, "Replay"): trains on Complete Journey before
+# 2017-12-01, serves it with an experiment (the served model against a best-seller holdout) and
+# walks day by day through every household's December purchases: recommendations (web) before
+# each shopping day, then that day's purchases through Events.RecordEvents; prints `nextbest
+# experiments report` and fails on a failed call. Work files in $(DATA)/replay. About 10 minutes.
+replay: install $(CJ_EVENTS)
+	$(PY) benchmarks/replay.py --events $(CJ_EVENTS) --catalog $(DATA)/complete-journey/catalog.parquet \
+		--work-dir $(DATA)/replay
 
 clean:
 	rm -rf $(VENV) $(DATA) $(REPORTS) build src/*.egg-info examples/node/node_modules

@@ -991,10 +991,17 @@ EVENT_TYPES = (PURCHASE, RETURN, *BEHAVIORAL_EVENTS)
 
 
 class EventsService(events_pb2_grpc.EventsServicer):
-    def __init__(self, holder: ModelHolder, store: Store, default_allow: bool):
+    def __init__(
+        self,
+        holder: ModelHolder,
+        store: Store,
+        default_allow: bool,
+        impressions: ImpressionRecorder | None = None,
+    ):
         self.holder = holder
         self.store = store
         self.default_allow = default_allow
+        self.impressions = impressions
 
     @_unary
     def RecordEvents(self, request, context):
@@ -1085,6 +1092,8 @@ class EventsService(events_pb2_grpc.EventsServicer):
         purchases = attribution.purchases_of(events)
         if not purchases:
             return
+        if self.impressions is not None:  # what was shown just before counts too
+            self.impressions.flush()
         windows = attribution.windows_of(self.holder.settings.experiments)
         since = attribution.before(
             min(p.at for p in purchases), max([attribution.DEFAULT_DAYS, *windows.values()])
@@ -1439,7 +1448,7 @@ def create_server(settings: Settings, *, reuse_port: bool = False) -> Running:
         ConsentService(holder, store, default_allow), server
     )
     events_pb2_grpc.add_EventsServicer_to_server(
-        EventsService(holder, store, default_allow), server
+        EventsService(holder, store, default_allow, impressions), server
     )
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
