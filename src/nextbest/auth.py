@@ -81,7 +81,10 @@ class Gate:
         return bool(self.clients)
 
     def check(self, method: str, authorization: str | None) -> Verdict:
-        role = role_for(method)
+        return self.check_role(role_for(method), authorization)
+
+    def check_role(self, role: str | None, authorization: str | None) -> Verdict:
+        """`check` for a role (the dashboard needs `admin`); None = open to all."""
         if role is None or not self.enabled:
             return Verdict(True)
         scheme, _, token = (authorization or "").strip().partition(" ")
@@ -104,6 +107,6 @@ class Gate:
                 False,
                 client=client.name,
                 problem="forbidden",
-                message=f"client {client.name!r} lacks the {role!r} role this method needs",
+                message=f"client {client.name!r} lacks the {role!r} role this needs",
             )
         return Verdict(True, client=client.name)

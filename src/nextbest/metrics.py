@@ -6,7 +6,7 @@ Nothing here names a customer: labels are RPC methods, status codes, reasons and
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.multiprocess import MultiProcessCollector
 
 __all__ = ["Metrics", "serve_multiprocess_http"]
@@ -70,6 +70,8 @@ class Metrics:
             registry=r,
         )
         self._serving: tuple[str, str] | None = None
+        self.dashboard = None
+        """The /dashboard of `serve_http` (its gate follows SIGHUP's clients)."""
         self.admitted = Counter(
             "nextbest_admitted_calls", "Unary calls admitted to run, by RPC", ["method"], registry=r
         )
@@ -106,11 +108,15 @@ class Metrics:
             if a.withheld:
                 self.withheld.inc(a.withheld)
 
-    def serve_http(self, host: str, port: int) -> int:
-        """Expose /metrics on `host:port` (0 = any free port); returns the port."""
-        server, _ = start_http_server(port, addr=host, registry=self.registry)
+    def serve_http(self, host: str, port: int, settings=None) -> int:
+        """Expose /metrics (and, given the server's `settings`, /dashboard) on `host:port`
+        (0 = any free port); returns the port."""
+        from nextbest.dashboard import Dashboard, serve_http
+
+        self.dashboard = Dashboard(settings, self.registry) if settings is not None else None
+        server, bound = serve_http(host, port, self.registry, self.dashboard)
         self._http = server
-        return int(server.server_port)
+        return bound
 
     def close(self) -> None:
         if self._http is not None:
@@ -119,10 +125,13 @@ class Metrics:
             self._http = None
 
 
-def serve_multiprocess_http(host: str, port: int, path: str):
+def serve_multiprocess_http(host: str, port: int, path: str, settings=None):
     """Expose the sum of every process's metrics (prometheus-client's multiprocess files in
-    `path`) at /metrics on `host:port`; returns (the HTTP server, its port)."""
+    `path`) at /metrics on `host:port`, and the dashboard given `settings`; returns (the HTTP
+    server, its port)."""
+    from nextbest.dashboard import Dashboard, serve_http
+
     registry = CollectorRegistry()
     MultiProcessCollector(registry, path=path)
-    server, _ = start_http_server(port, addr=host, registry=registry)
-    return server, int(server.server_port)
+    dashboard = Dashboard(settings, registry) if settings is not None else None
+    return serve_http(host, port, registry, dashboard)

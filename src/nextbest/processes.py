@@ -247,7 +247,7 @@ def serve_processes(
         if serve.metrics_port >= 0:
             try:
                 http, metrics_port = serve_multiprocess_http(
-                    serve.host, serve.metrics_port, metrics_dir
+                    serve.host, serve.metrics_port, metrics_dir, settings
                 )
             except OSError as exc:
                 raise ModelError(

@@ -1321,6 +1321,8 @@ class Running:
             logger.error("SIGHUP: the config lists no [[serve.clients]]; the clients stay")
             return False
         self.calls.gate = Gate(fresh.serve.clients)
+        if self.metrics.dashboard is not None:
+            self.metrics.dashboard.gate = self.calls.gate
         logger.info(
             "SIGHUP: %d clients (%s)",
             len(fresh.serve.clients),
@@ -1470,7 +1472,9 @@ def create_server(settings: Settings, *, reuse_port: bool = False) -> Running:
     metrics_port = -1
     if settings.serve.metrics_port >= 0:
         try:
-            metrics_port = metrics.serve_http(settings.serve.host, settings.serve.metrics_port)
+            metrics_port = metrics.serve_http(
+                settings.serve.host, settings.serve.metrics_port, settings
+            )
         except OSError as exc:
             server.stop(0)
             raise ModelError(

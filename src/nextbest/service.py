@@ -548,9 +548,7 @@ class ServedModel:
         personal_ids = [c for c, ok in zip(customer_ids, personal_ok, strict=True) if ok]
         if not personal_ids:
             return {}
-        since = self.now() - dt.timedelta(
-            days=policy.fatigue_days
-        )
+        since = self.now() - dt.timedelta(days=policy.fatigue_days)
         return self.impressions(personal_ids, since)
 
     def forget(self, customer_id: str) -> bool:

@@ -283,3 +283,27 @@ def report_lines(reports: Sequence[ExperimentReport]) -> list[str]:
                 f"{a.conversion:>7.2f}{a.repeat_rate:>7.2f}{churn:>7}  {ci}"
             )
     return lines or ["no experiments configured or recorded"]
+
+
+def from_json(experiments: Sequence[dict]) -> list[ExperimentReport]:
+    """`report_json(...)["experiments"]` back into reports (the dashboard renders the JSON)."""
+    out = []
+    for e in experiments:
+        arms = []
+        for a in e["arms"]:
+            fields = {k: v for k, v in a.items() if k not in ("purchases_lift", "value_lift")}
+            lifts = {
+                k: Lift(a[k]["value"], a[k]["low"], a[k]["high"])
+                for k in ("purchases_lift", "value_lift")
+            }
+            arms.append(ArmReport(**fields, **lifts))
+        out.append(
+            ExperimentReport(
+                name=e["name"],
+                attribution_days=e["attribution_days"],
+                control=e["control"],
+                arms=tuple(arms),
+                srm_p=e["srm_p"],
+            )
+        )
+    return out

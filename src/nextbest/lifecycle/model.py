@@ -81,7 +81,13 @@ class LifecycleModel:
             "risk_validation_auc": self.risk.validation,
             "horizon_days": self.risk.horizon_days,
             "settings": dataclasses.asdict(self.settings),
+            "stages": self.stage_counts(self.summary.now),
         }
+
+    def stage_counts(self, now_day: float) -> dict[str, int]:
+        """Customers per stage at `now_day` (the operator's dashboard)."""
+        stages = self.stages(now_day)
+        return {name: int((stages == k).sum()) for k, name in enumerate(STAGES)}
 
     @classmethod
     def from_arrays(

@@ -752,6 +752,41 @@ class Store:
             )
             return {c: self._dt(at) for c, at in cur.fetchall()}
 
+    def consent_summary(self, since: dt.datetime) -> dict[str, int]:
+        """Aggregates for the operator's dashboard (no customer ids): customers whose
+        personalization consent is granted / withheld now, consent values granted and withdrawn
+        (any purpose) since `since` (naive UTC), and customers erased since then."""
+        with self._read() as cur:
+            cur.execute(
+                self._sql(
+                    "SELECT granted, COUNT(*) FROM nextbest_consent WHERE purpose = ? "
+                    "GROUP BY granted"
+                ),
+                ("personalization",),
+            )
+            now = {bool(g): int(n) for g, n in cur.fetchall()}
+            cur.execute(
+                self._sql(
+                    "SELECT new_granted, COUNT(*) FROM nextbest_consent_audit "
+                    "WHERE changed_at >= ? AND (old_granted IS NULL OR old_granted <> new_granted) "
+                    "GROUP BY new_granted"
+                ),
+                (self._ts(since),),
+            )
+            changes = {bool(g): int(n) for g, n in cur.fetchall() if g is not None}
+            cur.execute(
+                self._sql("SELECT COUNT(*) FROM nextbest_tombstones WHERE erased_at >= ?"),
+                (self._ts(since),),
+            )
+            erased = int(cur.fetchone()[0])
+        return {
+            "personalization_granted": now.get(True, 0),
+            "personalization_withheld": now.get(False, 0),
+            "granted_since": changes.get(True, 0),
+            "withdrawn_since": changes.get(False, 0),
+            "erased_since": erased,
+        }
+
     def tombstones(self) -> dict[str, dt.datetime]:
         """Every erased customer → the time of their latest erasure."""
         with self._read() as cur:
