@@ -162,6 +162,67 @@ def replay(address: str, days: dict, report_every: int = 7) -> dict[str, int]:
     return counts
 
 
+def independent_count(store_path: Path, experiment: str, days: float) -> dict[str, dict]:
+    """Per variant: households, impressions and last-touch attributed purchases, counted by
+    plain SQL over the stored rows (not by the report's code)."""
+    import sqlite3
+
+    window = int(days * 86400 * 1_000_000)  # SQLite keeps times as microseconds
+    with sqlite3.connect(store_path) as conn:
+        shown = conn.execute(
+            "SELECT variant, COUNT(DISTINCT customer_id), COUNT(*) FROM nextbest_impressions "
+            "WHERE experiment = ? GROUP BY variant",
+            (experiment,),
+        ).fetchall()
+        attributed = conn.execute(
+            "WITH touch AS (SELECT e.id, i.variant, ROW_NUMBER() OVER (PARTITION BY e.id "
+            "ORDER BY i.shown_at DESC) AS k FROM nextbest_events e JOIN nextbest_impressions i "
+            "ON i.customer_id = e.customer_id AND i.product_id = e.product_id "
+            'AND i.shown_at <= e."timestamp" AND i.shown_at >= e."timestamp" - ? '
+            "WHERE e.event_type = 'purchase' AND i.experiment = ?) "
+            "SELECT variant, COUNT(*) FROM touch WHERE k = 1 GROUP BY variant",
+            (window, experiment),
+        ).fetchall()
+    out = {v: {"customers": c, "impressions": n, "attributed_purchases": 0} for v, c, n in shown}
+    for variant, n in attributed:
+        out[variant]["attributed_purchases"] = n
+    return out
+
+
+def check_report(report: dict, counted: dict[str, dict]) -> list[str]:
+    """Where the report and the independent count differ (empty: they agree)."""
+    [experiment] = report["experiments"]
+    problems = []
+    for arm in experiment["arms"]:
+        for key, value in counted.get(arm["variant"], {}).items():
+            if arm[key] != value:
+                problems.append(f"{arm['variant']}.{key}: report {arm[key]}, counted {value}")
+    return problems
+
+
+def dashboard(metrics_port: int, work: Path, report: dict) -> list[str]:
+    """Fetch /dashboard.json and /dashboard from the live server; their experiments must be the
+    report's. A screenshot when Chromium is there."""
+    import os
+    import urllib.request
+
+    base = f"http://127.0.0.1:{metrics_port}"
+    with urllib.request.urlopen(base + "/dashboard.json", timeout=120) as reply:
+        figures = json.loads(reply.read())
+    with urllib.request.urlopen(base + "/dashboard", timeout=120) as reply:
+        (work / "dashboard.html").write_bytes(reply.read())
+    chromium = shutil.which("chromium")
+    if chromium:
+        sandbox = ["--no-sandbox"] if os.geteuid() == 0 else []
+        subprocess.run(
+            [chromium, "--headless", "--disable-gpu", *sandbox,
+             f"--user-data-dir={work / 'chromium'}", f"--screenshot={work / 'dashboard.png'}",
+             "--window-size=1200,1500", base + "/dashboard"],
+            capture_output=True, timeout=120,
+        )  # fmt: skip
+    return [] if figures["experiments"] == report["experiments"] else ["dashboard != report"]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--events", required=True)
@@ -201,15 +262,19 @@ def main() -> int:
             check=True, cwd=ROOT, stdout=subprocess.DEVNULL,
         )  # fmt: skip
         print(f"trained in {time.perf_counter() - t0:.0f} s", flush=True)
+    metrics_port = free_port()
     server = ServerProcess(
         "nextbest serve",
         [*cli, "serve", "--config", str(config), "--models-dir", str(models), "--port", "0",
-         "--metrics-port", "0", "--store", store],
+         "--metrics-port", str(metrics_port), "--store", store],
         work / "server.log",
     )  # fmt: skip
     try:
         address = server.wait_ready()
         counts = replay(address, days)
+        time.sleep(1.0)  # the last impressions are written every 0.5 s
+        report = json.loads(report_of(cli, config, store, work))
+        problems = dashboard(metrics_port, work, report)
     finally:
         server.stop()
     print(
@@ -218,20 +283,42 @@ def main() -> int:
         f"{counts['recorded']:,} purchases recorded",
         flush=True,
     )
-    report = subprocess.run(
-        [*cli, "experiments", "report", "--config", str(config), "--store", store, "--json",
-         "--html", str(work / "report.html")],
-        check=True, cwd=ROOT, capture_output=True, text=True,
-    ).stdout  # fmt: skip
-    (work / "report.json").write_text(report)
+    report = json.loads(report_of(cli, config, store, work))  # after the server wrote all
+    (work / "report.json").write_text(json.dumps(report, indent=2))
     (work / "counts.json").write_text(json.dumps(counts))
     print(
         subprocess.run(
             [*cli, "experiments", "report", "--config", str(config), "--store", store],
-            check=True, cwd=ROOT, capture_output=True, text=True,
+            check=True,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
         ).stdout  # fmt: skip
     )
-    return 1 if counts["failed"] else 0
+    problems += check_report(report, independent_count(store_path, "replay", args.attribution_days))
+    print(
+        "the report equals an independent SQL count of the stored impressions and purchases; "
+        "the live /dashboard shows the same experiment figures"
+        if not problems
+        else "MISMATCH: " + "; ".join(problems)
+    )
+    return 1 if counts["failed"] or problems else 0
+
+
+def report_of(cli: list[str], config: Path, store: str, work: Path) -> str:
+    return subprocess.run(
+        [*cli, "experiments", "report", "--config", str(config), "--store", store, "--json",
+         "--html", str(work / "report.html")],
+        check=True, cwd=ROOT, capture_output=True, text=True,
+    ).stdout  # fmt: skip
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 if __name__ == "__main__":
