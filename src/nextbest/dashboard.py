@@ -188,7 +188,13 @@ def render(f: dict) -> str:
     parts.append(f'<section id="consent"><h2>Consent (last {c["days"]} days)</h2>')
     parts.append(
         _table(
-            ["personalization granted now", "withheld now", "granted", "withdrawn", "erased"],
+            [
+                "personalization granted (records now)",
+                "withheld (records now)",
+                "values granted",
+                "values withdrawn",
+                "customers erased",
+            ],
             [
                 [
                     c["personalization_granted"],

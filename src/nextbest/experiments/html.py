@@ -63,6 +63,7 @@ def experiments_section(reports: Sequence[ExperimentReport]) -> str:
         for a in r.arms:
             lift = a.purchases_lift
             churn = "n/a" if a.churn_rate is None else f"{a.churn_rate:.3f}"
+            ci = "" if lift.low is None else f"{_pct(lift.low)} to {_pct(lift.high)}"
             parts.append(
                 f'<tr data-variant="{escape(a.variant)}"><td>{escape(a.variant)}'
                 f"{' (control)' if a.control else ''}</td><td>{a.share:.2f}</td>"
@@ -73,7 +74,7 @@ def experiments_section(reports: Sequence[ExperimentReport]) -> str:
                 f"<td>{a.value_per_customer:.2f}</td><td>{a.conversion:.3f}</td>"
                 f"<td>{a.repeat_rate:.3f}</td><td>{churn}</td>"
                 f'<td class="lift">{_pct(lift.value)}</td>'
-                f'<td class="ci">{_pct(lift.low)} to {_pct(lift.high)}</td>'
+                f'<td class="ci">{ci}</td>'
                 f"<td>{'yes' if lift.significant else 'no'}</td></tr>"
             )
         parts.append("</table>")
