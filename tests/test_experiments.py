@@ -477,3 +477,36 @@ def test_answers_without_attribution_ids_compare_equal(own) -> None:
         running.stop(0)
     assert a.attribution_id != b.attribution_id
     assert answer_only(a) == answer_only(b)
+
+
+def test_the_report_attributes_purchases_of_a_training_file_too(own) -> None:
+    """`--events FILE`: purchases in the next training data count; one also recorded through
+    Events counts once."""
+    with_experiment(own)
+    running = start(own)
+    try:
+        answers = {c: ask(running.port, c) for c in ("c002", "c003", "c004", "c005")}
+        running.impressions.flush()
+        t = now() + dt.timedelta(minutes=1)
+        first = [(c, r.items[0].product_id, t, 1.0) for c, r in answers.items()]
+        assert record(running.port, first[:2]) == 2
+    finally:
+        running.stop(0)
+    before = arms_of(report(own, store_url(own)))
+    path = own / "next-training.csv"
+    lines = ["customer_id,product_id,timestamp,event_type,quantity,value"]
+    lines += [f"{c},{p},{at.isoformat()},purchase,1,1.0" for c, p, at, _ in first]
+    path.write_text("\n".join(lines) + "\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "nextbest.cli", "experiments", "report", "--json"]
+        + ["--config", str(own / "nextbest.toml"), "--store", store_url(own)]
+        + ["--events", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    after = arms_of(json.loads(done.stdout))
+    total = sum(a["attributed_purchases"] for a in before.values())
+    assert total == 2
+    assert sum(a["attributed_purchases"] for a in after.values()) == 4

@@ -734,6 +734,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--store", help="store URL (default serve.store)")
     q.add_argument("--json", action="store_true", help="print the report as JSON")
     q.add_argument("--html", metavar="FILE", help="also write the report as an HTML page")
+    q.add_argument(
+        "--events",
+        metavar="FILE",
+        help="also attribute the purchases of this events file (the next training data); one "
+        "also recorded through Events counts once",
+    )
     q.set_defaults(func=cmd_experiments_report)
 
     p = sub.add_parser("models", help="list, promote or roll back model versions")
@@ -750,8 +756,14 @@ def cmd_experiments_report(args: argparse.Namespace) -> int:
     from nextbest.store.consent_store import open_store
 
     settings = _settings(args)
+    more = []
+    if args.events:
+        from nextbest.data.readers import read_events
+        from nextbest.experiments.attribution import purchases_of
+
+        more = purchases_of(read_events(args.events)[0])
     with open_store(args.store or settings.serve.store) as store:
-        reports = store_report(settings, store)
+        reports = store_report(settings, store, more)
     if args.html:
         page = (
             "<!doctype html><html><head><meta charset='utf-8'><title>nextbest experiments"

@@ -237,15 +237,19 @@ def report_json(reports: Sequence[ExperimentReport]) -> dict:
     }
 
 
-def store_report(settings, store) -> list[ExperimentReport]:
+def store_report(settings, store, more: Sequence[Purchase] = ()) -> list[ExperimentReport]:
     """The report of `settings.experiments` from everything the store holds (impressions and
-    recorded purchases)."""
+    recorded purchases), plus the purchases `more` (of a training data file, say); a purchase
+    in both (same customer, product and time) counts once."""
     from nextbest.experiments.attribution import purchases_of
 
+    recorded = purchases_of(store.events())
+    seen = {(p.customer_id, p.product_id, p.at) for p in recorded}
+    extra = [p for p in more if (p.customer_id, p.product_id, p.at) not in seen]
     return experiment_report(
         settings.experiments,
         store.impressions(),
-        purchases_of(store.events()),
+        [*recorded, *extra],
         horizon_days=settings.lifecycle.horizon_days,
     )
 
