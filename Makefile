@@ -56,7 +56,7 @@ install-spark: $(VENV)/.installed-spark
 install-all: install-dev install-report install-spark
 
 # Headless Chromium renders the evaluation report in tests/test_report.py: Debian's `chromium`
-# package, installed here when missing (as root, else through sudo). Under CI=true the test fails
+# package, installed here when missing (as root, else through sudo). When CI is true the test fails
 # without it; elsewhere it skips and says why.
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 chromium:
@@ -66,11 +66,11 @@ chromium:
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; }
 
 # The Node.js example client's packages (examples/node, pinned by its package-lock.json), for
-# tests/test_node_client.py. Without npm: an error under CI=true; elsewhere a warning (the test skips).
+# tests/test_node_client.py. Without npm: an error when CI is true (true, 1 or yes); elsewhere a warning (the test skips).
 NODE_DEPS := examples/node/node_modules/.package-lock.json
 $(NODE_DEPS): examples/node/package.json examples/node/package-lock.json
 	@command -v npm >/dev/null || { \
-		if [ "$$CI" = true ]; then echo "error: npm not found (Node.js 20+ is required in CI)"; exit 1; fi; \
+		case "$${CI,,}" in 1|true|yes) echo "error: npm not found (Node.js 20+ is required in CI)"; exit 1;; esac; \
 		echo "warning: npm not found: the Node.js client tests will be skipped"; exit 0; }; \
 	cd examples/node && npm ci --ignore-scripts --no-audit --no-fund && touch node_modules/.package-lock.json
 

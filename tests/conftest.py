@@ -23,6 +23,51 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
+# --- one skip policy: in CI nothing is skipped ---------------------------------------------------
+
+
+def in_ci() -> bool:
+    """Is `CI` set to a true value (true, 1 or yes, any case)? `.ci/run` sets CI=true."""
+    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+def _skip_fails_in_ci(report) -> None:
+    if report.skipped and in_ci() and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
+        report.outcome = "failed"
+        report.longrepr = f"CI={os.environ['CI']}: a skip is a failure in CI ({reason})"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Under CI every skip (a missing PostgreSQL, Java, node or chromium) fails the test."""
+    outcome = yield
+    _skip_fails_in_ci(outcome.get_result())
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    """...and so does a module skipped as a whole."""
+    outcome = yield
+    _skip_fails_in_ci(outcome.get_result())
+
+
+def readme_roles() -> dict[str, str | None]:
+    """The README's role table: service → the role it needs (None = open; key `*` = any other
+    service). Read from the README, not from `nextbest.auth`, so a changed role in the code
+    fails the tests that use it."""
+    text = (REPO / "README.md").read_text()
+    start = text.index("| service | role |")
+    roles: dict[str, str | None] = {}
+    for line in text[start:].splitlines()[2:]:
+        if not line.startswith("|"):
+            break
+        service, role = (cell.strip() for cell in line.strip("|").split("|"))
+        key = "*" if service == "any other service" else service.strip("`")
+        roles[key] = None if role == "open" else role.split()[0].strip("`")
+    return roles
+
+
 def synthetic_events(
     n_customers: int = 80, n_products: int = 40, days: int = 120, seed: int = 7
 ) -> pa.Table:
@@ -246,21 +291,21 @@ def workdir(tmp_path_factory) -> Path:
     return d
 
 
-PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
-"""The machine's (and CI's) PostgreSQL: trust auth, database `test`."""
+PG_URL = os.environ.get("NEXTBEST_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
+"""The PostgreSQL of the tests, the one setting every test reads: `NEXTBEST_TEST_POSTGRES`, by
+default the machine's (and CI's) at 127.0.0.1:5432 (trust auth, database `test`)."""
 
 
 @pytest.fixture
 def pg_schema():
-    """A fresh PostgreSQL schema name (dropped afterwards); fails in CI when PG is unreachable."""
+    """A fresh PostgreSQL schema name (dropped afterwards); skipped when PG is unreachable (a
+    failure in CI: see `pytest_runtest_makereport`)."""
     from nextbest.store.consent_store import StoreError, open_store
 
     schema = f"nextbest_test_{uuid.uuid4().hex[:10]}"
     try:
         open_store(f"{PG_URL}?schema={schema}").close()
     except StoreError as exc:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"PostgreSQL is required in CI: {exc}")
         pytest.skip(f"PostgreSQL not reachable: {exc}")
     yield schema
     import psycopg

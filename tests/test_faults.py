@@ -2,8 +2,10 @@
 `kill -9` of `nextbest train` while it publishes, `kill -9` of the server right after it
 acknowledged writes (SQLite and PostgreSQL), and a PostgreSQL store cut off mid-run behind a TCP
 proxy: answers fail closed to non-personal ones, writes are UNAVAILABLE, and personal answers come
-back when the store does, without a restart. Nothing is mocked: every process is the real CLI and
-every kill is SIGKILL."""
+back when the store does, without a restart. Every process is the real CLI, every kill is SIGKILL
+and the outage is a real cut connection; one in-process test
+(`test_any_store_read_failing_for_an_answer_makes_it_non_personal`) replaces one store read at a
+time with a function that raises the store's error, to fail each read alone."""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 import urllib.request
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -600,9 +603,12 @@ class StoreProxy:
 
 @pytest.fixture
 def proxied_store(pg_schema):
-    proxy = StoreProxy(("127.0.0.1", 5432))
+    pg = urllib.parse.urlsplit(PG_URL)
+    proxy = StoreProxy((pg.hostname or "127.0.0.1", pg.port or 5432))
     proxy.start()
-    yield proxy, f"postgresql://postgres@127.0.0.1:{proxy.port}/test?schema={pg_schema}"
+    user = f"{pg.username}@" if pg.username else ""
+    through = pg._replace(netloc=f"{user}127.0.0.1:{proxy.port}", query=f"schema={pg_schema}")
+    yield proxy, through.geturl()
     proxy.close()
 
 
@@ -732,8 +738,8 @@ def test_store_outage_fails_closed_and_recovers_without_a_restart(
         logged = server.wait_log(r"consent store unreadable", since=mark).string
         outage_lines = [x for x in server.err[mark:] if "consent store" in x]
         assert not any(re.search(r"\bc0\d\d\b", x) for x in outage_lines), outage_lines
-        slowest = max(timings.values())
-        assert slowest < 10, timings  # failing closed is quick: the connection is refused
+        # No wall-clock bound here (a loaded machine is slow): a write that hung instead of
+        # failing closed would end DEADLINE_EXCEEDED at its 30 s deadline, not UNAVAILABLE.
         print(f"store cut: {logged}\nanswer times: {timings}")
 
         proxy.restore()

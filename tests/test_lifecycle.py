@@ -448,9 +448,9 @@ def test_readme_walkthrough_in_node(lifecycle_running, tmp_path):
     node = shutil.which("node")
     client_dir = Path(__file__).resolve().parents[1] / "examples" / "node"
     if node is None or not (client_dir / "node_modules").exists():
-        if os.environ.get("CI") == "true":
-            pytest.fail("node and examples/node/node_modules are required in CI (make test)")
-        pytest.skip("needs node and examples/node/node_modules (`make test` installs them)")
+        pytest.skip(  # a failure in CI (conftest.py)
+            "needs node and examples/node/node_modules (`make test` installs them)"
+        )
     script = client_dir / f".readme-walkthrough-{os.getpid()}.js"  # beside node_modules
     script.write_text(as_fixture(walkthrough_block("```js\n"), lifecycle_running.port))
     try:

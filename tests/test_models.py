@@ -28,7 +28,7 @@ class CFContract:
     kind = ""
 
     def fit(self) -> tuple[CFModel, sp.csr_matrix]:
-        settings = load_settings(None).with_overrides(
+        settings = load_settings(None, environ={}).with_overrides(
             "train",
             als_factors=2,
             als_iterations=30,
@@ -110,7 +110,7 @@ class TestBM25(CFContract):
 def test_als_fold_in_reproduces_a_users_factors():
     """Folding in a known user's own row gives nearly the factors ALS learned for them (not
     exactly: ALS's last half-step moved the item factors after the user factors)."""
-    settings = load_settings(None).with_overrides(
+    settings = load_settings(None, environ={}).with_overrides(
         "train", als_factors=2, als_iterations=30, num_threads=1
     )
     matrix = tiny_matrix()

@@ -44,9 +44,7 @@ def node() -> str:
         missing = "examples/node/node_modules is missing: `make test` runs `npm ci` there"
     else:
         return path
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"{missing}; required in CI")
-    pytest.skip(missing)
+    pytest.skip(missing)  # a failure in CI (conftest.py)
 
 
 def run(node: str, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:

@@ -28,7 +28,6 @@ from nextbest.evaluation import (
 from nextbest.report import active_days_histogram, cohort_retention
 
 NEXTBEST = [sys.executable, "-m", "nextbest.cli"]
-IN_CI = os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
 
 
 def test_metric_curves_are_the_metrics_of_every_prefix():
@@ -126,9 +125,7 @@ def _chromium() -> str:
     path = shutil.which(os.environ.get("CHROMIUM", "chromium"))
     if path is None:
         reason = "chromium is not installed (`make chromium` installs Debian's package)"
-        if IN_CI:
-            pytest.fail(f"{reason}; CI=true: the report must be rendered in CI")
-        pytest.skip(reason)
+        pytest.skip(reason)  # a failure in CI (conftest.py)
     return path
 
 

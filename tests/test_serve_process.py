@@ -12,9 +12,14 @@ from pathlib import Path
 import grpc
 import pytest
 from conftest import store_url
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from nextbest.v1 import recommender_pb2 as pb
 from nextbest.v1 import recommender_pb2_grpc as rpb
+
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 def start_server(workdir: Path) -> tuple[subprocess.Popen, str]:
@@ -52,8 +57,10 @@ def stop(proc: subprocess.Popen) -> None:
     proc.stderr.close()
 
 
-def test_sigterm_drains_a_stream_in_flight(workdir):
-    proc, address = start_server(workdir)
+def test_sigterm_drains_a_stream_in_flight(own):
+    # Its own copy of the store: the impressions this server records must not reach the
+    # session's store (they made tests/test_events.py's fatigue test fail when run after it).
+    proc, address = start_server(own)
     sent = threading.Event()
 
     def slow_requests():
@@ -63,14 +70,37 @@ def test_sigterm_drains_a_stream_in_flight(workdir):
                 sent.set()
             time.sleep(0.02)
 
+    health_seen = []  # (status, time) of each health update
+
+    def watch_health(channel):
+        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest())
+        try:
+            for update in watch:
+                health_seen.append((update.status, time.monotonic()))
+                if update.status == NOT_SERVING:
+                    watch.cancel()  # an open watch would hold the drain for serve.grace_s
+        except grpc.RpcError:
+            pass  # cancelled
+
     try:
         with grpc.insecure_channel(address) as channel:
             stub = rpb.RecommenderStub(channel)
+            watcher = threading.Thread(target=watch_health, args=(channel,), daemon=True)
+            watcher.start()
             responses = stub.StreamRecommendations(slow_requests(), timeout=30)
             assert sent.wait(10)
             proc.send_signal(signal.SIGTERM)
-            got = [r.request_id for r in responses]
+            got = []
+            for r in responses:
+                got.append(r.request_id)
+                last_answer = time.monotonic()
             assert got == [str(k) for k in range(60)]
+            # Health went NOT_SERVING while the stream was still being answered (draining).
+            watcher.join(30)
+            statuses = [status for status, _ in health_seen]
+            assert statuses[:1] == [SERVING] and NOT_SERVING in statuses, statuses
+            went_down = next(t for status, t in health_seen if status == NOT_SERVING)
+            assert went_down < last_answer
             # Once drained the server is gone: new calls are refused, never half-answered.
             with pytest.raises(grpc.RpcError) as info:
                 for _ in range(50):
