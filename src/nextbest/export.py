@@ -40,6 +40,7 @@ __all__ = [
     "export_customer",
     "assemble",
     "iso",
+    "to_json",
 ]
 
 SCHEMA_VERSION = 1
@@ -290,4 +291,5 @@ def assemble(chunks: Iterable[tuple[str, object, bool]]) -> dict:
 
 
 def to_json(document: dict) -> str:
+    """The document as the export file holds it."""
     return json.dumps(document, indent=2, sort_keys=False) + "\n"
