@@ -18,8 +18,8 @@ import jsonschema
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import test_lifecycle
 from conftest import PG_URL, served_settings, store_url
-from test_lifecycle import lifecycle_running  # noqa: F401 - the fixture
 from test_security import TOKENS, Pki, secure_settings
 
 from nextbest.client import Client
@@ -29,6 +29,7 @@ from nextbest.store.artifacts import current_version
 from nextbest.v1 import consent_pb2, consent_pb2_grpc, events_pb2
 from nextbest.v1 import lifecycle_pb2 as lpb
 
+lifecycle_running = test_lifecycle.lifecycle_running  # the fixture: a model with lifecycle state
 SCHEMA = json.loads(SCHEMA_PATH.read_text())
 EPOCH = dt.datetime(1970, 1, 1)
 PURPOSES = ("personalization", "behavioral", "sensitive")
