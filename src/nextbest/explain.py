@@ -184,13 +184,22 @@ def _absent(
     """(rule, detail) of a product the answer does not hold, in the order the stages run."""
     b = model.bundle
     policy = model.settings.policy
-    recorded = bool(np.isin(item, trace.recorded)) and not query.include_purchased
-    allowed = trace.mask is None or bool(trace.mask[item])
-    if not b.item_available[item]:
+    removed = removed_by(
+        b,
+        np.asarray([item]),
+        np.isin([item], trace.bought),
+        sensitive_ok=np.asarray([trace.sensitive_ok]),
+        allowed=np.asarray([trace.mask is None or bool(trace.mask[item])]),
+        include_purchased=np.asarray([query.include_purchased]),
+        durable_repeat_rate=model.settings.serve.durable_repeat_rate,
+    )
+    if removed["unavailable"][0]:
         return "unavailable", "the catalog marks it unavailable"
-    if not allowed and recorded:
-        return "already_bought", "bought since the model was trained (include_purchased shows it)"
-    if not allowed:
+    if removed["filter"][0]:
+        if np.isin(item, trace.recorded) and not query.include_purchased:
+            return "already_bought", (
+                "bought since the model was trained (include_purchased shows it)"
+            )
         return "filter", "excluded by the request's categories or exclude_product_ids"
     if not trace.personalized:
         rule = "consent" if why in _CONSENT_REASONS else "outranked"
@@ -198,16 +207,7 @@ def _absent(
             f"not personalized ({why}): the answer holds best sellers only, and this product "
             f"is not among the first {query.limit}"
         )
-    rules = removed_by(
-        b,
-        np.asarray([item]),
-        np.isin([item], trace.bought),
-        sensitive_ok=np.asarray([trace.sensitive_ok]),
-        allowed=np.asarray([allowed]),
-        include_purchased=np.asarray([query.include_purchased]),
-        durable_repeat_rate=model.settings.serve.durable_repeat_rate,
-    )
-    if rules["durable_bought"][0]:
+    if removed["durable_bought"][0]:
         return "already_bought", (
             "a durable the customer already bought: almost nobody buys it twice "
             "(include_purchased shows it)"
@@ -218,7 +218,7 @@ def _absent(
         )
     v = trace.valued
     if not v.kept[position]:
-        if v.tired[position] and v.value[position] / v.fatigue[position] >= policy.min_value:
+        if v.tired[position] and v.before_fatigue[position] >= policy.min_value:
             return "fatigue", (
                 f"shown {int(v.shown[position])} times in {policy.fatigue_days:g} days without "
                 f"a click or purchase: demoted to a value below {policy.min_value:g}"

@@ -36,7 +36,10 @@ class Valued:
     """Shown at least policy.fatigue_impressions times: demoted."""
     fatigue: np.ndarray
     """The factor fatigue applied: policy.fatigue_demotion for tired candidates, else 1."""
+    before_fatigue: np.ndarray
+    """(relevance − privacy_loss) × trust."""
     value: np.ndarray
+    """before_fatigue × fatigue."""
     kept: np.ndarray
     """value ≥ policy.min_value."""
 
@@ -54,7 +57,8 @@ def value_terms(
     loss = sensitivity * exposure
     tired = shown >= policy.fatigue_impressions
     fatigue = np.where(tired, policy.fatigue_demotion, 1.0)
-    value = (relevance - loss) * trust * fatigue
+    before_fatigue = (relevance - loss) * trust
+    value = before_fatigue * fatigue
     return Valued(
         relevance=relevance,
         privacy_loss=loss,
@@ -62,6 +66,7 @@ def value_terms(
         shown=shown,
         tired=tired,
         fatigue=fatigue,
+        before_fatigue=before_fatigue,
         value=value,
         kept=value >= policy.min_value,
     )

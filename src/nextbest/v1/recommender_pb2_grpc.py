@@ -101,7 +101,7 @@ class RecommenderServicer:
         (the answer to the same request, computed by the same code): its evidence, the value rule's
         terms and result, or the rule that removed it. For a customer without `sensitive` consent a
         sensitive product is never described: `removed_by` is RULE_SENSITIVITY and nothing else of
-        the product is said (not even its id).
+        the product is said (not even its id). Nothing is recorded as shown (no impressions).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
