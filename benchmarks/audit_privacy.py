@@ -100,6 +100,9 @@ tune = false
 [serve]
 metrics_port = 0
 insecure = true
+# The audit checks privacy, not capacity: its 8 concurrent calls wait for a worker on a busy
+# machine instead of being refused by admission control (100 ms by default).
+max_queue_ms = 10000
 """
 
 
