@@ -614,7 +614,7 @@ def audit_explain(
                     leaks += named_products(e, sensitive)
         audit.add("sensitive products explained (also include_purchased)", pop, asked)
         if group == "no":
-            audit.add("... hidden (RULE_SENSITIVITY, no product id)", pop, asked - hidden, "= 0")
+            audit.add("... not hidden (RULE_SENSITIVITY, no id)", pop, asked - hidden, "= 0")
             audit.add("... described (id, title, reasons or terms)", pop, described, "= 0")
             audit.add("... naming a sensitive product", pop, leaks, "= 0")
         else:
