@@ -18,6 +18,10 @@ laxatives, analgesics, cold and flu, cigarettes) and the SPIRITS department set 
    ScoreContent with the generated guides of the sensitive categories, inline sensitive
    candidates and non-sensitive guides, and SimilarProducts for samples of sensitive and
    non-sensitive products without a customer and with a customer of each group.
+5. ExplainRecommendation (issue #17) of every item of sampled answers (which must agree with the
+   answer) and of sensitive products (those the household bought, and others), and
+   ExportCustomerData of sampled households: nothing of either names a sensitive product to a
+   household without sensitive consent (a hidden product is named by kind only).
 
 It prints the counts with pass / FAIL per invariant and exits 1 when an invariant fails.
 
@@ -71,6 +75,9 @@ OTHER_GUIDES = 20
 IN_FLIGHT = 8
 """Concurrent unary calls of the ScoreContent and SimilarProducts checks."""
 CONSENT_TIME = "2024-01-01T00:00:00"
+EXPLAIN_SAMPLE = 100
+"""Households per group whose answers are explained item by item, and whose sensitive
+purchases (and other sensitive products) are explained too; also exported."""
 
 
 def toml_list(values: Iterable[str]) -> str:
@@ -93,6 +100,9 @@ tune = false
 [serve]
 metrics_port = 0
 insecure = true
+# The audit checks privacy, not capacity: its 8 concurrent calls wait for a worker on a busy
+# machine instead of being refused by admission control (100 ms by default).
+max_queue_ms = 10000
 """
 
 
@@ -534,6 +544,123 @@ def audit_similar(
     print(f"  SimilarProducts checks: {time.perf_counter() - t0:.1f} s", flush=True)
 
 
+def named_products(value, sensitive: set[str]) -> int:
+    """Sensitive product ids anywhere in a message's text or a JSON document: as a field's
+    value or a word of a sentence."""
+    import re
+
+    text = value if isinstance(value, str) else str(value)
+    return sum(word in sensitive for word in re.findall(r"[A-Za-z0-9_.-]+", text))
+
+
+def audit_explain(
+    audit: Audit,
+    stub,
+    pb,
+    groups: dict[str, list[str]],
+    bought: dict[str, list[str]],
+    sensitive: set[str],
+    sensitive_in_model: np.ndarray,
+) -> None:
+    """ExplainRecommendation agrees with RecommendProducts, and never describes a sensitive
+    product to a household without sensitive consent."""
+    t0 = time.perf_counter()
+    rng = np.random.default_rng(17)
+    others = [str(p) for p in rng.choice(sensitive_in_model, 3, replace=False)]
+    known = set(sensitive_in_model.tolist())
+    for group, label in (("no", "without"), ("yes", "with")):
+        ids = [c for c in groups[group] if bought.get(c)][:EXPLAIN_SAMPLE]
+        pop = f"{len(ids)} households"
+        audit.section = (
+            f"ExplainRecommendation {label} sensitive consent (households that bought sensitive "
+            "products)"
+        )
+        items = disagree = leaks = 0
+        for c in ids:
+            answer = stub.RecommendProducts(
+                pb.RecommendProductsRequest(customer_id=c, limit=LIMIT), timeout=30
+            )
+            for rank, item in enumerate(answer.items, 1):
+                e = stub.ExplainRecommendation(
+                    pb.ExplainRecommendationRequest(
+                        customer_id=c, product_id=item.product_id, limit=LIMIT
+                    ),
+                    timeout=30,
+                )
+                items += 1
+                disagree += not (e.in_answer and e.rank == rank and e.score == item.score)
+                disagree += list(e.reasons) != list(item.reasons)
+                leaks += named_products(e, sensitive)
+        audit.add("items of the answers explained", pop, items)
+        audit.add("explanations that disagree with the answer", pop, disagree, "= 0")
+        expect = "= 0" if group == "no" else ""
+        audit.add("... naming a sensitive product", pop, leaks, expect)
+        asked = hidden = described = leaks = 0
+        for c in ids:
+            for product in [*[p for p in bought[c] if p in known][:3], *others]:
+                for purchased in (False, True):
+                    e = stub.ExplainRecommendation(
+                        pb.ExplainRecommendationRequest(
+                            customer_id=c,
+                            product_id=product,
+                            limit=LIMIT,
+                            include_purchased=purchased,
+                        ),
+                        timeout=30,
+                    )
+                    asked += 1
+                    hidden += e.removed_by == pb.RULE_SENSITIVITY and not e.product_id
+                    described += bool(e.product_id or e.title or e.reasons or e.HasField("terms"))
+                    leaks += named_products(e, sensitive)
+        audit.add("sensitive products explained (also include_purchased)", pop, asked)
+        if group == "no":
+            audit.add("... not hidden (RULE_SENSITIVITY, no id)", pop, asked - hidden, "= 0")
+            audit.add("... described (id, title, reasons or terms)", pop, described, "= 0")
+            audit.add("... naming a sensitive product", pop, leaks, "= 0")
+        else:
+            audit.add("... described (consent given)", pop, described, "> 0")
+    print(f"  ExplainRecommendation checks: {time.perf_counter() - t0:.1f} s", flush=True)
+
+
+def audit_export(
+    audit: Audit, channel, groups: dict[str, list[str]], bought, sensitive: set[str]
+) -> None:
+    """ExportCustomerData of households that bought sensitive products: without sensitive
+    consent, no sensitive product anywhere in it and no model history used under `sensitive`."""
+    import json
+
+    from nextbest.v1 import consent_pb2 as cpb
+    from nextbest.v1 import consent_pb2_grpc
+
+    stub = consent_pb2_grpc.ConsentStub(channel)
+    t0 = time.perf_counter()
+    for group, label in (("no", "without"), ("yes", "with")):
+        ids = [c for c in groups[group] if bought.get(c)][:EXPLAIN_SAMPLE]
+        pop = f"{len(ids)} households"
+        audit.section = f"ExportCustomerData {label} sensitive consent"
+        leaks = used = impressions = 0
+        for c in ids:
+            doc: dict = {}
+            request = cpb.ExportCustomerDataRequest(customer_id=c, source="audit-privacy")
+            for chunk in stub.ExportCustomerData(request, timeout=60):
+                value = json.loads(chunk.json)
+                if chunk.page:
+                    doc.setdefault(chunk.section, []).extend(value)
+                else:
+                    doc[chunk.section] = value
+            leaks += named_products(json.dumps(doc), sensitive)
+            history = (doc.get("model") or {}).get("history") or {}
+            used += "sensitive" in history.get("purposes", [])
+            impressions += len(doc.get("impressions", []))
+        audit.add("impressions exported", pop, impressions)
+        if group == "no":
+            audit.add("exports naming a sensitive product", pop, leaks, "= 0")
+            audit.add("model history used under `sensitive`", pop, used, "= 0")
+        else:
+            audit.add("model history used under `sensitive`", pop, used, "> 0")
+    print(f"  ExportCustomerData checks: {time.perf_counter() - t0:.1f} s", flush=True)
+
+
 def audit_consent(audit: Audit, channel, groups: dict[str, list[str]]) -> None:
     """Consent.GetConsent agrees with the file for a sample of each group."""
     from nextbest.v1 import consent_pb2 as cpb
@@ -589,6 +716,11 @@ def main() -> int:
     households = sorted(pc.unique(events["customer_id"]).to_pylist())
     on_sensitive = pc.is_in(events["product_id"], pa.array(sensitive_ids))
     buyers = set(pc.unique(events["customer_id"].filter(on_sensitive)).to_pylist())
+    bought: dict[str, list[str]] = {}
+    on = events.filter(on_sensitive)
+    for c, p in zip(on["customer_id"].to_pylist(), on["product_id"].to_pylist(), strict=True):
+        if p not in bought.setdefault(c, []):
+            bought[c].append(p)
     groups = {"no": households[0::2], "yes": households[1::2]}
     print(
         f"{len(households):,} households: {len(groups['no']):,} personalization only (even rank "
@@ -677,6 +809,8 @@ def main() -> int:
             audit_similar(
                 audit, stub, pb, groups, model_items, sensitive, buyers, args.similar_sample
             )
+            audit_explain(audit, stub, pb, groups, bought, sensitive, sensitive_in_model)
+            audit_export(audit, channel, groups, bought, sensitive)
     finally:
         server.stop()
 

@@ -17,6 +17,8 @@
 //   node client.js score --customer c004 --content guide-home --content news-p020
 //   node client.js stream --customer c004 --customer c005 [--customers-file ids.txt]
 //   node client.js similar --product p004 [--product p006] [--limit 5]
+//   node client.js explain --customer c004 --product p006 [--limit 5 --channel web ...]
+//   node client.js export --customer c004 --source preference-centre
 //
 // Connection options (every command): --address HOST:PORT (NEXTBEST_ADDRESS, 127.0.0.1:50051),
 // --ca-file PEM (NEXTBEST_CA_FILE: TLS trusting this CA), --tls (TLS trusting the system CAs),
@@ -42,6 +44,10 @@ commands (each answer is one JSON line on stdout):
              checked to come in request order
   score      Recommender.ScoreContent             --customer ID --content ID ... [--channel C]
   similar    Recommender.SimilarProducts          --product ID ... [--limit N] [--customer ID]
+  explain    Recommender.ExplainRecommendation    --customer ID --product ID [filters]: why the
+             product is or is not in the answer RecommendProducts gives with these filters
+  export     Consent.ExportCustomerData           --customer ID --source WHO: everything held
+             about the customer, the streamed sections assembled into one JSON document
 
 filters: --limit N  --channel email|web|app  --include-category C ...  --exclude-category C ...
          --exclude-product ID ...  --include-purchased  --request-id ID (recommend only)
@@ -82,6 +88,7 @@ const OPTIONS = {
   'request-id': { type: 'string' },
   content: { type: 'string', multiple: true },
   product: { type: 'string', multiple: true },
+  source: { type: 'string' },
 };
 const CONNECTION = ['help', 'address', 'ca-file', 'tls', 'client-cert', 'client-key', 'token',
   'timeout', 'protos'];
@@ -93,6 +100,8 @@ const COMMANDS = {
   stream: ['customer', 'customers-file', ...FILTERS],
   score: ['customer', 'content', 'channel'],
   similar: ['product', 'limit', 'customer'],
+  explain: ['customer', 'product', ...FILTERS],
+  export: ['customer', 'source'],
 };
 const CHANNELS = { email: 'CHANNEL_EMAIL', web: 'CHANNEL_WEB', app: 'CHANNEL_APP' };
 const LOADER_OPTIONS = {
@@ -108,6 +117,8 @@ const METHOD = {
   stream: 'nextbest.v1.Recommender/StreamRecommendations',
   score: 'nextbest.v1.Recommender/ScoreContent',
   similar: 'nextbest.v1.Recommender/SimilarProducts',
+  explain: 'nextbest.v1.Recommender/ExplainRecommendation',
+  export: 'nextbest.v1.Consent/ExportCustomerData',
 };
 
 class UsageError extends Error {}
@@ -209,7 +220,8 @@ function load(protos) {
     throw new UsageError(`--protos: ${recommender} not found`);
   }
   const health = require.resolve('grpc-health-check/proto/health/v1/health.proto');
-  const files = ['nextbest/v1/recommender.proto', 'health/v1/health.proto'];
+  const files = ['nextbest/v1/recommender.proto', 'nextbest/v1/consent.proto',
+    'health/v1/health.proto'];
   const definition = protoLoader.loadSync(files, {
     ...LOADER_OPTIONS,
     includeDirs: [protos, path.resolve(path.dirname(health), '..', '..')],
@@ -248,7 +260,7 @@ const RETRY_OPTIONS = {
   'grpc.enable_retries': 1,
   'grpc.service_config': JSON.stringify({
     methodConfig: [{
-      name: [{ service: 'nextbest.v1.Recommender' }],
+      name: [{ service: 'nextbest.v1.Recommender' }, { service: 'nextbest.v1.Consent' }],
       retryPolicy: {
         maxAttempts: 4,
         initialBackoff: '0.1s',
@@ -268,11 +280,13 @@ function connect(opts) {
   }
   let recommender;
   let health;
+  let consent;
   try {
     recommender = new loaded.nextbest.v1.Recommender(opts.address, creds, RETRY_OPTIONS);
-    // One channel (one connection) for both services.
+    // One channel (one connection) for every service.
     const channelOverride = recommender.getChannel();
     health = new loaded.grpc.health.v1.Health(opts.address, creds, { channelOverride });
+    consent = new loaded.nextbest.v1.Consent(opts.address, creds, { channelOverride });
   } catch (err) {
     throw new UsageError(`--address: ${err.message}`);
   }
@@ -282,7 +296,9 @@ function connect(opts) {
     return md;
   };
   const deadline = () => Date.now() + opts.timeoutS * 1000;
-  return { recommender, health, metadata, deadline, close: () => recommender.close() };
+  return {
+    recommender, health, consent, metadata, deadline, close: () => recommender.close(),
+  };
 }
 
 function statusName(code) {
@@ -390,6 +406,39 @@ async function similar(conn, opts) {
   emit(METHOD.similar, response);
 }
 
+async function explain(conn, opts) {
+  const request = {
+    customer_id: one(opts.values, 'customer'),
+    product_id: one(opts.values, 'product'),
+    ...filters(opts.values),
+  };
+  const response = await unary(conn, conn.recommender, 'ExplainRecommendation', request,
+    METHOD.explain, opts);
+  emit(METHOD.explain, response);
+}
+
+/** The export's sections, streamed, assembled into the one JSON document: "export" holds the
+ * top-level fields, a `page` chunk is appended to its list, any other chunk is the value. */
+function exportData(conn, opts) {
+  const request = { customer_id: one(opts.values, 'customer'), source: opts.values.source || '' };
+  return new Promise((resolve, reject) => {
+    const call = conn.consent.ExportCustomerData(request, conn.metadata(),
+      { deadline: conn.deadline() });
+    const document = {};
+    call.on('data', (chunk) => {
+      const value = JSON.parse(chunk.json);
+      if (chunk.section === 'export') Object.assign(document, value);
+      else if (chunk.page) document[chunk.section] = (document[chunk.section] || []).concat(value);
+      else document[chunk.section] = value;
+    });
+    call.on('error', (err) => reject(describe(METHOD.export, err, opts)));
+    call.on('end', () => {
+      emit(METHOD.export, document);
+      resolve();
+    });
+  });
+}
+
 function customersOf(values) {
   const customers = [...(values.customer || [])];
   const file = values['customers-file'];
@@ -456,7 +505,7 @@ function stream(conn, opts) {
   });
 }
 
-const RUN = { health, recommend, score, similar, stream };
+const RUN = { health, recommend, score, similar, stream, explain, export: exportData };
 
 async function main(argv, env) {
   let conn = null;

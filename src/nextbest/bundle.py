@@ -77,6 +77,9 @@ class ModelBundle:
     cf_candidates: np.ndarray | None = None
     """(n_users, candidate pool) int32: each customer's CF model top new products, -1 padded,
     computed once by the trainer (`scoring.cf_candidates_for`); None: computed at load."""
+    history: object | None = None
+    """The `history.CustomerHistory` (each customer's learned period and purposes); None for a
+    model published without one."""
 
     @property
     def version(self) -> str:

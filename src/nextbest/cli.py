@@ -716,9 +716,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--roles", required=True, help="comma-separated: recommend, consent, admin")
     p.set_defaults(func=cmd_token)
 
-    p = sub.add_parser("consent", help="import, show or forget customers' consent in the store")
-    p.add_argument("action", choices=("import", "get", "audit", "forget"))
-    p.add_argument("target", help="import: a consent file; get / audit / forget: a customer id")
+    p = sub.add_parser(
+        "consent", help="import, show, export or forget customers' consent and data in the store"
+    )
+    p.add_argument("action", choices=("import", "get", "audit", "forget", "export"))
+    p.add_argument(
+        "target", help="import: a consent file; get / audit / forget / export: a customer id"
+    )
+    p.add_argument(
+        "--output",
+        help="export: the JSON file to write (everything held about the customer, "
+        "src/nextbest/schemas/customer-export.v1.schema.json)",
+    )
+    p.add_argument("--models-dir", help="export: the served models (default serve.models_dir)")
     p.add_argument("--store", help="consent store URL (default serve.store)")
     p.add_argument("--config", help="TOML config file")
     p.add_argument(
@@ -862,6 +872,8 @@ def cmd_consent(args: argparse.Namespace) -> int:
                     f"  {r.changed_at.isoformat()}  {r.purpose:<16} {state(r.old_granted):>7} -> "
                     f"{state(r.new_granted):<7} by {r.source}"
                 )
+        elif args.action == "export":
+            _export(args, settings, store)
         else:
             done = store.forget(args.target, source=args.source)
             print(
@@ -873,6 +885,36 @@ def cmd_consent(args: argparse.Namespace) -> int:
     finally:
         store.close()
     return 0
+
+
+def _export(args: argparse.Namespace, settings: Settings, store) -> None:
+    """`nextbest consent export`: what a server on this store and model would export."""
+    from nextbest.export import ExportContext, assemble, export_customer, to_json
+    from nextbest.service import ServedModel, store_consent
+    from nextbest.store.artifacts import load_bundle
+
+    if not args.output or not str(args.output).lower().endswith(".json"):
+        raise ConfigError("--output: export needs a .json file to write")
+    default_allow = settings.policy.default_consent == "allow"
+    models_dir = args.models_dir or settings.serve.models_dir
+    model = None
+    if Path(models_dir, "CURRENT").exists():
+        model = ServedModel(
+            load_bundle(models_dir),
+            settings,
+            store_consent(store, default_allow),
+            erased=list(store.tombstones()),
+            events=store.events,
+            impressions=store.unanswered_impressions,
+        )
+    ctx = ExportContext.create(
+        store, model, args.target, default_allow=default_allow, client="cli", source=args.source
+    )
+    document = assemble(export_customer(ctx))
+    Path(args.output).write_text(to_json(document))
+    held = [k for k, v in document.items() if isinstance(v, list)]
+    counts = ", ".join(f"{len(document[k])} {k.replace('_', ' ')}" for k in held)
+    print(f"exported customer {args.target} to {args.output}: {counts or 'the tombstone only'}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -247,6 +247,25 @@ class Client:
         )
         return self._call(self.recommender.ScoreContent, request, timeout)
 
+    def explain(
+        self, customer_id: str, product_id: str, *, timeout: float | None = None, **fields
+    ) -> pb.ExplainRecommendationResponse:
+        """Why `product_id` is, or is not, in the answer `recommend(customer_id, **fields)`
+        gives now (fields as in `product_request`, without request_id)."""
+        query = self.product_request(customer_id, **fields)
+        request = pb.ExplainRecommendationRequest(
+            customer_id=customer_id,
+            product_id=product_id,
+            channel=query.channel,
+            include_categories=query.include_categories,
+            exclude_categories=query.exclude_categories,
+            exclude_product_ids=query.exclude_product_ids,
+            include_purchased=query.include_purchased,
+        )
+        if query.HasField("limit"):
+            request.limit = query.limit
+        return self._call(self.recommender.ExplainRecommendation, request, timeout)
+
     # --- Consent and Events --------------------------------------------------------------------
 
     def set_consent(
@@ -270,6 +289,23 @@ class Client:
         """Erase a customer (consent, events, factors) and leave a tombstone."""
         request = consent_pb2.ForgetCustomerRequest(customer_id=customer_id, source=source)
         return self._call(self.consent.ForgetCustomer, request, timeout)
+
+    def export(self, customer_id: str, *, source: str, timeout: float | None = 60.0) -> dict:
+        """Everything the service holds about the customer: the JSON document of
+        `src/nextbest/schemas/customer-export.v1.schema.json`, assembled from the streamed
+        sections (ExportCustomerData; the server logs the request: who asked, when)."""
+        request = consent_pb2.ExportCustomerDataRequest(customer_id=customer_id, source=source)
+        document: dict = {}
+        chunks = self.consent.ExportCustomerData(request, timeout=timeout, metadata=self._metadata)
+        for chunk in chunks:
+            value = json.loads(chunk.json)
+            if chunk.section == "export":
+                document.update(value)
+            elif chunk.page:
+                document.setdefault(chunk.section, []).extend(value)
+            else:
+                document[chunk.section] = value
+        return document
 
     def record_events(
         self, events: Iterable[events_pb2.Event], *, timeout=None

@@ -29,6 +29,7 @@ __all__ = [
     "configure_logging",
     "hash_customer_id",
     "set_hash_key",
+    "context_value",
     "FIELDS",
 ]
 
@@ -67,6 +68,11 @@ def call_context(**values: str) -> Iterator[None]:
         # A stream's generator may be closed from another thread (another context).
         with contextlib.suppress(ValueError):
             _context.reset(token)
+
+
+def context_value(key: str) -> str:
+    """The value of `key` (request_id, client) in the current call context, '' if none."""
+    return dict(_context.get()).get(key, "")
 
 
 class JsonFormatter(logging.Formatter):

@@ -30,6 +30,8 @@ __all__ = [
     "Recommendations",
     "recommend_for",
     "cf_candidates_for",
+    "CANDIDATE_RULES",
+    "removed_by",
 ]
 
 POPULAR_POOL = 50
@@ -395,6 +397,34 @@ def is_durable(bundle: ModelBundle, items: np.ndarray, *, durable_repeat_rate: f
     return (bundle.repeat.item_repeat_rate[items] < durable_repeat_rate) & ~catalog_interval
 
 
+CANDIDATE_RULES = ("unavailable", "sensitivity", "filter", "durable_bought")
+"""The rules that remove a candidate before the blend ranks (`removed_by`), in the order an
+explanation names them."""
+
+
+def removed_by(
+    bundle: ModelBundle,
+    items: np.ndarray,
+    bought: np.ndarray,
+    *,
+    sensitive_ok: np.ndarray,
+    allowed: np.ndarray,
+    include_purchased: np.ndarray,
+    durable_repeat_rate: float,
+) -> dict[str, np.ndarray]:
+    """Per candidate (item, whether the customer bought it, and per candidate: the customer's
+    sensitive consent, the request's item mask, include_purchased): rule → removed, for each of
+    CANDIDATE_RULES. The served ranking keeps the candidates no rule removes; an explanation
+    names the first rule that removed a product."""
+    durable = is_durable(bundle, items, durable_repeat_rate=durable_repeat_rate)
+    return {
+        "unavailable": ~bundle.item_available[items],
+        "sensitivity": bundle.item_sensitive[items] & ~sensitive_ok,
+        "filter": ~allowed,
+        "durable_bought": bought & durable & ~include_purchased,
+    }
+
+
 def recommend_for(
     bundle: ModelBundle,
     customer_ids: np.ndarray,
@@ -455,12 +485,20 @@ def recommend_for(
         row_masks = [(j, masks[r]) for j, r in enumerate(rows) if masks[r] is not None]
 
         def allow(c: Candidates) -> np.ndarray:
-            ok = ~blocked[c.item] & (sens_ok[c.pos] | ~bundle.item_sensitive[c.item])
+            allowed = np.ones(len(c.item), dtype=bool)
             for j, mask in row_masks:
                 mine = c.pos == j
-                ok[mine] &= mask[c.item[mine]]
-            durable = is_durable(bundle, c.item, durable_repeat_rate=durable_repeat_rate)
-            return ok & (~c.bought | ~durable | keep_bought[c.pos])
+                allowed[mine] = mask[c.item[mine]]
+            rules = removed_by(
+                bundle,
+                c.item,
+                c.bought,
+                sensitive_ok=sens_ok[c.pos],
+                allowed=allowed,
+                include_purchased=keep_bought[c.pos],
+                durable_repeat_rate=durable_repeat_rate,
+            )
+            return ~np.logical_or.reduce(list(rules.values()))
 
         p_ids, p_scores = rank_blend(
             bundle,

@@ -46,7 +46,9 @@ from nextbest.config import ServeSettings, Settings
 from nextbest.data.readers import EVENT_SCHEMA, PURCHASE, PURPOSES, RETURN
 from nextbest.errors import ConfigError, InvalidRequest, ModelError, NotFound
 from nextbest.experiments import Assignment, assigner, attribution
-from nextbest.logs import call_context, hash_customer_id
+from nextbest.explain import RULES, explain
+from nextbest.export import ExportContext, export_customer
+from nextbest.logs import call_context, context_value, hash_customer_id
 from nextbest.metrics import Metrics
 from nextbest.policy import BEHAVIORAL_EVENTS
 from nextbest.service import (
@@ -719,6 +721,69 @@ class RecommenderService(recommender_pb2_grpc.RecommenderServicer):
             experiment=_arm_pb(arm),
         )
 
+    @_unary
+    def ExplainRecommendation(self, request, context):
+        product_id = _id(request.product_id, "product_id")
+        query = product_query(_explained_request(request))
+        routed = self.holder.route(query.customer_id)  # the customer's experiment arm's answer
+        explanation, model, _, _ = self.holder.answered(
+            routed,
+            explain(routed[0], query, product_id),
+            lambda m: explain(m, query, product_id),
+        )
+        return _explanation_pb(explanation, model.version)
+
+
+def _explained_request(request) -> pb.RecommendProductsRequest:
+    """The RecommendProducts request an ExplainRecommendation request explains."""
+    out = pb.RecommendProductsRequest(
+        customer_id=request.customer_id,
+        channel=request.channel,
+        include_categories=request.include_categories,
+        exclude_categories=request.exclude_categories,
+        exclude_product_ids=request.exclude_product_ids,
+        include_purchased=request.include_purchased,
+    )
+    if request.HasField("limit"):
+        out.limit = request.limit
+    return out
+
+
+_RULES = {name: pb.Rule.Value(f"RULE_{name.upper()}") for name in RULES}
+_RULES[""] = pb.RULE_UNSPECIFIED
+
+
+def _explanation_pb(e, version: str) -> pb.ExplainRecommendationResponse:
+    out = pb.ExplainRecommendationResponse(
+        customer_id=e.customer_id,
+        product_id=e.product_id,
+        in_answer=e.in_answer,
+        rank=e.rank,
+        score=e.score,
+        personalized=e.personalized,
+        not_personalized_reason=_NOT_PERSONALIZED[e.not_personalized_reason],
+        removed_by=_RULES[e.removed_by],
+        detail=e.detail,
+        reasons=[_reason_pb(r) for r in e.reasons],
+        title=e.title,
+        category=e.category,
+        model_version=version,
+    )
+    if e.terms is not None:
+        t = e.terms
+        out.terms.CopyFrom(
+            pb.ValueTerms(
+                relevance_timeliness=t.relevance,
+                privacy_loss=t.privacy_loss,
+                trust=t.trust,
+                fatigue=t.fatigue,
+                times_shown=t.times_shown,
+                value=t.value,
+                min_value=t.min_value,
+            )
+        )
+    return out
+
 
 def model_info(model: ServedModel) -> admin_pb2.ModelInfo:
     m = model.bundle.manifest
@@ -984,6 +1049,29 @@ class ConsentService(consent_pb2_grpc.ConsentServicer):
             events_deleted=report.events,
             already_erased=report.already_erased,
         )
+
+    def ExportCustomerData(self, request, context):
+        """The export document's sections as they are read (`export.py`), after the request is
+        written to the access log."""
+        try:
+            customer_id = _id(request.customer_id, "customer_id")
+            source = _id(request.source, "source")
+            model = self.holder.current if self.holder.loaded else None
+            ctx = ExportContext.create(
+                self.store,
+                model,
+                customer_id,
+                default_allow=self.default_allow,
+                client=context_value("client"),
+                source=source,
+            )
+            for name, value, paged in export_customer(ctx):
+                yield consent_pb2.ExportCustomerDataChunk(
+                    section=name, json=json.dumps(value), page=paged
+                )
+        except (InvalidRequest, NotFound, ModelError, StoreError) as exc:
+            context.abort(*_status_of(exc))
+        logger.info("exported a customer's data (source %s)", source)
 
 
 MAX_EVENTS = 1000

@@ -47,6 +47,7 @@ from nextbest.scoring import (
     with_discovery,
 )
 from nextbest.store.consent_store import StoreError
+from nextbest.value_rule import AnswerTrace, value_terms
 
 __all__ = [
     "DEFAULT_LIMIT",
@@ -124,6 +125,8 @@ class ProductAnswer:
     """What the consent and privacy rules did to this answer, in words."""
     withheld: int = 0
     """Personalized items the privacy rule withheld (value below policy.min_value)."""
+    trace: AnswerTrace | None = field(default=None, compare=False, repr=False)
+    """How the answer was made, when asked for (`recommend(..., trace=True)`: explanations)."""
 
 
 @dataclass(frozen=True)
@@ -586,17 +589,20 @@ class ServedModel:
             mask[idx[idx >= 0]] = False
         return mask
 
-    def recommend(self, queries: list[ProductQuery]) -> list[ProductAnswer]:
-        """Answers in query order; one vectorised pass per distinct limit."""
+    def recommend(self, queries: list[ProductQuery], *, trace: bool = False) -> list[ProductAnswer]:
+        """Answers in query order; one vectorised pass per distinct limit. With `trace`, each
+        answer says how it was made (`ProductAnswer.trace`, for `explain.py`)."""
         answers: list[ProductAnswer | None] = [None] * len(queries)
         for limit in sorted({q.limit for q in queries}):
             part = [i for i, q in enumerate(queries) if q.limit == limit]
-            batch = self._recommend([queries[i] for i in part], limit)
+            batch = self._recommend([queries[i] for i in part], limit, trace)
             for i, answer in zip(part, batch, strict=True):
                 answers[i] = answer
         return answers  # type: ignore[return-value]
 
-    def _recommend(self, queries: list[ProductQuery], limit: int) -> list[ProductAnswer]:
+    def _recommend(
+        self, queries: list[ProductQuery], limit: int, trace: bool = False
+    ) -> list[ProductAnswer]:
         b = self.bundle
         customer_ids = [q.customer_id for q in queries]
         now = self.now_day()
@@ -676,6 +682,22 @@ class ServedModel:
                     not_personalized_reason=why_not[r] or slate.why_not,
                     decisions=(f"not personalized: {_words(why_not[r] or slate.why_not)}",),
                 )
+                if trace:
+                    shown_ids = chosen[:limit]
+                    answer = dataclasses.replace(
+                        answer,
+                        trace=AnswerTrace(
+                            personalized=False,
+                            sensitive_ok=bool(sensitive_ok[r]),
+                            mask=masks[r],
+                            recorded=items,
+                            bought=np.union1d(bought, items),
+                            candidates=shown_ids,
+                            valued=None,
+                            chosen=np.arange(len(shown_ids)),
+                            fetch=fetch,
+                        ),
+                    )
             else:
                 answer = self._privacy_rule(
                     shown.get(q.customer_id, {}),
@@ -689,6 +711,8 @@ class ServedModel:
                     masks[r],
                     np.union1d(bought, items),
                     limit,
+                    recorded=items if trace else None,
+                    fetch=fetch,
                 )
             out.append(answer)
         return out
@@ -788,6 +812,8 @@ class ServedModel:
         mask: np.ndarray | None,
         bought: np.ndarray,
         limit: int,
+        recorded: np.ndarray | None = None,
+        fetch: int = 0,
     ) -> ProductAnswer:
         """SPEC §5 on a personalized candidate list: value = (relevance × timeliness −
         privacy_loss) × trust, privacy_loss = sensitivity × the channel's exposure; items below
@@ -796,15 +822,22 @@ class ServedModel:
 
         `relevance` is relevance × timeliness counted once: the blend's calibrated probability
         that the customer buys the product soon, which learned the repurchase timing from its
-        features (a fold-in answer's relative CF score, which has no timing)."""
+        features (a fold-in answer's relative CF score, which has no timing). The rule itself is
+        `value_rule.value_terms`. `recorded` (the purchases recorded since training), when
+        given, asks for the answer's trace (`fetch`: how many candidates the ranking offered)."""
         policy, serve = self.settings.policy, self.settings.serve
         b = self.bundle
-        loss = self.sensitivity[items] * policy.channel_exposure[q.channel]
-        value = (relevance - loss) * trust
         times = np.asarray([shown.get(str(b.item_ids[i]), 0) for i in items], dtype=np.int64)
-        tired = times >= policy.fatigue_impressions
+        valued = value_terms(
+            relevance,
+            self.sensitivity[items],
+            policy.channel_exposure[q.channel],
+            trust,
+            times,
+            policy,
+        )
+        value, tired, keep = valued.value, valued.tired, valued.kept
         if tired.any():
-            value = np.where(tired, value * policy.fatigue_demotion, value)
             reasons = list(reasons)
             for k in np.flatnonzero(tired):
                 note = Reason(
@@ -814,7 +847,6 @@ class ServedModel:
                     days=policy.fatigue_days,
                 )
                 reasons[k] = (*reasons[k], note)
-        keep = value >= policy.min_value
         withheld = int((~keep & ~popular).sum())
         ranked = np.flatnonzero(keep)
         ranked = ranked[np.argsort(-value[ranked], kind="stable")]
@@ -855,6 +887,19 @@ class ServedModel:
             personalized=True,
             decisions=tuple(decisions),
             withheld=withheld,
+            trace=None
+            if recorded is None
+            else AnswerTrace(
+                personalized=True,
+                sensitive_ok=sensitive_ok,
+                mask=mask,
+                recorded=recorded,
+                bought=bought,
+                candidates=items,
+                valued=valued,
+                chosen=order,
+                fetch=fetch,
+            ),
         )
 
     def _recorded(self, customer_ids: list[str]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:

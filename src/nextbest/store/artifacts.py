@@ -55,6 +55,9 @@ CANDIDATES = "candidates.npy"
 LIFECYCLE = "lifecycle.npz"
 """Format 4: the lifecycle summaries and churn-risk model (optional: absent when the data could
 not fit risk); `manifest["lifecycle"]` describes it."""
+HISTORY = "history.npz"
+"""Optional in format 4: each customer's learned history (`history.CustomerHistory`: period,
+events, purposes), listed in the manifest's files when present."""
 CURRENT = "CURRENT"
 _FILES = (
     "ids.npz",
@@ -183,6 +186,9 @@ def publish(
     if bundle.lifecycle is not None:
         _save_npz(tmp / LIFECYCLE, **bundle.lifecycle.to_arrays())
         extra.append(LIFECYCLE)
+    if bundle.history is not None:
+        _save_npz(tmp / HISTORY, **bundle.history.to_arrays())
+        extra.append(HISTORY)
     _save_parquet(tmp / "catalog.parquet", bundle.catalog)
     content = bundle.content.select(CONTENT_SCHEMA.names).cast(CONTENT_SCHEMA)
     _save_parquet(tmp / "content.parquet", content)
@@ -275,6 +281,7 @@ def read_manifest(models_dir: str | Path, version: str) -> dict:
 def _verify(directory: Path, manifest: dict) -> None:
     extra = (CANDIDATES,) if manifest.get("format", 0) >= 3 else ()
     extra += (LIFECYCLE,) if "lifecycle" in manifest else ()
+    extra += (HISTORY,) if HISTORY in manifest.get("files", {}) else ()
     for name in (*_FILES, *extra):
         expected = manifest.get("files", {}).get(name)
         path = directory / name
@@ -386,7 +393,20 @@ def _read_bundle(directory: Path, manifest: dict) -> ModelBundle:
         manifest=manifest,
         cf_candidates=_load_candidates(directory, manifest, shape[0]),
         lifecycle=_load_lifecycle(directory, manifest, ids["user_ids"]),
+        history=_load_history(directory, manifest, shape[0]),
     )
+
+
+def _load_history(directory: Path, manifest: dict, n_users: int):
+    """The customers' learned history when the version has one, else None."""
+    if HISTORY not in manifest.get("files", {}):
+        return None
+    from nextbest.history import CustomerHistory
+
+    try:
+        return CustomerHistory.from_arrays(_load_npz(directory / HISTORY), n_users)
+    except (KeyError, ValueError) as exc:
+        raise ModelError(f"{directory / HISTORY}: cannot be read ({exc})") from None
 
 
 def _load_lifecycle(directory: Path, manifest: dict, user_ids: np.ndarray):

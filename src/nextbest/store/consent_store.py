@@ -62,6 +62,7 @@ __all__ = [
     "ConsentRecord",
     "AuditRecord",
     "ForgetReport",
+    "AccessRecord",
     "Store",
     "SqliteStore",
     "PostgresStore",
@@ -128,6 +129,17 @@ class ForgetReport:
     events: int
     audit_rows: int
     already_erased: bool
+
+
+@dataclass(frozen=True)
+class AccessRecord:
+    """One request for a customer's data (`what`: "export"): when, which client, which source."""
+
+    customer_id: str
+    requested_at: dt.datetime
+    what: str
+    client: str
+    source: str
 
 
 # --- validation and conversions ----------------------------------------------------------------
@@ -274,6 +286,16 @@ _TABLES = (
         erased_at {ts} NOT NULL,
         source TEXT NOT NULL
     ){strict}""",
+    """CREATE TABLE IF NOT EXISTS nextbest_access_log (
+        id {id},
+        customer_id TEXT NOT NULL,
+        requested_at {ts} NOT NULL,
+        what TEXT NOT NULL,
+        client TEXT NOT NULL,
+        source TEXT NOT NULL
+    ){strict}""",
+    """CREATE INDEX IF NOT EXISTS nextbest_access_log_customer
+        ON nextbest_access_log (customer_id, requested_at)""",
 )
 
 _EVENT_COLUMNS = 'customer_id, product_id, "timestamp", event_type, quantity, value, channel'
@@ -708,6 +730,7 @@ class Store:
                 "nextbest_events",
                 "nextbest_consent_audit",
                 "nextbest_impressions",
+                "nextbest_access_log",
             )
             for table in tables:
                 cur.execute(self._sql(f"DELETE FROM {table} WHERE customer_id = ?"), (customer_id,))
@@ -937,6 +960,92 @@ class Store:
             pa.array(cols[6], pa.string()),
         ]
         return pa.Table.from_arrays(arrays, schema=EVENT_SCHEMA)
+
+    # -- the customer data export (export.py) --------------------------------------------------
+
+    def record_access(
+        self, customer_id: str, *, what: str, client: str, source: str
+    ) -> AccessRecord:
+        """Write one request for a customer's data to the access log (durable before it
+        returns). Erasure deletes the customer's rows like their consent audit; the rows of
+        requests made after it stay (who asked, when)."""
+        _check_customer(customer_id)
+        _check_source(source)
+        record = AccessRecord(customer_id, _now(), what, client, source)
+        with self._write() as cur:
+            cur.execute(
+                self._sql(
+                    "INSERT INTO nextbest_access_log (customer_id, requested_at, what, client, "
+                    "source) VALUES (?, ?, ?, ?, ?)"
+                ),
+                (customer_id, self._ts(record.requested_at), what, client, source),
+            )
+        return record
+
+    def access_log(self, customer_id: str) -> list[AccessRecord]:
+        """The requests for the customer's data, oldest first."""
+        _check_customer(customer_id)
+        with self._read() as cur:
+            cur.execute(
+                self._sql(
+                    "SELECT requested_at, what, client, source FROM nextbest_access_log "
+                    "WHERE customer_id = ? ORDER BY requested_at, id"
+                ),
+                (customer_id,),
+            )
+            rows = cur.fetchall()
+        return [AccessRecord(customer_id, self._dt(at), w, c, s) for at, w, c, s in rows]
+
+    def tombstone(self, customer_id: str) -> tuple[dt.datetime, str] | None:
+        """(erased_at, source) of the customer's tombstone, None when never erased."""
+        _check_customer(customer_id)
+        with self._read() as cur:
+            cur.execute(
+                self._sql(
+                    "SELECT erased_at, source FROM nextbest_tombstones WHERE customer_id = ?"
+                ),
+                (customer_id,),
+            )
+            row = cur.fetchone()
+        return None if row is None else (self._dt(row[0]), row[1])
+
+    def events_page(self, customer_id: str, after: int, limit: int) -> tuple[list[tuple], int]:
+        """Up to `limit` of the customer's stored events with an id above `after`, in insertion
+        order, as (product_id, timestamp, event_type, quantity, value, channel) rows, and the
+        id to pass as `after` for the next page (-1 after the last page)."""
+        _check_customer(customer_id)
+        with self._read() as cur:
+            cur.execute(
+                self._sql(
+                    'SELECT id, product_id, "timestamp", event_type, quantity, value, channel '
+                    "FROM nextbest_events WHERE customer_id = ? AND id > ? ORDER BY id LIMIT ?"
+                ),
+                (customer_id, after, limit),
+            )
+            rows = cur.fetchall()
+        page = [(p, self._dt(t), k, q, v, c) for _, p, t, k, q, v, c in rows]
+        return page, (rows[-1][0] if len(rows) == limit else -1)
+
+    def impressions_page(
+        self, customer_id: str, offset: int, limit: int
+    ) -> tuple[list[tuple], int]:
+        """Up to `limit` of what the customer was shown, from row `offset` in order of time
+        (then product and channel), as (product_id, channel, shown_at) rows, and the offset of
+        the next page (-1 after the last page). New impressions come after every earlier one,
+        so pages of a growing table neither repeat nor skip a row."""
+        _check_customer(customer_id)
+        with self._read() as cur:
+            cur.execute(
+                self._sql(
+                    "SELECT product_id, channel, shown_at FROM nextbest_impressions "
+                    "WHERE customer_id = ? ORDER BY shown_at, product_id, channel "
+                    "LIMIT ? OFFSET ?"
+                ),
+                (customer_id, limit, offset),
+            )
+            rows = cur.fetchall()
+        page = [(p, c, self._dt(at)) for p, c, at in rows]
+        return page, (offset + limit if len(rows) == limit else -1)
 
 
 def _opt_bool(value: object) -> bool | None:

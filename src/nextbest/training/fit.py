@@ -53,6 +53,7 @@ from nextbest.evaluation import (
     served_rankings,
     win_back_evaluation,
 )
+from nextbest.history import customer_history
 from nextbest.lifecycle.model import fit_lifecycle
 from nextbest.policy import sensitive_mask
 from nextbest.scoring import candidate_features, cf_candidates_for
@@ -417,6 +418,9 @@ def train(
         events, bundle.user_ids, bundle.reference_day, settings.lifecycle
     )
     report.timings["lifecycle_s"] = time.perf_counter() - clock
+    bundle.history = customer_history(
+        events, bundle.user_ids, bundle.item_ids, bundle.item_sensitive
+    )
     if bundle.lifecycle is not None:
         report.lifecycle = bundle.lifecycle.manifest()
     links = pc.list_flatten(bundle.content["product_ids"]).to_numpy(zero_copy_only=False)

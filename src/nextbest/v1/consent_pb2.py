@@ -25,15 +25,15 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19nextbest/v1/consent.proto\x12\x0bnextbest.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x86\x01\n\x0c\x43onsentValue\x12%\n\x07purpose\x18\x01 \x01(\x0e\x32\x14.nextbest.v1.Purpose\x12\x0f\n\x07granted\x18\x02 \x01(\x08\x12.\n\nupdated_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06source\x18\x04 \x01(\t\"\x81\x01\n\x11SetConsentRequest\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\x12%\n\x07purpose\x18\x02 \x01(\x0e\x32\x14.nextbest.v1.Purpose\x12\x14\n\x07granted\x18\x03 \x01(\x08H\x00\x88\x01\x01\x12\x0e\n\x06source\x18\x04 \x01(\tB\n\n\x08_granted\"Q\n\x12SetConsentResponse\x12*\n\x07\x63onsent\x18\x01 \x01(\x0b\x32\x19.nextbest.v1.ConsentValue\x12\x0f\n\x07\x63hanged\x18\x02 \x01(\x08\"(\n\x11GetConsentRequest\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\"f\n\x12GetConsentResponse\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\x12+\n\x08\x63onsents\x18\x02 \x03(\x0b\x32\x19.nextbest.v1.ConsentValue\x12\x0e\n\x06\x65rased\x18\x03 \x01(\x08\"<\n\x15\x46orgetCustomerRequest\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\"{\n\x16\x46orgetCustomerResponse\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\x12\x1c\n\x14\x63onsent_rows_deleted\x18\x02 \x01(\x03\x12\x16\n\x0e\x65vents_deleted\x18\x03 \x01(\x03\x12\x16\n\x0e\x61lready_erased\x18\x04 \x01(\x08*n\n\x07Purpose\x12\x17\n\x13PURPOSE_UNSPECIFIED\x10\x00\x12\x1b\n\x17PURPOSE_PERSONALIZATION\x10\x01\x12\x16\n\x12PURPOSE_BEHAVIORAL\x10\x02\x12\x15\n\x11PURPOSE_SENSITIVE\x10\x03\x32\x82\x02\n\x07\x43onsent\x12M\n\nSetConsent\x12\x1e.nextbest.v1.SetConsentRequest\x1a\x1f.nextbest.v1.SetConsentResponse\x12M\n\nGetConsent\x12\x1e.nextbest.v1.GetConsentRequest\x1a\x1f.nextbest.v1.GetConsentResponse\x12Y\n\x0e\x46orgetCustomer\x12\".nextbest.v1.ForgetCustomerRequest\x1a#.nextbest.v1.ForgetCustomerResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19nextbest/v1/consent.proto\x12\x0bnextbest.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x86\x01\n\x0c\x43onsentValue\x12%\n\x07purpose\x18\x01 \x01(\x0e\x32\x14.nextbest.v1.Purpose\x12\x0f\n\x07granted\x18\x02 \x01(\x08\x12.\n\nupdated_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06source\x18\x04 \x01(\t\"\x81\x01\n\x11SetConsentRequest\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\x12%\n\x07purpose\x18\x02 \x01(\x0e\x32\x14.nextbest.v1.Purpose\x12\x14\n\x07granted\x18\x03 \x01(\x08H\x00\x88\x01\x01\x12\x0e\n\x06source\x18\x04 \x01(\tB\n\n\x08_granted\"Q\n\x12SetConsentResponse\x12*\n\x07\x63onsent\x18\x01 \x01(\x0b\x32\x19.nextbest.v1.ConsentValue\x12\x0f\n\x07\x63hanged\x18\x02 \x01(\x08\"(\n\x11GetConsentRequest\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\"f\n\x12GetConsentResponse\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\x12+\n\x08\x63onsents\x18\x02 \x03(\x0b\x32\x19.nextbest.v1.ConsentValue\x12\x0e\n\x06\x65rased\x18\x03 \x01(\x08\"<\n\x15\x46orgetCustomerRequest\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\"{\n\x16\x46orgetCustomerResponse\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\x12\x1c\n\x14\x63onsent_rows_deleted\x18\x02 \x01(\x03\x12\x16\n\x0e\x65vents_deleted\x18\x03 \x01(\x03\x12\x16\n\x0e\x61lready_erased\x18\x04 \x01(\x08\"@\n\x19\x45xportCustomerDataRequest\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\"F\n\x17\x45xportCustomerDataChunk\x12\x0f\n\x07section\x18\x01 \x01(\t\x12\x0c\n\x04json\x18\x02 \x01(\t\x12\x0c\n\x04page\x18\x03 \x01(\x08*n\n\x07Purpose\x12\x17\n\x13PURPOSE_UNSPECIFIED\x10\x00\x12\x1b\n\x17PURPOSE_PERSONALIZATION\x10\x01\x12\x16\n\x12PURPOSE_BEHAVIORAL\x10\x02\x12\x15\n\x11PURPOSE_SENSITIVE\x10\x03\x32\xe8\x02\n\x07\x43onsent\x12M\n\nSetConsent\x12\x1e.nextbest.v1.SetConsentRequest\x1a\x1f.nextbest.v1.SetConsentResponse\x12M\n\nGetConsent\x12\x1e.nextbest.v1.GetConsentRequest\x1a\x1f.nextbest.v1.GetConsentResponse\x12Y\n\x0e\x46orgetCustomer\x12\".nextbest.v1.ForgetCustomerRequest\x1a#.nextbest.v1.ForgetCustomerResponse\x12\x64\n\x12\x45xportCustomerData\x12&.nextbest.v1.ExportCustomerDataRequest\x1a$.nextbest.v1.ExportCustomerDataChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'nextbest.v1.consent_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PURPOSE']._serialized_start=760
-  _globals['_PURPOSE']._serialized_end=870
+  _globals['_PURPOSE']._serialized_start=898
+  _globals['_PURPOSE']._serialized_end=1008
   _globals['_CONSENTVALUE']._serialized_start=76
   _globals['_CONSENTVALUE']._serialized_end=210
   _globals['_SETCONSENTREQUEST']._serialized_start=213
@@ -48,6 +48,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_FORGETCUSTOMERREQUEST']._serialized_end=633
   _globals['_FORGETCUSTOMERRESPONSE']._serialized_start=635
   _globals['_FORGETCUSTOMERRESPONSE']._serialized_end=758
-  _globals['_CONSENT']._serialized_start=873
-  _globals['_CONSENT']._serialized_end=1131
+  _globals['_EXPORTCUSTOMERDATAREQUEST']._serialized_start=760
+  _globals['_EXPORTCUSTOMERDATAREQUEST']._serialized_end=824
+  _globals['_EXPORTCUSTOMERDATACHUNK']._serialized_start=826
+  _globals['_EXPORTCUSTOMERDATACHUNK']._serialized_end=896
+  _globals['_CONSENT']._serialized_start=1011
+  _globals['_CONSENT']._serialized_end=1371
 # @@protoc_insertion_point(module_scope)

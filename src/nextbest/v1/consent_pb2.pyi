@@ -88,3 +88,21 @@ class ForgetCustomerResponse(_message.Message):
     events_deleted: int
     already_erased: bool
     def __init__(self, customer_id: _Optional[str] = ..., consent_rows_deleted: _Optional[int] = ..., events_deleted: _Optional[int] = ..., already_erased: _Optional[bool] = ...) -> None: ...
+
+class ExportCustomerDataRequest(_message.Message):
+    __slots__ = ("customer_id", "source")
+    CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    customer_id: str
+    source: str
+    def __init__(self, customer_id: _Optional[str] = ..., source: _Optional[str] = ...) -> None: ...
+
+class ExportCustomerDataChunk(_message.Message):
+    __slots__ = ("section", "json", "page")
+    SECTION_FIELD_NUMBER: _ClassVar[int]
+    JSON_FIELD_NUMBER: _ClassVar[int]
+    PAGE_FIELD_NUMBER: _ClassVar[int]
+    section: str
+    json: str
+    page: bool
+    def __init__(self, section: _Optional[str] = ..., json: _Optional[str] = ..., page: _Optional[bool] = ...) -> None: ...

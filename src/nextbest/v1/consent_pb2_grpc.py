@@ -49,6 +49,11 @@ class ConsentStub:
                 request_serializer=nextbest_dot_v1_dot_consent__pb2.ForgetCustomerRequest.SerializeToString,
                 response_deserializer=nextbest_dot_v1_dot_consent__pb2.ForgetCustomerResponse.FromString,
                 _registered_method=True)
+        self.ExportCustomerData = channel.unary_stream(
+                '/nextbest.v1.Consent/ExportCustomerData',
+                request_serializer=nextbest_dot_v1_dot_consent__pb2.ExportCustomerDataRequest.SerializeToString,
+                response_deserializer=nextbest_dot_v1_dot_consent__pb2.ExportCustomerDataChunk.FromString,
+                _registered_method=True)
 
 
 class ConsentServicer:
@@ -75,6 +80,16 @@ class ConsentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExportCustomerData(self, request, context):
+        """Everything held about the customer (GDPR Art. 15), streamed section by section: the JSON
+        document of src/nextbest/schemas/customer-export.v1.schema.json. Each request is first
+        written to the store's access log (client, source, time). An erased customer's export holds
+        the tombstone and nothing else.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ConsentServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -92,6 +107,11 @@ def add_ConsentServicer_to_server(servicer, server):
                     servicer.ForgetCustomer,
                     request_deserializer=nextbest_dot_v1_dot_consent__pb2.ForgetCustomerRequest.FromString,
                     response_serializer=nextbest_dot_v1_dot_consent__pb2.ForgetCustomerResponse.SerializeToString,
+            ),
+            'ExportCustomerData': grpc.unary_stream_rpc_method_handler(
+                    servicer.ExportCustomerData,
+                    request_deserializer=nextbest_dot_v1_dot_consent__pb2.ExportCustomerDataRequest.FromString,
+                    response_serializer=nextbest_dot_v1_dot_consent__pb2.ExportCustomerDataChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -175,6 +195,33 @@ class Consent:
             '/nextbest.v1.Consent/ForgetCustomer',
             nextbest_dot_v1_dot_consent__pb2.ForgetCustomerRequest.SerializeToString,
             nextbest_dot_v1_dot_consent__pb2.ForgetCustomerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportCustomerData(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/nextbest.v1.Consent/ExportCustomerData',
+            nextbest_dot_v1_dot_consent__pb2.ExportCustomerDataRequest.SerializeToString,
+            nextbest_dot_v1_dot_consent__pb2.ExportCustomerDataChunk.FromString,
             options,
             channel_credentials,
             insecure,

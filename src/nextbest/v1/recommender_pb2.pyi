@@ -33,6 +33,18 @@ class ReasonKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     REASON_KIND_PREDICTED_INTEREST: _ClassVar[ReasonKind]
     REASON_KIND_SIMILAR_TO: _ClassVar[ReasonKind]
     REASON_KIND_FATIGUE: _ClassVar[ReasonKind]
+
+class Rule(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    RULE_UNSPECIFIED: _ClassVar[Rule]
+    RULE_CONSENT: _ClassVar[Rule]
+    RULE_SENSITIVITY: _ClassVar[Rule]
+    RULE_UNAVAILABLE: _ClassVar[Rule]
+    RULE_FILTER: _ClassVar[Rule]
+    RULE_ALREADY_BOUGHT: _ClassVar[Rule]
+    RULE_OUTRANKED: _ClassVar[Rule]
+    RULE_BELOW_MIN_VALUE: _ClassVar[Rule]
+    RULE_FATIGUE: _ClassVar[Rule]
 CHANNEL_UNSPECIFIED: Channel
 CHANNEL_EMAIL: Channel
 CHANNEL_WEB: Channel
@@ -51,6 +63,15 @@ REASON_KIND_BOUGHT_RECENTLY: ReasonKind
 REASON_KIND_PREDICTED_INTEREST: ReasonKind
 REASON_KIND_SIMILAR_TO: ReasonKind
 REASON_KIND_FATIGUE: ReasonKind
+RULE_UNSPECIFIED: Rule
+RULE_CONSENT: Rule
+RULE_SENSITIVITY: Rule
+RULE_UNAVAILABLE: Rule
+RULE_FILTER: Rule
+RULE_ALREADY_BOUGHT: Rule
+RULE_OUTRANKED: Rule
+RULE_BELOW_MIN_VALUE: Rule
+RULE_FATIGUE: Rule
 
 class ExperimentArm(_message.Message):
     __slots__ = ("experiment", "variant")
@@ -215,3 +236,73 @@ class ScoreContentResponse(_message.Message):
     not_personalized_reason: NotPersonalizedReason
     experiment: ExperimentArm
     def __init__(self, customer_id: _Optional[str] = ..., items: _Optional[_Iterable[_Union[ScoredContent, _Mapping]]] = ..., model_version: _Optional[str] = ..., personalized: _Optional[bool] = ..., not_personalized_reason: _Optional[_Union[NotPersonalizedReason, str]] = ..., experiment: _Optional[_Union[ExperimentArm, _Mapping]] = ...) -> None: ...
+
+class ExplainRecommendationRequest(_message.Message):
+    __slots__ = ("customer_id", "product_id", "channel", "limit", "include_categories", "exclude_categories", "exclude_product_ids", "include_purchased")
+    CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
+    PRODUCT_ID_FIELD_NUMBER: _ClassVar[int]
+    CHANNEL_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_CATEGORIES_FIELD_NUMBER: _ClassVar[int]
+    EXCLUDE_CATEGORIES_FIELD_NUMBER: _ClassVar[int]
+    EXCLUDE_PRODUCT_IDS_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_PURCHASED_FIELD_NUMBER: _ClassVar[int]
+    customer_id: str
+    product_id: str
+    channel: Channel
+    limit: int
+    include_categories: _containers.RepeatedScalarFieldContainer[str]
+    exclude_categories: _containers.RepeatedScalarFieldContainer[str]
+    exclude_product_ids: _containers.RepeatedScalarFieldContainer[str]
+    include_purchased: bool
+    def __init__(self, customer_id: _Optional[str] = ..., product_id: _Optional[str] = ..., channel: _Optional[_Union[Channel, str]] = ..., limit: _Optional[int] = ..., include_categories: _Optional[_Iterable[str]] = ..., exclude_categories: _Optional[_Iterable[str]] = ..., exclude_product_ids: _Optional[_Iterable[str]] = ..., include_purchased: _Optional[bool] = ...) -> None: ...
+
+class ValueTerms(_message.Message):
+    __slots__ = ("relevance_timeliness", "privacy_loss", "trust", "fatigue", "times_shown", "value", "min_value")
+    RELEVANCE_TIMELINESS_FIELD_NUMBER: _ClassVar[int]
+    PRIVACY_LOSS_FIELD_NUMBER: _ClassVar[int]
+    TRUST_FIELD_NUMBER: _ClassVar[int]
+    FATIGUE_FIELD_NUMBER: _ClassVar[int]
+    TIMES_SHOWN_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    MIN_VALUE_FIELD_NUMBER: _ClassVar[int]
+    relevance_timeliness: float
+    privacy_loss: float
+    trust: float
+    fatigue: float
+    times_shown: int
+    value: float
+    min_value: float
+    def __init__(self, relevance_timeliness: _Optional[float] = ..., privacy_loss: _Optional[float] = ..., trust: _Optional[float] = ..., fatigue: _Optional[float] = ..., times_shown: _Optional[int] = ..., value: _Optional[float] = ..., min_value: _Optional[float] = ...) -> None: ...
+
+class ExplainRecommendationResponse(_message.Message):
+    __slots__ = ("customer_id", "product_id", "in_answer", "rank", "score", "personalized", "not_personalized_reason", "removed_by", "detail", "reasons", "terms", "title", "category", "model_version")
+    CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
+    PRODUCT_ID_FIELD_NUMBER: _ClassVar[int]
+    IN_ANSWER_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    PERSONALIZED_FIELD_NUMBER: _ClassVar[int]
+    NOT_PERSONALIZED_REASON_FIELD_NUMBER: _ClassVar[int]
+    REMOVED_BY_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    REASONS_FIELD_NUMBER: _ClassVar[int]
+    TERMS_FIELD_NUMBER: _ClassVar[int]
+    TITLE_FIELD_NUMBER: _ClassVar[int]
+    CATEGORY_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    customer_id: str
+    product_id: str
+    in_answer: bool
+    rank: int
+    score: float
+    personalized: bool
+    not_personalized_reason: NotPersonalizedReason
+    removed_by: Rule
+    detail: str
+    reasons: _containers.RepeatedCompositeFieldContainer[Reason]
+    terms: ValueTerms
+    title: str
+    category: str
+    model_version: str
+    def __init__(self, customer_id: _Optional[str] = ..., product_id: _Optional[str] = ..., in_answer: _Optional[bool] = ..., rank: _Optional[int] = ..., score: _Optional[float] = ..., personalized: _Optional[bool] = ..., not_personalized_reason: _Optional[_Union[NotPersonalizedReason, str]] = ..., removed_by: _Optional[_Union[Rule, str]] = ..., detail: _Optional[str] = ..., reasons: _Optional[_Iterable[_Union[Reason, _Mapping]]] = ..., terms: _Optional[_Union[ValueTerms, _Mapping]] = ..., title: _Optional[str] = ..., category: _Optional[str] = ..., model_version: _Optional[str] = ...) -> None: ...

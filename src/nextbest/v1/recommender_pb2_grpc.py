@@ -54,6 +54,11 @@ class RecommenderStub:
                 request_serializer=nextbest_dot_v1_dot_recommender__pb2.ScoreContentRequest.SerializeToString,
                 response_deserializer=nextbest_dot_v1_dot_recommender__pb2.ScoreContentResponse.FromString,
                 _registered_method=True)
+        self.ExplainRecommendation = channel.unary_unary(
+                '/nextbest.v1.Recommender/ExplainRecommendation',
+                request_serializer=nextbest_dot_v1_dot_recommender__pb2.ExplainRecommendationRequest.SerializeToString,
+                response_deserializer=nextbest_dot_v1_dot_recommender__pb2.ExplainRecommendationResponse.FromString,
+                _registered_method=True)
 
 
 class RecommenderServicer:
@@ -91,6 +96,17 @@ class RecommenderServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExplainRecommendation(self, request, context):
+        """Why one product is, or is not, in the customer's RecommendProducts answer on a channel now
+        (the answer to the same request, computed by the same code): its evidence, the value rule's
+        terms and result, or the rule that removed it. For a customer without `sensitive` consent a
+        sensitive product is never described: `removed_by` is RULE_SENSITIVITY and nothing else of
+        the product is said (not even its id). Nothing is recorded as shown (no impressions).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RecommenderServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -113,6 +129,11 @@ def add_RecommenderServicer_to_server(servicer, server):
                     servicer.ScoreContent,
                     request_deserializer=nextbest_dot_v1_dot_recommender__pb2.ScoreContentRequest.FromString,
                     response_serializer=nextbest_dot_v1_dot_recommender__pb2.ScoreContentResponse.SerializeToString,
+            ),
+            'ExplainRecommendation': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExplainRecommendation,
+                    request_deserializer=nextbest_dot_v1_dot_recommender__pb2.ExplainRecommendationRequest.FromString,
+                    response_serializer=nextbest_dot_v1_dot_recommender__pb2.ExplainRecommendationResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -223,6 +244,33 @@ class Recommender:
             '/nextbest.v1.Recommender/ScoreContent',
             nextbest_dot_v1_dot_recommender__pb2.ScoreContentRequest.SerializeToString,
             nextbest_dot_v1_dot_recommender__pb2.ScoreContentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExplainRecommendation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nextbest.v1.Recommender/ExplainRecommendation',
+            nextbest_dot_v1_dot_recommender__pb2.ExplainRecommendationRequest.SerializeToString,
+            nextbest_dot_v1_dot_recommender__pb2.ExplainRecommendationResponse.FromString,
             options,
             channel_credentials,
             insecure,
