@@ -465,3 +465,25 @@ def test_readme_walkthrough_in_node(lifecycle_running, tmp_path):
         "ACTION_WIN_BACK 3",
         "hand to a person: vip-gone",
     ]
+
+
+def test_stage_report_counts_transitions_and_cohorts() -> None:
+    """Three constructed customers, stages by the default rules without a rhythm (at risk after
+    30 days, dormant after 60): counted at the cutoff and 30 days before."""
+    from nextbest.config import LifecycleSettings
+    from nextbest.lifecycle.evaluate import stage_report
+
+    d = 19_000.0  # 2022-01-08
+    customers = np.asarray(["a", "a", "b", "c"])
+    days = np.asarray([d, d + 100, d + 60, d + 118])  # cutoff d + 120
+    values = np.full(4, np.nan)
+    r = stage_report(customers, days, values, d + 120, LifecycleSettings())
+    # a: last bought 20 days ago, active (was active: 70 days quiet 30 days before → dormant);
+    # b: 60 days quiet → at risk (it was 30 days quiet a month before: active);
+    # c: first purchase 2 days ago → new (not a customer a month before).
+    assert r.counts == {"new": 1, "active": 1, "at_risk": 1, "dormant": 0, "lapsed": 0}
+    stages = ["new", "active", "at_risk", "dormant", "lapsed", "not yet"]
+    moved = {(stages[i], stages[j]) for i, j in zip(*np.nonzero(r.transitions), strict=True)}
+    assert moved == {("dormant", "active"), ("active", "at_risk"), ("not yet", "new")}
+    assert r.cohorts == ["2022-01", "2022-03", "2022-05"]
+    assert r.by_cohort.sum() == 3

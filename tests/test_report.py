@@ -162,8 +162,14 @@ def test_evaluate_report_renders_in_headless_chromium(
     assert "served (RecommendProducts)" in page and "NDCG@5" in page
     assert "next basket" in page and "TIFU-KNN" in page and "served NDCG@5 / best baseline" in page
     sources = re.findall(r'<img src="([^"]+)"', page)
-    assert len(sources) == 9 and len(set(sources)) == 9
-    assert {"metric-ndcg.png", "popularity.png", "cohort-retention.png"} <= set(sources)
+    assert len(sources) == 10 and len(set(sources)) == 10
+    assert {
+        "metric-ndcg.png",
+        "popularity.png",
+        "cohort-retention.png",
+        "lifecycle-stages.png",
+    } <= set(sources)
+    assert "Customer lifecycle at the cutoff" in page and '<table class="transitions">' in page
     assert all("/" not in s and (report / s).is_file() for s in sources)  # relative, beside it
     assert len(re.findall(r"<figcaption>", page)) == len(sources)
 

@@ -379,6 +379,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             cutoff=args.cutoff[0],
             command=shlex.join(["nextbest", *sys.argv[1:]]),
             data=meta["data"],
+            lifecycle=settings.lifecycle,
         )
         print(f"report: {index}", file=sys.stderr if args.json else sys.stdout)
     return 0

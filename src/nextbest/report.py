@@ -421,6 +421,50 @@ class _Figure:
     caption: str
 
 
+STAGE_COLOURS = ("#63b3ed", "#2f855a", "#d69e2e", "#dd6b20", "#9b2c2c")
+
+
+def _stage_figure(directory, stages) -> str:
+    """Stacked bars: each first-purchase cohort's customers by stage at the cutoff."""
+    from nextbest.lifecycle.stages import STAGES
+
+    n = len(stages.cohorts)
+    fig = _figure(max(7.0, 2.5 + 0.45 * n), 4.2)
+    ax = fig.subplots()
+    totals = np.maximum(stages.by_cohort.sum(axis=1), 1)
+    bottom = np.zeros(n)
+    for k, name in enumerate(STAGES):
+        share = stages.by_cohort[:, k] / totals
+        ax.bar(range(n), share, bottom=bottom, color=STAGE_COLOURS[k], label=name, width=0.8)
+        bottom += share
+    ax.set_xticks(range(n), stages.cohorts, rotation=60, ha="right")
+    ax.set_xlabel("cohort: month of the first purchase")
+    ax.set_ylabel("share of the cohort at the cutoff")
+    ax.yaxis.set_major_formatter(_percent_formatter())
+    ax.set_ylim(0, 1)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    ax.set_title("Lifecycle stage at the cutoff by monthly cohort")
+    return _save(fig, directory, "lifecycle-stages.png")
+
+
+def _stage_tables(stages) -> str:
+    from nextbest.lifecycle.stages import STAGES
+
+    head = "".join(f"<th>{html.escape(s)}</th>" for s in STAGES)
+    counts = "".join(f"<td>{stages.counts[s]:,}</td>" for s in STAGES)
+    rows = []
+    for k, name in enumerate([*STAGES, "not a customer yet"]):
+        cells = "".join(f"<td>{v:,}</td>" for v in stages.transitions[k])
+        rows.append(f"<tr><th>{html.escape(name)}</th>{cells}</tr>")
+    return (
+        f"<p>Customers per stage at the cutoff (the server's stage rules, `[lifecycle]`):</p>"
+        f'<table class="stages"><tr>{head}</tr><tr>{counts}</tr></table>'
+        "<p>Transitions: rows are the stage 30 days before the cutoff, columns the stage at "
+        "it.</p>"
+        f'<table class="transitions"><tr><th></th>{head}</tr>{"".join(rows)}</table>'
+    )
+
+
 def _headline_tables(run: RankedEvaluation, k: int, popularity: np.ndarray) -> str:
     parts = []
     metrics = [m for m in METRICS if m != "coverage"]
@@ -525,10 +569,12 @@ def write_report(
     cutoff: str,
     command: str,
     data: dict | None = None,
+    lifecycle=None,
 ) -> Path:
     """Write index.html and its PNG figures into `directory` (created if needed); returns the
     path of index.html. `events` are the events evaluated (after the consent rules), both sides
-    of the cutoff; `data` names the input files (`events`, `catalog`)."""
+    of the cutoff; `data` names the input files (`events`, `catalog`); `lifecycle` (the
+    LifecycleSettings) adds the stages at the cutoff."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     data = data or {}
@@ -624,14 +670,40 @@ def write_report(
             ),
         )
     )
+    stage_html = ""
+    if lifecycle is not None:
+        from nextbest.config import clock_day
+        from nextbest.lifecycle.evaluate import stage_report
+        from nextbest.lifecycle.model import purchases_of
+
+        stages = stage_report(*purchases_of(events), clock_day(cutoff), lifecycle)
+        stage_html = _stage_tables(stages)
+        figures.append(
+            (
+                "lifecycle",
+                _Figure(
+                    _stage_figure(directory, stages),
+                    "lifecycle stages by cohort",
+                    "Each bar is the customers whose first purchase fell in that month, split by "
+                    "their stage at the cutoff (new, active, at risk, dormant, lapsed, judged on "
+                    "each customer's own purchase rhythm): read along the bars for how older "
+                    "cohorts drift to dormant and lapsed.",
+                ),
+            )
+        )
     sections = {
         "quality": f"Ranking quality at k = 1..{depth}",
         "bias": "Coverage and popularity bias",
         "data": "The customers in the data set",
+        "lifecycle": "Customer lifecycle at the cutoff",
     }
     body = []
     for key, heading in sections.items():
+        if key == "lifecycle" and not stage_html:
+            continue
         body.append(f"<h2>{html.escape(heading)}</h2>")
+        if key == "lifecycle":
+            body.append(stage_html)
         for section, f in figures:
             if section == key:
                 body.append(

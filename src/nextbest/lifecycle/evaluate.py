@@ -9,12 +9,16 @@ since the last purchase), BG/NBD, the learned model, and the model `fit_risk` ch
 
 from __future__ import annotations
 
+import datetime as dt
+from dataclasses import dataclass
+
 import numpy as np
 
 from nextbest.lifecycle.risk import auc, churned, fit_risk
+from nextbest.lifecycle.stages import STAGES, stage_of
 from nextbest.lifecycle.summary import summarise
 
-__all__ = ["evaluate_risk", "calibration", "holdout_check"]
+__all__ = ["evaluate_risk", "calibration", "holdout_check", "StageReport", "stage_report"]
 
 DECILES = 10
 
@@ -97,3 +101,57 @@ def holdout_check(
         "actual": float(actual.sum()),
         "by_repeats": groups,
     }
+
+
+@dataclass(frozen=True)
+class StageReport:
+    """Lifecycle stages at a cutoff (the evaluation's HTML report)."""
+
+    cutoff: float
+    counts: dict[str, int]
+    """Customers per stage at the cutoff."""
+    transitions: np.ndarray
+    """transitions[a, b]: customers in stage a a month (30 days) before the cutoff and in b at
+    it; the last row is customers who had not bought yet a month before."""
+    cohorts: list[str]
+    """First-purchase months (YYYY-MM), oldest first."""
+    by_cohort: np.ndarray
+    """by_cohort[c, s]: customers of cohort c in stage s at the cutoff."""
+
+
+def _stages_at(customers, days, values, now: float, settings) -> tuple[np.ndarray, np.ndarray]:
+    """(customer ids, stage index) of everyone who bought before `now`, on the rules the
+    server uses (`LifecycleModel.stages`)."""
+    s = summarise(customers, days, values, now)
+    today = float(np.floor(now))
+    stage = stage_of(today - s.last, today - s.first, s.interval, s.days, settings)
+    return s.customers, stage
+
+
+def stage_report(
+    customers: np.ndarray, days: np.ndarray, values: np.ndarray, cutoff: float, settings
+) -> StageReport:
+    """Stage counts at `cutoff`, the month's transitions into them, and the stages by monthly
+    cohort of the first purchase (purchases as `lifecycle.model.purchases_of` gives them)."""
+    ids, now = _stages_at(customers, days, values, cutoff, settings)
+    before_ids, before = _stages_at(customers, days, values, cutoff - 30.0, settings)
+    n = len(STAGES)
+    earlier = np.full(len(ids), n)  # n: not a customer yet
+    pos = np.searchsorted(before_ids, ids)
+    found = (pos < len(before_ids)) & (before_ids[np.minimum(pos, len(before_ids) - 1)] == ids)
+    earlier[found] = before[pos[found]]
+    transitions = np.zeros((n + 1, n), dtype=np.int64)
+    np.add.at(transitions, (earlier, now), 1)
+    first = summarise(customers, days, values, cutoff).first
+    months = np.asarray(
+        [
+            (dt.date(1970, 1, 1) + dt.timedelta(days=int(d))).strftime("%Y-%m")
+            for d in np.floor(first)
+        ]
+    )
+    cohorts = sorted(set(months.tolist()))
+    index = {m: k for k, m in enumerate(cohorts)}
+    by_cohort = np.zeros((len(cohorts), n), dtype=np.int64)
+    np.add.at(by_cohort, (np.asarray([index[m] for m in months], dtype=np.int64), now), 1)
+    counts = {name: int((now == k).sum()) for k, name in enumerate(STAGES)}
+    return StageReport(cutoff, counts, transitions, cohorts, by_cohort)
