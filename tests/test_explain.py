@@ -210,6 +210,7 @@ def test_fatigue_and_min_value_are_named_with_their_terms(own):
                 e = explain(stub, customer, item.product_id, limit=10)
                 if e.in_answer:  # withheld as a personal item, back as a best seller fill-in
                     assert not e.HasField("terms") and "best seller" in e.detail
+                    assert "its value" in e.detail and "below policy.min_value" in e.detail
                     continue
                 assert e.removed_by == pb.RULE_BELOW_MIN_VALUE, (customer, item.product_id, e)
                 assert e.terms.value == pytest.approx(item.score, abs=1e-8)

@@ -360,3 +360,53 @@ def test_cli_export_writes_the_same_document(running, module_own, tmp_path):
         timeout=60,
     )
     assert bad.returncode == 2 and "--output: export needs a .json file" in bad.stderr
+
+
+def test_customer_history_says_what_each_purpose_was_used_for():
+    import pyarrow as pa
+
+    from nextbest.history import customer_history
+
+    at = [dt.datetime(2024, 1, d) for d in (1, 2, 3, 4, 5)]
+    events = pa.table(
+        {
+            "customer_id": ["a", "a", "b", "b", "zz"],
+            "product_id": ["p1", "p2", "p1", "gone", "p1"],
+            "timestamp": pa.array(at, pa.timestamp("us")),
+            "event_type": ["purchase", "view", "purchase", "return", "purchase"],
+        }
+    )
+    users, items = np.array(["a", "b", "c"]), np.array(["p1", "p2"])
+    history = customer_history(events, users, items, np.array([False, True]))
+    assert history.purposes_of(0) == ("personalization", "behavioral", "sensitive")
+    assert history.purposes_of(1) == ("personalization",)  # "gone": unknown to the model
+    assert history.purposes_of(2) == () and history.events.tolist() == [2, 2, 0]
+    day = (at[0] - EPOCH) / dt.timedelta(days=1)
+    assert history.first_day[0] == day and history.last_day[1] == day + 3
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_impressions_and_events_come_in_pages_without_repeats(kind, tmp_path, request):
+    from nextbest.store.consent_store import open_store
+
+    url = (
+        f"sqlite:///{tmp_path / 's.db'}"
+        if kind == "sqlite"
+        else request.getfixturevalue("pg_store_url")
+    )
+    start = dt.datetime(2024, 3, 1)
+    rows = [
+        ("c1", f"p{k % 7}", ("email", "web", "app")[k % 3], start + dt.timedelta(seconds=k // 4))
+        for k in range(2500)
+    ]
+    with open_store(url) as store:
+        store.record_impressions(rows + [("other", "p1", "web", start)])
+        pages, offset = [], 0
+        while offset >= 0:
+            page, offset = store.impressions_page("c1", offset, 1000)
+            pages.append(page)
+        assert [len(p) for p in pages] == [1000, 1000, 500]
+        got = [row for page in pages for row in page]
+        assert sorted(got) == sorted((p, ch, at) for _, p, ch, at in rows)
+        assert got == sorted(got, key=lambda r: (r[2], r[0], r[1]))
+        assert store.events_page("c1", 0, 1000) == ([], -1)

@@ -166,7 +166,13 @@ RPCS = {
         granted=True,
         source="security-test",
     ),
+    "/nextbest.v1.Recommender/ExplainRecommendation": pb.ExplainRecommendationRequest(
+        customer_id="c002", product_id="p001"
+    ),
     "/nextbest.v1.Consent/GetConsent": consent_pb2.GetConsentRequest(customer_id="c900"),
+    "/nextbest.v1.Consent/ExportCustomerData": consent_pb2.ExportCustomerDataRequest(
+        customer_id="c900", source="security-test"
+    ),
     "/nextbest.v1.Consent/ForgetCustomer": consent_pb2.ForgetCustomerRequest(
         customer_id="c901", source="security-test"
     ),
@@ -213,7 +219,7 @@ def call(channel: grpc.Channel, method: str, token: str | None) -> grpc.StatusCo
                 method, request_serializer=lambda m: m.SerializeToString()
             )
             list(stream(iter([request]), metadata=metadata, timeout=10))
-        elif method.endswith("StreamAudience"):
+        elif method.endswith(("StreamAudience", "ExportCustomerData")):
             out = channel.unary_stream(method, request_serializer=lambda m: m.SerializeToString())
             list(out(request, metadata=metadata, timeout=30))
         else:

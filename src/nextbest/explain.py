@@ -130,6 +130,11 @@ def explain(model: ServedModel, query: ProductQuery, product_id: str) -> Explana
                 detail = f"in the answer at rank {rank}: value {shown.score:.4g}"
             elif answer.personalized:
                 detail = f"in the answer at rank {rank}: a best seller added to fill the list"
+                if position >= 0 and not trace.valued.kept[position]:
+                    detail += (
+                        f" (as a personal item its value {trace.valued.value[position]:.4g} was "
+                        f"below policy.min_value {model.settings.policy.min_value:g})"
+                    )
             else:
                 detail = (
                     f"in the answer at rank {rank}: a best seller (not personalized: "
