@@ -510,3 +510,48 @@ def test_the_report_attributes_purchases_of_a_training_file_too(own) -> None:
     total = sum(a["attributed_purchases"] for a in before.values())
     assert total == 2
     assert sum(a["attributed_purchases"] for a in after.values()) == 4
+
+
+def test_the_export_holds_the_arm_and_the_attributions_until_erasure(own) -> None:
+    """ExportCustomerData (issue #17) of a customer in an experiment: their arm as the answers
+    carry it, their impressions with arm, attribution id, rank and reasons, and the purchase
+    attributed to the answer that showed it; after ForgetCustomer only the tombstone."""
+    from nextbest.client import Client
+
+    with_experiment(own)
+    running = start(own)
+    try:
+        answer = ask(running.port, "c006", limit=3)
+        running.impressions.flush()
+        bought = answer.items[1].product_id
+        assert record(running.port, [("c006", bought, now() + dt.timedelta(minutes=1), 4.5)])
+        with Client(f"127.0.0.1:{running.port}") as nb:
+            doc = nb.export("c006", source="dpo")
+            outside = nb.export("c001", source="dpo")  # no personalization consent
+            nb.forget("c006", source="dsar")
+            erased = nb.export("c006", source="dpo")
+    finally:
+        running.stop(0)
+    arm = answer.experiment
+    assert doc["experiment_assignment"] == {
+        "in_experiment": True,
+        "reason": "",
+        "experiment": arm.experiment,
+        "variant": arm.variant,
+        "control": arm.variant == "control",
+    }
+    assert [(i["product_id"], i["rank"], i["variant"]) for i in doc["impressions"]] == sorted(
+        [(x.product_id, k, arm.variant) for k, x in enumerate(answer.items, start=1)],
+        key=lambda t: t[0],
+    )
+    assert {i["attribution_id"] for i in doc["impressions"]} == {answer.attribution_id}
+    assert all(i["reasons"] for i in doc["impressions"])
+    [attributed] = doc["attributions"]
+    assert attributed["product_id"] == bought and attributed["value"] == 4.5
+    assert attributed["last_touch"]["attribution_id"] == answer.attribution_id
+    assert attributed["last_touch"]["rank"] == 2 and attributed["touches"] == 1
+    assert outside["experiment_assignment"]["reason"] == "no_consent"
+    assert outside["impressions"] == [] and outside["attributions"] == []
+    assert set(erased) - {"schema_version", "customer_id", "exported_at", "requested_by"} == {
+        "tombstone"
+    }

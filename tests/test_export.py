@@ -181,13 +181,35 @@ def test_export_equals_the_store_and_the_model_files_field_by_field(server):
     assert doc["events"][0]["quantity"] == 2.0 and doc["events"][0]["channel"] == "web"
 
     shown = sql.rows(
-        "SELECT product_id, channel, shown_at FROM nextbest_impressions WHERE customer_id = ? "
-        "ORDER BY shown_at, product_id, channel",
+        "SELECT product_id, channel, shown_at, attribution_id, rank, model_version, reasons "
+        "FROM nextbest_impressions WHERE customer_id = ? ORDER BY shown_at, product_id, channel",
         customer,
     )
     assert doc["impressions"] == [
-        {"product_id": p, "channel": c, "shown_at": iso(at)} for p, c, at in shown
+        {
+            "product_id": p,
+            "channel": c,
+            "shown_at": iso(at),
+            "experiment": None,
+            "variant": None,
+            "attribution_id": a,
+            "rank": r,
+            "model_version": m,
+            "reasons": why.split(","),
+        }
+        for p, c, at, a, r, m, why in shown
     ]
+    assert len({i["attribution_id"] for i in doc["impressions"]}) == 2  # two answers
+    assert {i["model_version"] for i in doc["impressions"]} == {running.holder.current.version}
+    # No experiment configured: in none. The purchase of p002 came before anything was shown.
+    assert doc["experiment_assignment"] == {
+        "in_experiment": False,
+        "reason": "not_in_an_experiment",
+        "experiment": None,
+        "variant": None,
+        "control": None,
+    }
+    assert doc["attributions"] == []
     assert {i["channel"] for i in doc["impressions"]} == {"web", "email"}
     assert len(doc["impressions"]) == 7
 
@@ -407,6 +429,7 @@ def test_impressions_and_events_come_in_pages_without_repeats(kind, tmp_path, re
             pages.append(page)
         assert [len(p) for p in pages] == [1000, 1000, 500]
         got = [row for page in pages for row in page]
+        got = [(i.product_id, i.channel, i.shown_at) for i in got]
         assert sorted(got) == sorted((p, ch, at) for _, p, ch, at in rows)
         assert got == sorted(got, key=lambda r: (r[2], r[0], r[1]))
         assert store.events_page("c1", 0, 1000) == ([], -1)

@@ -12,8 +12,8 @@ document to a file. Every export is first written to the store's access log (who
 An erased customer's export holds the tombstone and nothing else (`forget` deleted the rest);
 a customer who came back after the erasure also gets what was recorded since.
 
-Sections come in document order; a new source of data is one more `Section` in SECTIONS (issue
-#15 adds `experiment_assignment` and `attributions`) and one more property in the schema.
+Sections come in document order; a new source of data is one more `Section` in SECTIONS and one
+more property in the schema.
 """
 
 from __future__ import annotations
@@ -25,10 +25,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 
 from nextbest.data.readers import PURPOSES
+from nextbest.experiments.assignment import assign
+from nextbest.experiments.attribution import attribute, purchases_of, windows_of
 from nextbest.service import ServedModel
-from nextbest.store.consent_store import Store
+from nextbest.store.consent_store import Impression, Store
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -184,10 +187,62 @@ def _impressions(ctx: ExportContext) -> Iterator[list[dict]]:
     offset = 0
     while offset >= 0:
         rows, offset = ctx.store.impressions_page(ctx.customer_id, offset, ctx.page_size)
-        yield [
-            {"product_id": product, "channel": channel, "shown_at": iso(at)}
-            for product, channel, at in rows
-        ]
+        yield [_impression(i) for i in rows]
+
+
+def _impression(i: Impression) -> dict:
+    return {
+        "product_id": i.product_id,
+        "channel": i.channel,
+        "shown_at": iso(i.shown_at),
+        "experiment": i.experiment or None,
+        "variant": i.variant or None,
+        "attribution_id": i.attribution_id or None,
+        "rank": i.rank or None,
+        "model_version": i.model_version or None,
+        "reasons": [r for r in i.reasons.split(",") if r],
+    }
+
+
+def _experiments(ctx: ExportContext) -> tuple:
+    return ctx.model.settings.experiments if ctx.model is not None else ()
+
+
+def _experiment_assignment(ctx: ExportContext) -> Iterator[dict | None]:
+    """The customer's experiment arm: computed from the config's keyed hash, never stored;
+    a customer without personalization consent (or erased) is in no experiment."""
+    if ctx.tombstone is not None:
+        yield None
+        return
+    state = ctx.store.consent_state([ctx.customer_id], ctx.default_allow)
+    personal = bool(state.allowed("personalization", pa.array([ctx.customer_id]))[0])
+    arm = assign(ctx.customer_id, _experiments(ctx)) if personal else None
+    yield {
+        "in_experiment": arm is not None,
+        "reason": (
+            "" if arm is not None else ("no_consent" if not personal else "not_in_an_experiment")
+        ),
+        "experiment": arm.experiment if arm else None,
+        "variant": arm.variant if arm else None,
+        "control": arm.control if arm else None,
+    }
+
+
+def _attributions(ctx: ExportContext) -> Iterator[list[dict]]:
+    """The customer's purchases attributed to what they were shown (derived from their events
+    and impressions, as `nextbest experiments report` does)."""
+    purchases = purchases_of(ctx.store.events([ctx.customer_id]))
+    shown = ctx.store.impressions([ctx.customer_id]) if purchases else []
+    yield [
+        {
+            "product_id": a.purchase.product_id,
+            "purchased_at": iso(a.purchase.at),
+            "value": a.purchase.value,
+            "last_touch": _impression(a.last_touch),
+            "touches": len(a.touches),
+        }
+        for a in attribute(purchases, shown, windows_of(_experiments(ctx)))
+    ]
 
 
 def _lifecycle(ctx: ExportContext) -> Iterator[dict | None]:
@@ -255,6 +310,8 @@ SECTIONS: list[Section] = [
     Section("consent_history", _consent_history),
     Section("events", _events, paged=True),
     Section("impressions", _impressions, paged=True),
+    Section("attributions", _attributions),
+    Section("experiment_assignment", _experiment_assignment),
     Section("lifecycle", _lifecycle),
     Section("model", _model),
 ]

@@ -168,19 +168,21 @@ class ImpressionRecorder:
     def add(self, shown: list[Shown], channels: list[str]) -> None:
         # Only answers with an attribution id: personalized ones and those of an experiment arm.
         # What a customer without consent was shown is not kept about them.
+        at = [s.model.now() for s in shown]  # one time per answer
         rows = [
             Impression(
                 s.answer.customer_id,
                 item.product_id,
                 channel,
-                s.model.now(),
+                when,
                 s.arm.experiment if s.arm else "",
                 s.arm.variant if s.arm else "",
                 s.attribution_id,
                 rank,
                 s.model.version,
+                ",".join(r.kind for r in item.reasons),
             )
-            for s, channel in zip(shown, channels, strict=True)
+            for s, channel, when in zip(shown, channels, at, strict=True)
             if s.attribution_id
             for rank, item in enumerate(s.answer.items, start=1)
         ]

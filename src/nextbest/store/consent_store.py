@@ -70,7 +70,7 @@ __all__ = [
 ]
 
 SCHEMA_VERSION = 2
-"""2: impressions carry their experiment arm, attribution id, rank and model version."""
+"""2: impressions carry their experiment arm, attribution id, rank, model version and reasons."""
 _MIGRATIONS = {
     2: [
         ("nextbest_impressions", "experiment", "TEXT"),
@@ -78,6 +78,7 @@ _MIGRATIONS = {
         ("nextbest_impressions", "attribution_id", "TEXT"),
         ("nextbest_impressions", "rank", "INTEGER"),
         ("nextbest_impressions", "model_version", "TEXT"),
+        ("nextbest_impressions", "reasons", "TEXT"),
     ]
 }
 """Columns each schema version added to tables of the version before (added in place)."""
@@ -277,7 +278,8 @@ _TABLES = (
         variant TEXT,
         attribution_id TEXT,
         rank INTEGER,
-        model_version TEXT
+        model_version TEXT,
+        reasons TEXT
     ){strict}""",
     """CREATE INDEX IF NOT EXISTS nextbest_impressions_customer
         ON nextbest_impressions (customer_id, shown_at)""",
@@ -306,7 +308,7 @@ _AUDIT_INSERT = (
 _IMPORT_COLUMNS = ("customer_id", "purpose", "granted", "updated_at")
 _IMPRESSION_COLUMNS = (
     "customer_id, product_id, channel, shown_at, experiment, variant, attribution_id, rank, "
-    "model_version"
+    "model_version, reasons"
 )
 
 
@@ -326,6 +328,8 @@ class Impression(NamedTuple):
     rank: int = 0
     """1-based position in the answer."""
     model_version: str = ""
+    reasons: str = ""
+    """The kinds of the item's reasons, comma-separated (bought_related,repurchase_due, ...)."""
 
 
 class Store:
@@ -902,10 +906,13 @@ class Store:
         with self._read() as cur:
             cur.execute(self._sql(sql + " ORDER BY shown_at, customer_id, rank"), tuple(params))
             rows = cur.fetchall()
-        return [
-            Impression(c, p, ch, self._dt(at), e or "", v or "", a or "", int(r or 0), m or "")
-            for c, p, ch, at, e, v, a, r, m in rows
-        ]
+        return [self._impression(row) for row in rows]
+
+    def _impression(self, row: Sequence[Any]) -> Impression:
+        c, p, ch, at, e, v, a, r, m, why = row
+        return Impression(
+            c, p, ch, self._dt(at), e or "", v or "", a or "", int(r or 0), m or "", why or ""
+        )
 
     def unanswered_impressions(
         self, customer_ids: Sequence[str], since: dt.datetime
@@ -1028,23 +1035,23 @@ class Store:
 
     def impressions_page(
         self, customer_id: str, offset: int, limit: int
-    ) -> tuple[list[tuple], int]:
+    ) -> tuple[list[Impression], int]:
         """Up to `limit` of what the customer was shown, from row `offset` in order of time
-        (then product and channel), as (product_id, channel, shown_at) rows, and the offset of
-        the next page (-1 after the last page). New impressions come after every earlier one,
-        so pages of a growing table neither repeat nor skip a row."""
+        (then product and channel), and the offset of the next page (-1 after the last page).
+        New impressions come after every earlier one, so pages of a growing table neither
+        repeat nor skip a row."""
         _check_customer(customer_id)
         with self._read() as cur:
             cur.execute(
                 self._sql(
-                    "SELECT product_id, channel, shown_at FROM nextbest_impressions "
+                    f"SELECT {_IMPRESSION_COLUMNS} FROM nextbest_impressions "
                     "WHERE customer_id = ? ORDER BY shown_at, product_id, channel "
                     "LIMIT ? OFFSET ?"
                 ),
                 (customer_id, limit, offset),
             )
             rows = cur.fetchall()
-        page = [(p, c, self._dt(at)) for p, c, at in rows]
+        page = [self._impression(row) for row in rows]
         return page, (offset + limit if len(rows) == limit else -1)
 
 
