@@ -440,7 +440,7 @@ def _stage_figure(directory, stages) -> str:
     ax.set_xticks(range(n), stages.cohorts, rotation=60, ha="right")
     ax.set_xlabel("cohort: month of the first purchase")
     ax.set_ylabel("share of the cohort at the cutoff")
-    ax.yaxis.set_major_formatter(_percent_formatter())
+    ax.yaxis.set_major_formatter(_percent_formatter(100.0))
     ax.set_ylim(0, 1)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     ax.set_title("Lifecycle stage at the cutoff by monthly cohort")
