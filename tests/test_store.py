@@ -658,3 +658,18 @@ def test_a_version_1_store_is_migrated_in_place(store_url: str) -> None:
         assert s.impressions() == [("c1", "p1", "web", day(1), "", "", "", 0, "")]
         s.record_impressions([("c1", "p2", "web", day(2), "e", "v", "x", 1, "m")])
         assert s.impressions()[1].variant == "v"
+
+
+def test_impressions_shown_before_an_erasure_are_not_kept(store: Store) -> None:
+    """An answer in flight while its customer is forgotten: its impressions, written after the
+    erasure by the batching writer, are dropped; a later showing (they came back) is kept."""
+    store.forget("c1", source="dsar")
+    erased_at = store.tombstones()["c1"]
+    before = erased_at - dt.timedelta(seconds=1)
+    after = erased_at + dt.timedelta(seconds=1)
+    rows = [("c1", "p1", "web", before), ("c2", "p1", "web", before), ("c1", "p2", "web", after)]
+    assert store.record_impressions(rows) == 2
+    assert [(i.customer_id, i.product_id) for i in store.impressions()] == [
+        ("c2", "p1"),
+        ("c1", "p2"),
+    ]

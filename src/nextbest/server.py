@@ -986,10 +986,17 @@ def _purpose(value: int) -> str:
 
 
 class ConsentService(consent_pb2_grpc.ConsentServicer):
-    def __init__(self, holder: ModelHolder, store: Store, default_allow: bool):
+    def __init__(
+        self,
+        holder: ModelHolder,
+        store: Store,
+        default_allow: bool,
+        impressions: ImpressionRecorder | None = None,
+    ):
         self.holder = holder
         self.store = store
         self.default_allow = default_allow
+        self.impressions = impressions
 
     def _values(self, customer_id: str) -> list:
         stored = self.store.get_consent(customer_id)
@@ -1059,6 +1066,8 @@ class ConsentService(consent_pb2_grpc.ConsentServicer):
             customer_id = _id(request.customer_id, "customer_id")
             source = _id(request.source, "source")
             model = self.holder.current if self.holder.loaded else None
+            if self.impressions is not None:  # what was shown a moment ago is held too
+                self.impressions.flush()
             ctx = ExportContext.create(
                 self.store,
                 model,
@@ -1537,7 +1546,7 @@ def create_server(settings: Settings, *, reuse_port: bool = False) -> Running:
         LifecycleService(holder, impressions), server
     )
     consent_pb2_grpc.add_ConsentServicer_to_server(
-        ConsentService(holder, store, default_allow), server
+        ConsentService(holder, store, default_allow, impressions), server
     )
     events_pb2_grpc.add_EventsServicer_to_server(
         EventsService(holder, store, default_allow, impressions), server

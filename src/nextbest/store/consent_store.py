@@ -871,18 +871,39 @@ class Store:
 
     def record_impressions(self, rows: Sequence[Sequence[Any]]) -> int:
         """Store what was shown, in one transaction: `Impression` rows, or their first fields
-        (customer_id, product_id, channel, shown_at naive UTC, ...)."""
+        (customer_id, product_id, channel, shown_at naive UTC, ...); returns how many were
+        stored (not those of an erased customer shown at or before their erasure)."""
         if not rows:
             return 0
         shown = [Impression(*r) for r in rows]
+        customers = sorted({i.customer_id for i in shown})
+        subquery, param = self._id_set(customers)
         with self._write() as cur:
+            # Shown before the customer's erasure (an answer in flight while they were
+            # forgotten): not kept, as `record_events` keeps no replayed events.
+            cur.execute(
+                self._sql(
+                    "SELECT customer_id, erased_at FROM nextbest_tombstones "
+                    f"WHERE customer_id IN ({subquery})"
+                ),
+                (param,),
+            )
+            erased = {c: self._dt(at) for c, at in cur.fetchall()}
+            if erased:
+                shown = [
+                    i
+                    for i in shown
+                    if i.customer_id not in erased or i.shown_at > erased[i.customer_id]
+                ]
+            if not shown:
+                return 0
             self._copy(
                 cur,
                 "nextbest_impressions",
                 _IMPRESSION_COLUMNS,
                 [(*i[:3], self._ts(i.shown_at), *i[4:]) for i in shown],
             )
-        return len(rows)
+        return len(shown)
 
     def impressions(
         self, customer_ids: Sequence[str] | None = None, since: dt.datetime | None = None
