@@ -111,11 +111,7 @@ TWO_ROLES = new_token()
 CLIENTS = tuple(
     ClientToken(name=f"{role}-client", token_sha256=token_sha256(token), roles=(role,))
     for role, token in TOKENS.items()
-) + (
-    ClientToken(
-        name="crm", token_sha256=token_sha256(TWO_ROLES), roles=("recommend", "consent")
-    ),
-)
+) + (ClientToken(name="crm", token_sha256=token_sha256(TWO_ROLES), roles=("recommend", "consent")),)
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from nextbest.v1 import recommender_pb2 as pb
 from nextbest.v1 import recommender_pb2_grpc as rpb
 
-
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
