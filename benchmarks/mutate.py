@@ -74,7 +74,7 @@ EQUIVALENT = [
     (
         lambda old, new: (
             re.sub(r",? ?strict=True,?", "", old).strip()
-            == re.sub(r",? ?strict=(None|False),?", "", new).strip()
+            == re.sub(r",? ?strict=(None|False),?", "", new).replace(", )", ")").strip()
             or (old.strip() == "strict=True," and new.strip() in ("", "):"))
         ),
         "zip(strict=...): the sequences are columns of one table (or rows of one query), equal "
@@ -84,6 +84,52 @@ EQUIVALENT = [
         lambda old, new: old != new and old.lower() == new.lower() and bool(SQL.search(old)),
         "the case of SQL: keywords, unquoted names and lock modes are case-blind in SQLite and "
         "PostgreSQL",
+    ),
+    (
+        lambda old, new: (
+            old != new
+            and old.lower() == new.lower()
+            and re.fullmatch(r'"[a-z_, ()]+"', old) is not None
+            and ("_at" in old or "granted" in old)
+        ),
+        "the case of a list of SQL column names (unquoted, so case-blind)",
+    ),
+    (
+        lambda old, new: (
+            "dtype=np.int64)" in old
+            and "shown.get(" in old
+            and new
+            in (
+                old.replace("dtype=np.int64)", "dtype=None)"),
+                old.replace(", dtype=np.int64)", ", )"),
+            )
+        ),
+        "the impression counts are ints, so the inferred dtype is int64 too",
+    ),
+    (
+        lambda old, new: (
+            old.strip() == "if len(chosen) < limit:" and new.strip() == "if len(chosen) <= limit:"
+        ),
+        "a full list asks best_sellers_for for 0 more, which adds nothing and says nothing",
+    ),
+    (
+        lambda old, new: (
+            "best_sellers_for(b, 1," in old
+            and new == old.replace("best_sellers_for(b, 1,", "best_sellers_for(b, 2,")
+        ),
+        "best_sellers_for gives the same row to every user; only row 0 is read",
+    ),
+    (
+        lambda old, new: (
+            'kind="stable"' in old and new == old.replace('kind="stable"', 'kind="STABLE"')
+        ),
+        "numpy reads the sort kind case-blind",
+    ),
+    (
+        lambda old, new: (
+            "required=False" in old and new == old.replace("required=False", "required=None")
+        ),
+        "required=None is falsy, as False",
     ),
     (
         lambda old, new: old.replace("use_threads=False", "use_threads=None") == new,

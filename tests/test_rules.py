@@ -527,7 +527,7 @@ def test_events_of_selected_customers(store):
 @pytest.fixture(scope="module")
 def valued(tmp_path_factory):
     """A small model served with plain numbers: p002 sensitivity 0.5, p003 0.25, p006/p007
-    sensitive by category (level 1), email exposure 0.5, min_value 0.25, fatigue from 2
+    sensitive by category (level 1), p010 unavailable, email exposure 0.5, min_value 0.25, fatigue from 2
     impressions (value halved), no discovery places (the answer is in value order)."""
     from conftest import synthetic_catalog, synthetic_events, write_csv
 
@@ -538,9 +538,9 @@ def valued(tmp_path_factory):
     folder = tmp_path_factory.mktemp("rules")
     plain = synthetic_catalog()
     levels = {"p002": 0.5, "p003": 0.25}
-    plain = plain.append_column(
-        "sensitivity", pa.array([levels.get(p, 0.0) for p in plain["product_id"].to_pylist()])
-    )
+    ids = plain["product_id"].to_pylist()
+    plain = plain.append_column("sensitivity", pa.array([levels.get(p, 0.0) for p in ids]))
+    plain = plain.append_column("available", pa.array([p != "p010" for p in ids]))
     catalog, _ = read_catalog(write_csv(plain, folder / "catalog.csv"))
     s = load_settings(None, environ={})
     s = s.with_overrides(
@@ -607,7 +607,7 @@ def test_value_is_relevance_less_exposed_sensitivity_times_trust(valued):
         ("p003", 0.375),
         ("p006", 0.25),
     ]
-    assert answer.withheld == 1 and answer.personalized
+    assert answer.withheld == 1 and answer.personalized and answer.customer_id == "c004"
     assert answer.decisions == ("1 items withheld: value below 0.25 on the email channel",)
     assert answer.items[0].reasons[0].text == "for p004"
     # the app channel exposes nothing: value = relevance; trust scales every value
@@ -646,6 +646,23 @@ def test_fatigue_halves_the_value_of_products_shown_too_often(valued):
     assert tired["p014"].text.startswith("shown 5 times")
     assert tired["p012"].kind == "predicted_interest" and len(answer.items[0].reasons) == 1
     assert answer.decisions == ("2 items demoted for fatigue",)
+    # from one impression on: only the products shown are demoted, not the others
+    from nextbest.service import ServedModel
+
+    once = ServedModel(
+        valued.bundle,
+        valued.settings.with_overrides("policy", fatigue_impressions=1),
+        valued.consent,
+    )
+    answer = rule(once, ["p004", "p012"], [0.75, 0.625], shown={"p012": 1}, limit=2)
+    assert [(i.product_id, i.score) for i in answer.items] == [("p004", 0.75), ("p012", 0.3125)]
+
+
+def test_equal_values_keep_the_ranking_order(valued):
+    products = [f"p{k:03d}" for k in range(12, 32, 2)]  # ten products, none sensitive
+    relevance = [0.5, 0.75] * 5
+    answer = rule(valued, products, relevance, limit=10, channel="app")
+    assert [i.product_id for i in answer.items] == products[1::2] + products[::2]
 
 
 def test_a_short_list_is_filled_with_best_sellers_never_sensitive(valued):
@@ -750,3 +767,15 @@ def test_discovery_places_go_to_products_new_to_the_customer(valued):
     assert [i.product_id for i in few.items] == ["p004", "p012", "p014"]
     two = rule(model, products, relevance, limit=2, bought=["p004", "p012", "p014"])
     assert [i.product_id for i in two.items] == ["p004", "p016"]
+
+
+def test_a_long_fill_skips_unavailable_sensitive_and_chosen_products(valued):
+    b = valued.bundle
+    order = [str(b.item_ids[i]) for i in b.best_sellers]
+    top = order[0]  # the best seller, chosen personally: not again in the fill
+    answer = rule(valued, [top], [0.75], limit=40)
+    ids = [i.product_id for i in answer.items]
+    assert ids[0] == top and ids.count(top) == 1
+    unavailable = {"p010"}  # the catalog's only unavailable product
+    sensitive = {"p002", "p003", "p006", "p007"}
+    assert ids[1:] == [p for p in order if p not in sensitive | unavailable | {top}]
