@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import os
 import shutil
@@ -288,7 +289,20 @@ def workdir(tmp_path_factory) -> Path:
     assert done.returncode == 0, done.stderr
     assert "2 applied" in done.stdout
     train(d, d / "models")
-    return d
+    before = _store_rows(d)
+    yield d
+    # Shared by the whole session: a test that writes consent, events or impressions must work
+    # on a copy (`own`, `module_own`), or the order of the tests would change what others see.
+    assert _store_rows(d) == before, "a test wrote to the session's store: use a copy"
+
+
+def _store_rows(folder: Path) -> dict[str, int]:
+    """Rows per table of the store in `folder` (read only)."""
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(f"file:{folder / 'store.db'}?mode=ro", uri=True)) as db:
+        tables = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+        return {t: db.execute(f'SELECT COUNT(*) FROM "{t}"').fetchone()[0] for t in tables}
 
 
 PG_URL = os.environ.get("NEXTBEST_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")

@@ -131,6 +131,13 @@ def lifecycle_events() -> pa.Table:
     for d in np.arange(81, 0, -20.0):  # its one product, every 20 days, bought a day ago: not due
         rows.append(("just-shopped", "p07", END - dt.timedelta(days=float(d)), 5.0))
     buy("no-consent", list(np.arange(200, 1, -7.0)))
+    # Copies of three of them for the tests that change a customer (an erasure, a recorded
+    # purchase, a withdrawal) on the shared server: the others see the originals unchanged,
+    # whatever the order.
+    buy("quarterly-to-erase", [400, 310, 220, 130, 40])
+    buy("once-70-to-record", [70])
+    for d in np.arange(81, 0, -20.0):
+        rows.append(("just-shopped-to-withdraw", "p07", END - dt.timedelta(days=float(d)), 5.0))
     customers, products, times, values = zip(*rows, strict=True)
     return pa.table(
         {
@@ -234,12 +241,12 @@ def test_customer_state_is_consent_gated(lifecycle_server):
 
 
 def test_a_recorded_purchase_moves_a_dormant_customer_to_active(lifecycle_server):
-    assert state(lifecycle_server, "once-70").stage == lpb.STAGE_DORMANT
+    assert state(lifecycle_server, "once-70-to-record").stage == lpb.STAGE_DORMANT
     events_pb2_grpc.EventsStub(lifecycle_server).RecordEvents(
         events_pb2.RecordEventsRequest(
             events=[
                 events_pb2.Event(
-                    customer_id="once-70",
+                    customer_id="once-70-to-record",
                     product_id="p01",
                     event_type="purchase",
                     timestamp={"seconds": int(END.replace(tzinfo=dt.UTC).timestamp()) + 3600},
@@ -248,18 +255,18 @@ def test_a_recorded_purchase_moves_a_dormant_customer_to_active(lifecycle_server
         ),
         timeout=10,
     )
-    after = state(lifecycle_server, "once-70")
+    after = state(lifecycle_server, "once-70-to-record")
     assert after.stage == lpb.STAGE_ACTIVE and after.purchase_days == 2
     assert after.days_since_last_purchase == 0
 
 
 def test_an_erased_customer_has_no_state(lifecycle_server):
-    assert state(lifecycle_server, "quarterly").personalized
+    assert state(lifecycle_server, "quarterly-to-erase").personalized
     consent_pb2_grpc.ConsentStub(lifecycle_server).ForgetCustomer(
-        consent_pb2.ForgetCustomerRequest(customer_id="quarterly", source="test"),
+        consent_pb2.ForgetCustomerRequest(customer_id="quarterly-to-erase", source="test"),
         timeout=10,
     )
-    gone = state(lifecycle_server, "quarterly")
+    gone = state(lifecycle_server, "quarterly-to-erase")
     assert not gone.personalized and gone.not_personalized_reason == "erased"
 
 
@@ -304,17 +311,17 @@ def test_next_best_action_for_each_kind_of_customer(lifecycle_server):
 
 def test_consent_withdrawal_changes_the_action_on_the_next_call(lifecycle_server):
     ch = lifecycle_server
-    assert action(ch, "just-shopped").action == lpb.ACTION_CROSS_SELL
+    assert action(ch, "just-shopped-to-withdraw").action == lpb.ACTION_CROSS_SELL
     consent_pb2_grpc.ConsentStub(ch).SetConsent(
         consent_pb2.SetConsentRequest(
-            customer_id="just-shopped",
+            customer_id="just-shopped-to-withdraw",
             purpose=consent_pb2.PURPOSE_PERSONALIZATION,
             granted=False,
             source="test",
         ),
         timeout=10,
     )
-    after = action(ch, "just-shopped")
+    after = action(ch, "just-shopped-to-withdraw")
     assert after.action == lpb.ACTION_REST and not after.personalized and not after.products
 
 

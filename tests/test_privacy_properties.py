@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from nextbest.config import Settings, load_settings
 from nextbest.data.readers import CATALOG_SCHEMA, CONTENT_SCHEMA, EVENT_SCHEMA
 from nextbest.errors import DataError, NotFound
-from nextbest.policy import ConsentState, filter_training_events, sensitive_mask
+from nextbest.policy import ConsentState, filter_training_events
 from nextbest.service import (
     ContentQuery,
     CustomerConsent,
@@ -185,9 +185,18 @@ class World:
                 net[p] = net.get(p, 0) + (1 if kind == "purchase" else -1)
         return {p for p, n in net.items() if n > 0} & self.in_model()
 
-    def sensitive(self, policy) -> set[str]:
-        mask = sensitive_mask(self.catalog(), policy)
-        return {p for p, s in zip(self.product_ids, mask.tolist(), strict=True) if s}
+    def sensitive(self) -> set[str]:
+        """Sensitive products by SPEC §5, from this file's plain lists (SENSITIVE_CATEGORIES,
+        SENSITIVE_DEPARTMENTS: whole names, any case) and the product's own sensitivity."""
+        categories = {c.upper() for c in SENSITIVE_CATEGORIES}
+        departments = {d.upper() for d in SENSITIVE_DEPARTMENTS}
+        return {
+            p.product_id
+            for p in self.products
+            if (p.sensitivity or 0) > 0
+            or p.category.upper() in categories
+            or (p.department or "").upper() in departments
+        }
 
     def unavailable(self) -> set[str]:
         return {p.product_id for p in self.products if not p.available}
@@ -349,7 +358,7 @@ def serve(world: World) -> tuple[ServedModel, Settings]:
     events, _ = filter_training_events(
         world.events(),
         ConsentState(default_allow=True),
-        sensitive_products=pa.array(sorted(world.sensitive(s.policy)), pa.string()),
+        sensitive_products=pa.array(sorted(world.sensitive()), pa.string()),
     )
     try:
         bundle, _, _ = train(events, catalog, s, content=world.content_table())
@@ -403,7 +412,7 @@ def draw_queries(data, world: World) -> list[ProductQuery]:
 @given(world=worlds(), data=st.data())
 def test_recommend_respects_consent_availability_and_filters(world: World, data) -> None:
     served, s = serve(world)
-    sensitive = world.sensitive(s.policy)
+    sensitive = world.sensitive()
     unavailable = world.unavailable()
     known = world.known_customers()
     queries = draw_queries(data, world)
@@ -446,7 +455,7 @@ def test_recommend_respects_consent_availability_and_filters(world: World, data)
 def test_recorded_sensitive_purchases_are_no_evidence_without_consent(world: World, data) -> None:
     """Purchases of sensitive products recorded after training change nothing for a customer
     without sensitive consent: neither the products nor the ranking nor the reasons."""
-    sensitive = world.sensitive(fast_settings().policy)
+    sensitive = world.sensitive()
     without = tuple(
         r
         for r in world.recorded
@@ -474,7 +483,7 @@ def test_recorded_sensitive_purchases_are_no_evidence_without_consent(world: Wor
 @given(world=worlds(), data=st.data())
 def test_score_content_never_uses_sensitive_products_without_consent(world: World, data) -> None:
     served, s = serve(world)
-    sensitive = world.sensitive(s.policy)
+    sensitive = world.sensitive()
     in_model = world.in_model()
     known = world.known_customers()
     ids = world.product_ids + ["p-unknown"]
@@ -538,7 +547,7 @@ def test_score_content_never_uses_sensitive_products_without_consent(world: Worl
 @given(world=worlds(), data=st.data())
 def test_similar_shows_sensitive_products_only_to_a_consenting_customer(world: World, data) -> None:
     served, s = serve(world)
-    sensitive = world.sensitive(s.policy)
+    sensitive = world.sensitive()
     unavailable = world.unavailable()
     in_model = world.in_model()
     ids = world.product_ids + ["p-unknown"]
@@ -571,7 +580,7 @@ def twin_worlds(draw) -> World:
     """A world plus two customers without sensitive consent whose histories differ only in when
     they bought one sensitive product (on a shopping day they share, or on a day of its own)."""
     world = draw(worlds())
-    sensitive = world.sensitive(fast_settings().policy)
+    sensitive = world.sensitive()
     s_pos = [k for k, p in enumerate(world.products) if p.product_id in sensitive]
     n_pos = [k for k, p in enumerate(world.products) if p.product_id not in sensitive]
     assume(s_pos and n_pos)
