@@ -627,7 +627,7 @@ def test_impressions_keep_their_arm_rank_and_version(store: Store) -> None:
     assert store.record_impressions(rows) == 3
     got = store.impressions()
     assert got[:2] == rows[:2]
-    assert got[2] == Impression("c2", "p1", "email", day(2), "", "", "", 0, "")
+    assert got[2] == Impression("c2", "p1", "email", day(2))
     assert store.impressions(["c2"]) == [got[2]]
     assert store.impressions(since=day(1.5)) == [got[2]]
     assert store.impressions([]) == []
@@ -655,7 +655,7 @@ def test_a_version_1_store_is_migrated_in_place(store_url: str) -> None:
         with s._read() as cur:
             cur.execute("SELECT version FROM nextbest_schema_version")
             assert cur.fetchall() == [(2,)]
-        assert s.impressions() == [("c1", "p1", "web", day(1), "", "", "", 0, "")]
+        assert s.impressions() == [("c1", "p1", "web", day(1), "", "", "", 0, "", "")]
         s.record_impressions([("c1", "p2", "web", day(2), "e", "v", "x", 1, "m")])
         assert s.impressions()[1].variant == "v"
 

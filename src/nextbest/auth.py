@@ -107,6 +107,6 @@ class Gate:
                 False,
                 client=client.name,
                 problem="forbidden",
-                message=f"client {client.name!r} lacks the {role!r} role this needs",
+                message=f"client {client.name!r} lacks the {role!r} role this method needs",
             )
         return Verdict(True, client=client.name)
