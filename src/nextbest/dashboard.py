@@ -25,6 +25,7 @@ from nextbest.config import Settings
 from nextbest.errors import ModelError
 from nextbest.experiments.html import experiments_section
 from nextbest.experiments.report import report_json, store_report
+from nextbest.lifecycle.stages import STAGES
 from nextbest.store.artifacts import current_version, read_manifest
 from nextbest.store.consent_store import StoreError, open_store
 
@@ -82,7 +83,9 @@ def _model(settings: Settings) -> tuple[dict | None, dict | None]:
         lifecycle = {
             "risk_model": life.get("risk_model", ""),
             "risk_validation_auc": life.get("risk_validation_auc", {}),
-            "stages": life.get("stages", {}),
+            "stages": {  # in lifecycle order (the manifest's JSON sorts its keys)
+                name: life["stages"][name] for name in STAGES if name in life.get("stages", {})
+            },
             "as_of": m.get("reference_time", ""),
         }
     return model, lifecycle
