@@ -87,7 +87,7 @@ test: install-all chromium java $(NODE_DEPS)
 
 # Mutation testing (README "Tests"): mutmut on the privacy, consent, auth and request-validation
 # rules against the fast in-process tests that reach them; prints the score per module group,
-# the equivalent mutants by reason and every other survivor; fails under 90%. About 20 minutes
+# the equivalent mutants by reason and every other survivor; fails under 90%. About 13 minutes
 # here (mutants/ is rebuilt each time; ignored by git).
 mutate: install-dev
 	$(PY) benchmarks/mutate.py

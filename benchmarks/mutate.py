@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
+import os
 import re
 import shutil
 import subprocess
@@ -246,8 +247,9 @@ def equivalent_reason(diff: list[tuple[str, str]]) -> str | None:
 
 def changed_lines(name: str) -> list[tuple[str, str]]:
     """The (old, new) line pairs of a mutant's diff."""
-    show = subprocess.run(MUTMUT + ["show", name], cwd=REPO, capture_output=True, text=True).stdout
-    lines = show.splitlines()
+    from mutmut.__main__ import find_mutant, get_diff_for_mutant  # in process: `mutmut show`
+
+    lines = get_diff_for_mutant(name, path=find_mutant(name).path).splitlines()
     old = [x[1:] for x in lines if x.startswith("-") and not x.startswith("---")]
     new = [x[1:] for x in lines if x.startswith("+") and not x.startswith("+++")]
     if [x.strip() for x in old] == [x.strip() for x in new]:
@@ -282,6 +284,7 @@ def main() -> int:
     parser.add_argument("--report", action="store_true", help="only report the last run")
     parser.add_argument("--min-score", type=float, default=90.0)
     args = parser.parse_args()
+    os.chdir(REPO)  # mutmut reads pyproject.toml and mutants/ from the working directory
     start = time.monotonic()
     if not args.report:
         shutil.rmtree(REPO / "mutants", ignore_errors=True)

@@ -3,7 +3,7 @@ against real servers: its JSON lines must be the answers the Python stubs get fo
 requests, on a plaintext server and on a TLS server with bearer tokens (issue #6).
 
 Needs `node` and examples/node/node_modules (`make test` runs `npm ci` there first): skipped
-without them, failed under CI=true."""
+without them, failed when CI is true (conftest.py)."""
 
 from __future__ import annotations
 

@@ -527,8 +527,9 @@ def test_events_of_selected_customers(store):
 @pytest.fixture(scope="module")
 def valued(tmp_path_factory):
     """A small model served with plain numbers: p002 sensitivity 0.5, p003 0.25, p006/p007
-    sensitive by category (level 1), p010 unavailable, email exposure 0.5, min_value 0.25, fatigue from 2
-    impressions (value halved), no discovery places (the answer is in value order)."""
+    sensitive by category (level 1), p010 unavailable, email exposure 0.5, min_value 0.25,
+    fatigue from 2 impressions (value halved), no discovery places (the answer is in value
+    order)."""
     from conftest import synthetic_catalog, synthetic_events, write_csv
 
     from nextbest.data.readers import read_catalog

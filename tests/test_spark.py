@@ -3,7 +3,7 @@ training.py prepares, published in the usual format and served by the real serve
 
 Tests marked `spark` need the `spark` extra (pyspark) and Java 17+; they share one local[2]
 SparkSession (Spark takes a while to start). Without pyspark or Java they are skipped, and fail
-under CI=true. The other tests here check the one-line errors and that serving never imports
+when CI is true. The other tests here check the one-line errors and that serving never imports
 pyspark; they need neither.
 """
 
