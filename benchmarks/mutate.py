@@ -2,7 +2,7 @@
 rules that must never regress silently, then the score and every surviving mutant.
 
 The functions mutated: the auth roles (auth.py), the consent and privacy rules (policy.py, the
-value rule ServedModel._privacy_rule), the consent store's gating and erasure, and request
+value rule: value_rule.py and ServedModel._privacy_rule), the consent store's gating and erasure, and request
 validation (server.py). mutmut runs, for each mutant, only the tests of
 `pytest_add_cli_args_test_selection` that reach the mutated function.
 
@@ -31,6 +31,7 @@ TARGETS = {
     "auth roles": ["nextbest.auth.*"],
     "consent and privacy rules": [
         "nextbest.policy.*",
+        "nextbest.value_rule.*",
         "nextbest.service.xǁServedModelǁ_privacy_rule__mutmut_*",
     ],
     "consent store gating and erasure": [
@@ -51,6 +52,7 @@ TARGETS = {
                 "erased",
                 "tombstones",
                 "record_events",
+                "record_impressions",
                 "events",
             )
         ),
