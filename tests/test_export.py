@@ -309,9 +309,12 @@ def test_an_unknown_customer_gets_the_defaults_and_nothing_else(running):
     assert doc["model"]["contains_customer"] is False and doc["model"]["history"] is None
 
 
-def test_export_needs_the_consent_role(module_own, tmp_path):
-    pki = Pki(tmp_path)
-    running = create_server(secure_settings(module_own, pki))
+def test_export_needs_the_consent_role(own, tmp_path):
+    """On its own copy of the store: it counts the access log's rows of c002, which the
+    module's other tests add to in any order."""
+    (tmp_path / "pki").mkdir()
+    pki = Pki(tmp_path / "pki")
+    running = create_server(secure_settings(own, pki))
     try:
         address = f"127.0.0.1:{running.port}"
         with Client(address, ca=pki.ca, token=TOKENS["recommend"]) as nb:
