@@ -2,8 +2,8 @@
 rules that must never regress silently, then the score and every surviving mutant.
 
 The functions mutated: the auth roles (auth.py), the consent and privacy rules (policy.py, the
-value rule: value_rule.py and ServedModel._privacy_rule), the consent store's gating and erasure, and request
-validation (server.py). mutmut runs, for each mutant, only the tests of
+value rule: value_rule.py and ServedModel._privacy_rule), the consent store's gating and
+erasure, and request validation (server.py). mutmut runs, for each mutant, only the tests of
 `pytest_add_cli_args_test_selection` that reach the mutated function.
 
     python benchmarks/mutate.py            # fresh run (mutants/ is rebuilt)
