@@ -574,6 +574,8 @@ def rule(
     sensitive_ok=True,
     mask=None,
     bought=(),
+    recorded=None,
+    fetch=0,
     **query,
 ):
     from nextbest.service import ProductQuery, Reason
@@ -593,6 +595,7 @@ def rule(
         mask,
         np.sort(model.bundle.item_index(np.asarray(bought, dtype=str))).astype(np.int64),
         limit,
+        **({"recorded": recorded, "fetch": fetch} if recorded is not None else {}),
     )
 
 
@@ -780,3 +783,41 @@ def test_a_long_fill_skips_unavailable_sensitive_and_chosen_products(valued):
     unavailable = {"p010"}  # the catalog's only unavailable product
     sensitive = {"p002", "p003", "p006", "p007"}
     assert ids[1:] == [p for p in order if p not in sensitive | unavailable | {top}]
+
+
+def test_the_trace_holds_the_value_rule_terms_as_computed(valued):
+    """ExplainRecommendation's trace (asked for with `recorded`): every term of the rule for
+    every candidate, what was chosen, and what the request brought; none without asking."""
+    assert rule(valued, ["p004"], [0.5]).trace is None
+    items = valued.bundle.item_index(np.asarray(["p004", "p002", "p008"]))
+    recorded = valued.bundle.item_index(np.asarray(["p020"]))
+    mask = np.ones(valued.bundle.shape[1], bool)
+    answer = rule(
+        valued,
+        ["p004", "p002", "p008"],
+        [0.75, 0.875, 0.125],
+        shown={"p002": 2},
+        trust=0.8,
+        mask=mask,
+        bought=["p001"],
+        recorded=recorded,
+        fetch=7,
+    )
+    t = answer.trace
+    assert t.personalized is True and t.sensitive_ok is True and t.fetch == 7
+    assert t.mask is mask and t.recorded.tolist() == recorded.tolist()
+    assert t.bought.tolist() == valued.bundle.item_index(np.asarray(["p001"])).tolist()
+    assert t.candidates.tolist() == items.tolist()
+    v = t.valued
+    # email exposure 0.5: p002's sensitivity 0.5 costs 0.25; trust 0.8; p002 shown twice:
+    # tired, its value halved.
+    assert v.relevance.tolist() == [0.75, 0.875, 0.125]
+    assert v.privacy_loss.tolist() == [0.0, 0.25, 0.0]
+    assert v.trust == 0.8
+    assert v.shown.tolist() == [0, 2, 0]
+    assert v.fatigue.tolist() == [1.0, 0.5, 1.0]
+    assert v.before_fatigue.tolist() == pytest.approx([0.6, 0.5, 0.1])
+    assert v.value.tolist() == pytest.approx([0.6, 0.25, 0.1])
+    # p004 (0.6) and p002 (0.25 = min_value) kept, p008 withheld: chosen in answer order.
+    assert t.chosen.tolist() == [0, 1]
+    assert [i.product_id for i in answer.items][:2] == ["p004", "p002"]

@@ -668,6 +668,8 @@ def test_impressions_shown_before_an_erasure_are_not_kept(store: Store) -> None:
     before = erased_at - dt.timedelta(seconds=1)
     after = erased_at + dt.timedelta(seconds=1)
     rows = [("c1", "p1", "web", before), ("c2", "p1", "web", before), ("c1", "p2", "web", after)]
+    assert store.record_impressions([]) == 0
+    assert store.record_impressions([("c1", "p3", "web", erased_at)]) == 0  # at the erasure
     assert store.record_impressions(rows) == 2
     assert [(i.customer_id, i.product_id) for i in store.impressions()] == [
         ("c2", "p1"),
