@@ -575,7 +575,7 @@ def rule(
     mask=None,
     bought=(),
     recorded=None,
-    fetch=0,
+    fetch=None,
     **query,
 ):
     from nextbest.service import ProductQuery, Reason
@@ -595,7 +595,8 @@ def rule(
         mask,
         np.sort(model.bundle.item_index(np.asarray(bought, dtype=str))).astype(np.int64),
         limit,
-        **({"recorded": recorded, "fetch": fetch} if recorded is not None else {}),
+        **({"recorded": recorded} if recorded is not None else {}),
+        **({"fetch": fetch} if fetch is not None else {}),
     )
 
 
@@ -789,6 +790,7 @@ def test_the_trace_holds_the_value_rule_terms_as_computed(valued):
     """ExplainRecommendation's trace (asked for with `recorded`): every term of the rule for
     every candidate, what was chosen, and what the request brought; none without asking."""
     assert rule(valued, ["p004"], [0.5]).trace is None
+    assert rule(valued, ["p004"], [0.5], recorded=np.zeros(0, np.int64)).trace.fetch == 0
     items = valued.bundle.item_index(np.asarray(["p004", "p002", "p008"]))
     recorded = valued.bundle.item_index(np.asarray(["p020"]))
     mask = np.ones(valued.bundle.shape[1], bool)
