@@ -286,7 +286,8 @@ def test_not_serving_until_a_model_is_published_then_wait_succeeds(node, workdir
             text=True,
         )
         time.sleep(0.5)
-        shutil.copytree(workdir / "models", models)
+        shutil.copytree(workdir / "models", tmp_path / "staged")
+        (tmp_path / "staged").rename(models)  # published at once, as `nextbest train` does
         out, err = waiting.communicate(timeout=60)
         assert waiting.returncode == 0, err
         assert json.loads(out)["response"] == {"status": "SERVING"}
