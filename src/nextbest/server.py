@@ -1195,7 +1195,7 @@ class EventsService(events_pb2_grpc.EventsServicer):
             self.impressions.flush()
         windows = attribution.windows_of(self.holder.settings.experiments)
         since = attribution.before(
-            min(p.at for p in purchases), max([attribution.DEFAULT_DAYS, *windows.values()])
+            min(p.at for p in purchases), attribution.longest_window(windows)
         )
         try:
             shown = self.store.impressions(sorted({p.customer_id for p in purchases}), since=since)

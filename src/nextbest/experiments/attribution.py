@@ -44,6 +44,12 @@ def before(at: dt.datetime, days: float) -> dt.datetime:
     return at - delta if at - dt.datetime.min > delta else dt.datetime.min
 
 
+def longest_window(windows: Mapping[str, float]) -> float:
+    """The longest attribution window in days (DEFAULT_DAYS at least): how far back a purchase
+    can reach."""
+    return max([DEFAULT_DAYS, *windows.values()])
+
+
 def attribute(
     purchases: Iterable[Purchase],
     impressions: Iterable[Impression],
@@ -60,7 +66,7 @@ def attribute(
     for key, rows in shown.items():
         rows.sort(key=lambda i: (i.shown_at, i.attribution_id, i.rank))
         times[key] = [i.shown_at for i in rows]
-    longest = max([DEFAULT_DAYS, *windows.values()])
+    longest = longest_window(windows)
     out = []
     for p in purchases:
         key = (p.customer_id, p.product_id)
