@@ -478,9 +478,8 @@ def profile_service(
     and stream batches (256 customers per pass, every customer). Per mode: ms per customer
     without and with cProfile, and the `top` functions by own time (ms per customer)."""
     from nextbest.config import load_settings
-    from nextbest.server import STREAM_BATCH, _answer_pb, product_query
-    from nextbest.service import ServedModel, store_consent
-    from nextbest.store.artifacts import load_bundle
+    from nextbest.server import STREAM_BATCH, ModelHolder, _answer_pb, product_query
+    from nextbest.service import store_consent
     from nextbest.store.consent_store import open_store
     from nextbest.v1 import recommender_pb2 as pb
 
@@ -488,13 +487,16 @@ def profile_service(
     # The consent path of the server: the store, read on every call.
     store = open_store(f"sqlite:///{(models_dir.parent / 'store.db').resolve()}")
     consent = store_consent(store, settings.policy.default_consent == "allow")
-    model = ServedModel(load_bundle(models_dir), settings, consent)
+    # The server's model holder: consent, recorded events and impressions from the store.
+    settings = settings.with_overrides("serve", models_dir=str(models_dir))
+    holder = ModelHolder(settings, consent, store)
+    holder.load()
     requests = [pb.RecommendProductsRequest(customer_id=c) for c in customers]
 
     def answer(batch: list) -> None:
-        answers = model.recommend([product_query(r) for r in batch])
-        for a, r in zip(answers, batch, strict=True):
-            _answer_pb(a, r, model.version).SerializeToString()
+        shown = holder.recommend([product_query(r) for r in batch])
+        for s, r in zip(shown, batch, strict=True):
+            _answer_pb(s, r).SerializeToString()
 
     def run(part: list, size: int) -> float:
         t0 = time.perf_counter()

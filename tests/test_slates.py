@@ -5,6 +5,7 @@ erasure, a category filter and on another channel."""
 from __future__ import annotations
 
 import dataclasses
+import threading
 
 from conftest import served_settings
 
@@ -65,3 +66,34 @@ def test_a_consent_change_or_an_erasure_is_not_hidden_by_a_cached_slate(workdir)
     gone = customers[0]
     assert cached.forget(gone)
     assert not any(k[0] == int(cached.bundle.user_index([gone])[0]) for k in cached.slates._slates)
+
+
+def test_slates_warmed_at_load_give_the_same_answers_and_stop_when_retired(workdir):
+    """`warm_slates` (run by the server in a thread when a model is loaded) ranks every known
+    customer once, most recent buyers first, so that first calls find their slate; the answers
+    are those of the cache-free path. A retired model (a newer one was loaded) stops at once."""
+    everyone = ConsentState(default_allow=True)
+    cached, plain = models(workdir, everyone)
+    retired = threading.Event()
+    retired.set()
+    assert cached.warm_slates(retired) == 0 and cached.slates.misses == 0
+    customers = [str(c) for c in cached.bundle.user_ids]
+    assert cached.warm_slates(threading.Event()) == len(customers)
+    queries = [ProductQuery(customer_id=c) for c in customers]
+    hits = cached.slates.hits
+    warm = answers(cached, queries)
+    assert cached.slates.hits - hits == len(customers)  # every first call found its slate
+    assert warm == answers(plain, queries)
+    # Bounded by the cache: a cache of 5 warms the 5 customers who bought last.
+    small = ServedModel(
+        cached.bundle,
+        cached.settings.with_overrides("serve", slate_cache_size=5),
+        fixed_consent(everyone),
+    )
+    assert small.warm_slates(threading.Event()) == 5
+    rs = cached.bundle.repeat.last_day
+    last = [
+        rs.data[rs.indptr[u] : rs.indptr[u + 1]].max(initial=-1) for u in range(len(rs.indptr) - 1)
+    ]
+    newest = sorted(range(len(last)), key=lambda u: -last[u])[:5]
+    assert sorted(k[0] for k in small.slates._slates) == sorted(newest)

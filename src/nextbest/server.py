@@ -274,6 +274,11 @@ class ModelHolder:
             arms = self._arms_of(model, erased)
             self._current, self._arms = model, arms
             self._refused = None
+            if old is not None:
+                old.retired.set()  # stops its slate warming
+        threading.Thread(
+            target=model.warm_slates, args=(model.retired,), name="warm-slates", daemon=True
+        ).start()
         logger.info(
             "serving model %s (%d customers, %d products, %d content items)",
             model.version,
@@ -418,6 +423,8 @@ class ModelHolder:
 
     def stop(self) -> None:
         self._stop.set()
+        if self._current is not None:
+            self._current.retired.set()
 
 
 # --- request validation ------------------------------------------------------------------------
@@ -1232,6 +1239,10 @@ def _request_id(given: str | None) -> str:
     return uuid.uuid4().hex
 
 
+_OURS = f"/{pb.DESCRIPTOR.package}."
+"""Methods of our services start with this; health and reflection go straight through."""
+
+
 class CallInterceptor(grpc.ServerInterceptor):
     """Every call to our services passes here once (health and reflection go straight through):
     a request id (the caller's `x-request-id` or a new one, sent back as initial metadata and on
@@ -1246,6 +1257,7 @@ class CallInterceptor(grpc.ServerInterceptor):
         self._streams = threading.BoundedSemaphore(max_streams)
         self.admission = admission
         metrics.admission_limit.set(admission.max_running)
+        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
 
     @contextlib.contextmanager
     def _call(self, method: str, context, verdict: Verdict, request_id: str, customer: str):
@@ -1291,13 +1303,26 @@ class CallInterceptor(grpc.ServerInterceptor):
         context.abort(code, decision.message)
 
     def intercept_service(self, continuation, handler_call_details):
-        handler = continuation(handler_call_details)
         method = handler_call_details.method
-        if handler is None or not method.startswith(f"/{pb.DESCRIPTOR.package}."):
-            return handler
-        metadata = {k: v for k, v in handler_call_details.invocation_metadata or () if k}
+        if not method.startswith(_OURS):
+            return continuation(handler_call_details)
+        # The wrapped handler of a method is made once: the services do not change while the
+        # server runs, and everything that belongs to one call is read from its context.
+        wrapped = self._wrapped.get(method)
+        if wrapped is None:
+            handler = continuation(handler_call_details)
+            if handler is None:
+                return None
+            wrapped = self._wrapped.setdefault(method, self._wrap(method, handler))
+        return wrapped
+
+    def _caller(self, method: str, context) -> tuple[Verdict, str]:
+        """The call's verdict (token and role) and request id, from its metadata."""
+        metadata = {k: v for k, v in context.invocation_metadata() or () if k}
         verdict = self.gate.check(method, metadata.get("authorization"))
-        request_id = _request_id(metadata.get("x-request-id"))
+        return verdict, _request_id(metadata.get("x-request-id"))
+
+    def _wrap(self, method: str, handler):
         parse = _lenient(handler.request_deserializer)
         message = f"request: not a valid {method.rsplit('/', 1)[-1]} request message"
 
@@ -1306,7 +1331,7 @@ class CallInterceptor(grpc.ServerInterceptor):
 
             def unary(request, context):
                 customer = getattr(request, "customer_id", "")
-                with self._call(method, context, verdict, request_id, customer):
+                with self._call(method, context, *self._caller(method, context), customer):
                     if isinstance(request, _Undecodable):
                         context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
                     decision = self.admission.admit(method, context.time_remaining(), queued_ms())
@@ -1329,7 +1354,7 @@ class CallInterceptor(grpc.ServerInterceptor):
 
             def out_stream(request, context):
                 customer = getattr(request, "customer_id", "")
-                with self._call(method, context, verdict, request_id, customer):
+                with self._call(method, context, *self._caller(method, context), customer):
                     if isinstance(request, _Undecodable):
                         context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
                     if not self._streams.acquire(blocking=False):
@@ -1351,7 +1376,7 @@ class CallInterceptor(grpc.ServerInterceptor):
         inner_stream = handler.stream_stream  # our only other kind of method
 
         def stream(request_iterator, context):
-            with self._call(method, context, verdict, request_id, ""):
+            with self._call(method, context, *self._caller(method, context), ""):
                 if not self._streams.acquire(blocking=False):
                     context.abort(
                         grpc.StatusCode.RESOURCE_EXHAUSTED,

@@ -399,6 +399,8 @@ class ServedModel:
     loaded_at: str = field(
         default_factory=lambda: dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     )
+    retired: threading.Event = field(default_factory=threading.Event, repr=False)
+    """Set when a newer model replaces this one (its background work stops)."""
 
     def __post_init__(self) -> None:
         b = self.bundle
@@ -553,6 +555,38 @@ class ServedModel:
             return {}
         since = self.now() - dt.timedelta(days=policy.fatigue_days)
         return self.impressions(personal_ids, since)
+
+    def warm_slates(self, stop: threading.Event, batch: int = 32, pause_s: float = 0.002) -> int:
+        """Rank the known customers once each, the most recent buyers first, up to
+        `serve.slate_cache_size` (run off the call path, by a thread started at load): a
+        customer's first call then finds their slate. Each batch is answered as a call with the
+        default limit would be, consent and recorded events read from the store, and nothing is
+        sent or recorded. Stops early when `stop` is set (a newer model) or the store cannot be
+        read. Returns the number of customers ranked."""
+        size = self.settings.serve.slate_cache_size
+        if not size:
+            return 0
+        days = self.bundle.repeat.last_day
+        rows = np.diff(days.indptr)
+        last = np.full(len(rows), -np.inf)
+        busy = rows > 0
+        if busy.any():
+            last[busy] = np.maximum.reduceat(days.data, days.indptr[:-1][busy])
+        order = np.argsort(-last, kind="stable")[:size]
+        ids = self.bundle.user_ids
+        done = 0
+        for lo in range(0, len(order), batch):
+            if stop.is_set():
+                break
+            queries = [ProductQuery(customer_id=str(ids[u])) for u in order[lo : lo + batch]]
+            try:  # an unreadable store ends the warming quietly: calls report the outage
+                self.consent([q.customer_id for q in queries])
+            except StoreError:
+                break
+            self._recommend(queries, DEFAULT_LIMIT)
+            done += len(queries)
+            stop.wait(pause_s)  # lets the calls in flight have the interpreter
+        return done
 
     def forget(self, customer_id: str) -> bool:
         """Drop a customer from this loaded model (their factors and CF candidates); True when
