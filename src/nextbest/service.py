@@ -743,7 +743,7 @@ class ServedModel:
                     float(trust[r]),
                     bool(sensitive_ok[r]),
                     masks[r],
-                    np.union1d(bought, items),
+                    np.union1d(bought, items) if len(items) else bought,
                     limit,
                     recorded=items if trace else None,
                     fetch=fetch,
@@ -861,7 +861,11 @@ class ServedModel:
         given, asks for the answer's trace (`fetch`: how many candidates the ranking offered)."""
         policy, serve = self.settings.policy, self.settings.serve
         b = self.bundle
-        times = np.asarray([shown.get(str(b.item_ids[i]), 0) for i in items], dtype=np.int64)
+        times = (
+            np.asarray([shown.get(str(b.item_ids[i]), 0) for i in items], dtype=np.int64)
+            if shown
+            else np.zeros(len(items), dtype=np.int64)
+        )
         valued = value_terms(
             relevance,
             self.sensitivity[items],
