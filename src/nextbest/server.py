@@ -1232,12 +1232,35 @@ def _request_id(given: str | None) -> str:
     return uuid.uuid4().hex
 
 
+def _pushback(context, request_id: str, ms: int) -> None:
+    """The trailers of a refused call: its request id and when to retry."""
+    context.set_trailing_metadata(
+        (("x-request-id", request_id), ("grpc-retry-pushback-ms", str(ms)))
+    )
+
+
+def _with_headers(answers, context, request_id: str):
+    """A stream's answers, the initial metadata (the request id) sent with the first one."""
+    first = True
+    for answer in answers:
+        if first:
+            context.send_initial_metadata((("x-request-id", request_id),))
+            first = False
+        yield answer
+
+
 class CallInterceptor(grpc.ServerInterceptor):
     """Every call to our services passes here once (health and reflection go straight through):
-    a request id (the caller's `x-request-id` or a new one, sent back as initial metadata and on
-    every log line of the call), the token and role check, the open-stream limit, undecodable
-    requests → INVALID_ARGUMENT, then the call's metrics and one JSON log line with its status,
-    time, client name and hashed customer id."""
+    a request id (the caller's `x-request-id` or a new one, on every log line of the call), the
+    token and role check, the open-stream limit, undecodable requests → INVALID_ARGUMENT, then
+    the call's metrics and one JSON log line with its status, time, client name and hashed
+    customer id.
+
+    The request id goes back in the trailers of every call and in the initial metadata sent
+    with the first answer: a call that fails before it answers (refused by the gate or
+    admission control; UNAVAILABLE when the store is out) ends trailers-only, which is what
+    lets gRPC's retry policy retry it after its `grpc-retry-pushback-ms`: a client retries no
+    call once it has received headers."""
 
     def __init__(self, metrics: Metrics, gate: Gate, max_streams: int, admission: Admission):
         self.metrics = metrics
@@ -1253,7 +1276,7 @@ class CallInterceptor(grpc.ServerInterceptor):
         code = grpc.StatusCode.UNKNOWN
         with call_context(request_id=request_id, client=verdict.client):
             try:
-                context.send_initial_metadata((("x-request-id", request_id),))
+                context.set_trailing_metadata((("x-request-id", request_id),))
                 if not verdict.allowed:
                     status = (
                         grpc.StatusCode.UNAUTHENTICATED
@@ -1278,11 +1301,11 @@ class CallInterceptor(grpc.ServerInterceptor):
                     },
                 )
 
-    def _refuse(self, method: str, context, decision: Decision) -> None:
+    def _refuse(self, method: str, context, decision: Decision, request_id: str) -> None:
         """Refuse a call admission control turned away (counted; the pushback in trailers)."""
         self.metrics.refused.labels(method, decision.reason).inc()
         if decision.pushback_ms:
-            context.set_trailing_metadata((("grpc-retry-pushback-ms", str(decision.pushback_ms)),))
+            _pushback(context, request_id, decision.pushback_ms)
         code = (
             grpc.StatusCode.DEADLINE_EXCEEDED
             if decision.reason == "deadline"
@@ -1311,13 +1334,15 @@ class CallInterceptor(grpc.ServerInterceptor):
                         context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
                     decision = self.admission.admit(method, context.time_remaining(), queued_ms())
                     if not decision.admitted:
-                        self._refuse(method, context, decision)
+                        self._refuse(method, context, decision, request_id)
                     self.metrics.admitted.labels(method).inc()
                     started = time.perf_counter()
                     try:
-                        return inner(request, context)
+                        answer = inner(request, context)
                     finally:
                         self.admission.release(method, started)
+                    context.send_initial_metadata((("x-request-id", request_id),))
+                    return answer
 
             return grpc.unary_unary_rpc_method_handler(
                 unary,
@@ -1339,7 +1364,7 @@ class CallInterceptor(grpc.ServerInterceptor):
                             f"{self.max_streams}); retry when one has finished",
                         )
                     try:
-                        yield from inner_out(request, context)
+                        yield from _with_headers(inner_out(request, context), context, request_id)
                     finally:
                         self._streams.release()
 
@@ -1368,7 +1393,7 @@ class CallInterceptor(grpc.ServerInterceptor):
                         yield request
 
                 try:
-                    yield from inner_stream(decoded(), context)
+                    yield from _with_headers(inner_stream(decoded(), context), context, request_id)
                 finally:
                     self._streams.release()
                 if undecodable:
