@@ -40,7 +40,7 @@ from grpc_reflection.v1alpha import reflection
 from threadpoolctl import threadpool_limits
 
 from nextbest.admission import Admission, Decision, StampedExecutor, queued_ms
-from nextbest.auth import Gate, Verdict
+from nextbest.auth import Gate
 from nextbest.bundle import ModelBundle
 from nextbest.config import ServeSettings, Settings
 from nextbest.data.readers import EVENT_SCHEMA, PURCHASE, PURPOSES, RETURN
@@ -1232,6 +1232,13 @@ def _request_id(given: str | None) -> str:
     return uuid.uuid4().hex
 
 
+def _peer_certificate(context) -> bytes | None:
+    """The PEM certificate the caller presented; None without one (grpc fills `x509_pem_cert`
+    in the call's auth context when the server requires client certificates)."""
+    pem = context.auth_context().get("x509_pem_cert")
+    return pem[0] if pem else None
+
+
 def _pushback(context, request_id: str, ms: int) -> None:
     """The trailers of a refused call: its request id and when to retry."""
     context.set_trailing_metadata(
@@ -1252,9 +1259,9 @@ def _with_headers(answers, context, request_id: str):
 class CallInterceptor(grpc.ServerInterceptor):
     """Every call to our services passes here once (health and reflection go straight through):
     a request id (the caller's `x-request-id` or a new one, on every log line of the call), the
-    token and role check, the open-stream limit, undecodable requests → INVALID_ARGUMENT, then
-    the call's metrics and one JSON log line with its status, time, client name and hashed
-    customer id.
+    token (or client certificate) and role check, the open-stream limit, undecodable requests →
+    INVALID_ARGUMENT, then the call's metrics and one JSON log line with its status, time,
+    client name and hashed customer id.
 
     The request id goes back in the trailers of every call and in the initial metadata sent
     with the first answer: a call that fails before it answers (refused by the gate or
@@ -1270,10 +1277,18 @@ class CallInterceptor(grpc.ServerInterceptor):
         self.admission = admission
         metrics.admission_limit.set(admission.max_running)
 
+    def use_clients(self, clients) -> None:
+        """From the next call on, these clients (SIGHUP): their tokens, certificates, roles."""
+        self.gate = Gate(clients)
+
     @contextlib.contextmanager
-    def _call(self, method: str, context, verdict: Verdict, request_id: str, customer: str):
+    def _call(
+        self, method: str, context, gate: Gate, authorization, request_id: str, customer: str
+    ):
         started = time.perf_counter()
         code = grpc.StatusCode.UNKNOWN
+        certificate = _peer_certificate(context) if gate.by_certificate else None
+        verdict = gate.check(method, authorization, certificate)
         with call_context(request_id=request_id, client=verdict.client):
             try:
                 context.set_trailing_metadata((("x-request-id", request_id),))
@@ -1319,7 +1334,7 @@ class CallInterceptor(grpc.ServerInterceptor):
         if handler is None or not method.startswith(f"/{pb.DESCRIPTOR.package}."):
             return handler
         metadata = {k: v for k, v in handler_call_details.invocation_metadata or () if k}
-        verdict = self.gate.check(method, metadata.get("authorization"))
+        gate, authorization = self.gate, metadata.get("authorization")
         request_id = _request_id(metadata.get("x-request-id"))
         parse = _lenient(handler.request_deserializer)
         message = f"request: not a valid {method.rsplit('/', 1)[-1]} request message"
@@ -1329,7 +1344,7 @@ class CallInterceptor(grpc.ServerInterceptor):
 
             def unary(request, context):
                 customer = getattr(request, "customer_id", "")
-                with self._call(method, context, verdict, request_id, customer):
+                with self._call(method, context, gate, authorization, request_id, customer):
                     if isinstance(request, _Undecodable):
                         context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
                     decision = self.admission.admit(method, context.time_remaining(), queued_ms())
@@ -1354,7 +1369,7 @@ class CallInterceptor(grpc.ServerInterceptor):
 
             def out_stream(request, context):
                 customer = getattr(request, "customer_id", "")
-                with self._call(method, context, verdict, request_id, customer):
+                with self._call(method, context, gate, authorization, request_id, customer):
                     if isinstance(request, _Undecodable):
                         context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
                     if not self._streams.acquire(blocking=False):
@@ -1376,7 +1391,7 @@ class CallInterceptor(grpc.ServerInterceptor):
         inner_stream = handler.stream_stream  # our only other kind of method
 
         def stream(request_iterator, context):
-            with self._call(method, context, verdict, request_id, ""):
+            with self._call(method, context, gate, authorization, request_id, ""):
                 if not self._streams.acquire(blocking=False):
                     context.abort(
                         grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -1430,9 +1445,11 @@ class Running:
 
     def reload_clients(self, config_path: str | None) -> bool:
         """Read `[[serve.clients]]` again from the config (and NEXTBEST_ variables) and use it
-        from the next call on; calls in flight keep the verdict they started with. A config
-        that does not load, or that leaves a TLS server without clients, is refused (logged)
-        and the old clients stay. Only the clients change: other settings need a restart."""
+        from the next call on (tokens, certificates, roles); calls in flight keep
+        the verdict they started with. A config that does not load, that leaves a TLS server
+        without clients, or that maps a certificate on a server started without
+        `tls_client_ca`, is refused (logged) and the old clients stay. Only the clients change:
+        other settings need a restart."""
         from nextbest.config import load_settings
 
         try:
@@ -1440,11 +1457,20 @@ class Running:
         except ConfigError as exc:
             logger.error("SIGHUP: %s; the clients stay as they were", exc)
             return False
-        insecure = self.holder.settings.serve.insecure
-        if not insecure and not fresh.serve.clients:
+        serve = self.holder.settings.serve
+        if not serve.insecure and not fresh.serve.clients:
             logger.error("SIGHUP: the config lists no [[serve.clients]]; the clients stay")
             return False
-        self.calls.gate = Gate(fresh.serve.clients)
+        mapped = [k for k, c in enumerate(fresh.serve.clients) if c.certificate_sha256]
+        if mapped and not serve.tls_client_ca:
+            logger.error(
+                "SIGHUP: serve.clients[%d].certificate_sha256 needs client certificates, and "
+                "this server started without serve.tls_client_ca (a restart is needed); the "
+                "clients stay as they were",
+                mapped[0],
+            )
+            return False
+        self.calls.use_clients(fresh.serve.clients)
         if self.metrics.dashboard is not None:
             self.metrics.dashboard.gate = self.calls.gate
         logger.info(
