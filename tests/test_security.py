@@ -3,6 +3,7 @@ real ports with certificates made here (SPEC §4, §6; issue #5)."""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import ipaddress
 import json
@@ -672,9 +673,9 @@ def token_entry(name: str, token: str, roles: str = '["recommend"]', extra: str 
     )
 
 
-def test_sighup_reload_maps_certificates(folder, pki):
+def test_sighup_reload_maps_certificates_and_sets_rate_limits(folder, pki):
     """Running.reload_clients (what SIGHUP calls; the signal itself: tests/test_processes.py)
-    maps a certificate from the next call on."""
+    maps a certificate and sets a rate limit from the next call on."""
     from nextbest.config import load_settings
 
     before = mtls_config(folder, pki, token_entry("admin-client", TOKENS["admin"], '["admin"]'))
@@ -693,11 +694,19 @@ def test_sighup_reload_maps_certificates(folder, pki):
                 token_entry("admin-client", TOKENS["admin"], '["admin"]')
                 + '[[serve.clients]]\nname = "web-cert"\n'
                 + f'certificate_sha256 = "{certificate_sha256(pki.client[1])}"\n'
-                + 'roles = ["recommend"]\n',
+                + 'roles = ["recommend"]\nrate_per_s = 0.01\nburst = 1\n',
                 "after.toml",
             )
             assert running.reload_clients(str(after))
             assert call(ch, recommend, None) == grpc.StatusCode.OK  # mapped now
+            # One call per 100 s, and it was just made.
+            assert call(ch, recommend, None) == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert call(ch, "/nextbest.v1.Admin/GetModelInfo", TOKENS["admin"]) == (
+                grpc.StatusCode.OK
+            )
+            # A reload with the same rate keeps the bucket: no new burst.
+            assert running.reload_clients(str(after))
+            assert call(ch, recommend, None) == grpc.StatusCode.RESOURCE_EXHAUSTED
     finally:
         running.stop(0)
 
@@ -778,10 +787,25 @@ CLIENT_ERRORS = [
         r"serve.clients\[0\].certificate_sha256 must be the SHA-256 fingerprint",
     ),
     ("", "", r"serve.clients\[0\] needs token_sha256 .*or certificate_sha256"),
+    (f'token_sha256 = "{FINGERPRINT}"\nrate_per_s = 0', "", r"clients\[0\].rate_per_s must be"),
+    (f'token_sha256 = "{FINGERPRINT}"\nrate_per_s = -2', "", r"clients\[0\].rate_per_s must be"),
+    (f'token_sha256 = "{FINGERPRINT}"\nrate_per_s = "5"', "", r"clients\[0\].rate_per_s must be"),
+    (f'token_sha256 = "{FINGERPRINT}"\nrate_per_s = true', "", r"clients\[0\].rate_per_s must be"),
     (
-        f'token_sha256 = "{FINGERPRINT}"\ncertificate = "x"',
+        f'token_sha256 = "{FINGERPRINT}"\nrate_per_s = 5\nburst = 0',
         "",
-        r"serve.clients\[0\] has an unknown key certificate",
+        r"serve.clients\[0\].burst must be a whole number >= 1",
+    ),
+    (
+        f'token_sha256 = "{FINGERPRINT}"\nrate_per_s = 5\nburst = 2.5',
+        "",
+        r"serve.clients\[0\].burst must be a whole number >= 1",
+    ),
+    (f'token_sha256 = "{FINGERPRINT}"\nburst = 5', "", r"serve.clients\[0\].burst needs rate_per"),
+    (
+        f'token_sha256 = "{FINGERPRINT}"\nrate = 5',
+        "",
+        r"serve.clients\[0\] has an unknown key rate",
     ),
 ]
 
@@ -797,19 +821,25 @@ def test_bad_client_entries_are_refused_naming_the_key(tmp_path, keys, serve, er
         load_settings(tmp_path / "c.toml")
 
 
-def test_client_entries_with_certificates_load(tmp_path):
+def test_client_entries_with_certificates_and_rates_load(tmp_path):
     from nextbest.config import load_settings
 
     colons = ":".join(["AB"] * 32)  # openssl x509 -fingerprint -sha256 prints it like this
     (tmp_path / "c.toml").write_text(
         '[serve]\ntls_client_ca = "ca.pem"\n'
         f'[[serve.clients]]\nname = "a"\nroles = ["recommend"]\ncertificate_sha256 = "{colons}"\n'
+        "rate_per_s = 2.5\n"
         f'[[serve.clients]]\nname = "b"\nroles = ["admin"]\ntoken_sha256 = "{"cd" * 32}"\n'
-        f'certificate_sha256 = "{"ef" * 32}"\n'
+        f'certificate_sha256 = "{"ef" * 32}"\nrate_per_s = 5\nburst = 20\n'
     )
     a, b = load_settings(tmp_path / "c.toml").serve.clients
-    assert (a.certificate_sha256, a.token_sha256) == (FINGERPRINT, "")
-    assert (b.certificate_sha256, b.token_sha256) == ("ef" * 32, "cd" * 32)
+    assert (a.certificate_sha256, a.token_sha256, a.rate_per_s, a.burst) == (
+        FINGERPRINT,
+        "",
+        2.5,
+        0,
+    )
+    assert (b.certificate_sha256, b.rate_per_s, b.burst) == ("ef" * 32, 5.0, 20)
     (tmp_path / "twice.toml").write_text(
         '[serve]\ntls_client_ca = "ca.pem"\n'
         + "".join(
@@ -837,3 +867,114 @@ def test_gate_maps_certificates_and_lets_tokens_decide(pki):
     assert not gate.check(recommend, "Bearer nb_wrong", pki.client[1]).allowed
     assert not gate.check(recommend, "Basic x", pki.client[1]).allowed
     assert Gate(CLIENTS).check(recommend, None, pki.client[1]).problem == "unauthenticated"
+
+
+# --- per-client rate limits --------------------------------------------------------------------
+
+LIMITED, UNLIMITED = new_token(), new_token()
+
+
+def test_token_bucket_arithmetic():
+    from nextbest.ratelimit import RateLimits
+
+    now = [100.0]
+    clients = (
+        ClientToken(name="web", token_sha256="a" * 64, roles=("recommend",), rate_per_s=5, burst=5),
+        ClientToken(name="crm", token_sha256="b" * 64, roles=("consent",), rate_per_s=2.5),
+        ClientToken(name="admin", token_sha256="c" * 64, roles=("admin",)),
+    )
+    limits = RateLimits(clients, clock=lambda: now[0])
+    assert [limits.take("web") for _ in range(5)] == [0.0] * 5
+    assert limits.take("web") == pytest.approx(0.2)  # one token per 1/5 s
+    now[0] += 0.1
+    assert limits.take("web") == pytest.approx(0.1)  # half a token there
+    now[0] += 0.1
+    assert limits.take("web") == 0.0
+    now[0] += 60  # a quiet minute fills the bucket to `burst`, no more
+    assert [limits.take("web") for _ in range(6)].count(0.0) == 5
+    assert [limits.take("crm") for _ in range(4)].count(0.0) == 3  # burst = ceil(2.5)
+    assert all(limits.take("admin") == 0.0 for _ in range(100))  # no rate: no limit
+    assert limits.take("nobody") == 0.0
+    limits.use(clients)  # a reload with the same limits keeps the buckets
+    assert limits.take("web") > 0
+    limits.use((dataclasses.replace(clients[0], burst=10),))  # a new limit starts full
+    assert [limits.take("web") for _ in range(10)] == [0.0] * 10
+    assert limits.take("crm") == 0.0  # gone from the config: no longer limited
+
+
+@pytest.fixture
+def limited_server(folder, pki):
+    """TLS; `limited` may make 5 calls per second (burst 5), `unlimited` as many as it likes.
+    Admission control wide open, so that only the rate limit refuses."""
+    clients = (
+        ClientToken(
+            name="limited",
+            token_sha256=token_sha256(LIMITED),
+            roles=("recommend",),
+            rate_per_s=5.0,
+            burst=5,
+        ),
+        ClientToken(name="unlimited", token_sha256=token_sha256(UNLIMITED), roles=("recommend",)),
+    )
+    settings = secure_settings(
+        folder, pki, clients=clients, max_running_calls=8, max_queue_ms=10_000
+    )
+    running = create_server(settings)
+    yield running
+    running.stop(0)
+
+
+def rate_limited(running, client: str) -> float:
+    return (
+        running.metrics.registry.get_sample_value(
+            "nextbest_rate_limited_calls_total", {"client": client}
+        )
+        or 0.0
+    )
+
+
+def test_rate_limit_refuses_past_the_burst_with_a_pushback(limited_server, pki):
+    method = "/nextbest.v1.Recommender/RecommendProducts"
+    request = pb.RecommendProductsRequest(customer_id="c002")
+    with pki.channel(limited_server.port) as ch:
+        unary = ch.unary_unary(method, request_serializer=lambda m: m.SerializeToString())
+
+        def send(token: str):
+            return unary.future(
+                request, metadata=(("authorization", f"Bearer {token}"),), timeout=30
+            )
+
+        # Six calls at once (the rate check comes before any work, so they reach it together):
+        # five tokens in the bucket, the sixth call is refused.
+        calls = [send(LIMITED) for _ in range(6)]
+        failed = [c.exception() for c in calls if c.exception() is not None]
+        assert len(failed) == 1, [f.details() for f in failed]
+        [refused] = failed
+        assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "client 'limited' is over its rate limit (rate_per_s = 5, burst = 5)" in (
+            refused.details()
+        )
+        pushback = int(dict(refused.trailing_metadata())["grpc-retry-pushback-ms"])
+        assert 0 < pushback <= 200  # one token comes back every 200 ms
+        assert rate_limited(limited_server, "limited") == 1
+        # Another client is not held back by it.
+        assert all(c.exception() is None for c in [send(UNLIMITED) for _ in range(10)])
+        assert rate_limited(limited_server, "unlimited") == 0
+        # After the pushback, a token is there again.
+        time.sleep(pushback / 1000)
+        assert send(LIMITED).exception() is None
+        assert rate_limited(limited_server, "limited") == 1
+
+
+def test_the_python_client_waits_out_the_rate_limit(limited_server, pki):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from nextbest.client import Client
+
+    with (
+        Client(f"127.0.0.1:{limited_server.port}", ca=pki.ca, token=LIMITED, attempts=3) as nb,
+        ThreadPoolExecutor(6) as pool,
+    ):
+        answers = list(pool.map(lambda _: nb.recommend("c002", timeout=30), range(6)))
+    assert [a.customer_id for a in answers] == ["c002"] * 6  # none failed...
+    assert rate_limited(limited_server, "limited") == 1  # ...one was refused, then retried

@@ -81,6 +81,13 @@ class ClientToken:
     token sent with a call decides over the certificate."""
     roles: tuple[str, ...]
     """Some of `recommend`, `consent`, `admin`."""
+    rate_per_s: float = 0.0
+    """Calls per second this client may make to each server process (a token bucket; absent =
+    no limit); more are refused (RESOURCE_EXHAUSTED with `grpc-retry-pushback-ms`). A stream
+    counts as one call."""
+    burst: int = 0
+    """Calls the client may make at once above `rate_per_s` after a quiet spell (the bucket's
+    size; absent = one second's worth, `rate_per_s` rounded up)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -256,7 +263,7 @@ class ServeSettings:
     certificate is listed in `[[serve.clients]] certificate_sha256`)."""
     clients: tuple[ClientToken, ...] = ()
     """Clients and their roles, as `[[serve.clients]]` tables with `name`, `token_sha256` and/or
-    `certificate_sha256`, `roles`. When any are listed,
+    `certificate_sha256`, `roles`, optionally `rate_per_s` and `burst`. When any are listed,
     every call except health and reflection needs `authorization: Bearer <token>` of a client
     holding the method's role, or a client certificate listed in `certificate_sha256`."""
     max_message_bytes: int = 4 * 1024 * 1024
@@ -467,6 +474,19 @@ def _client(value: dict, where: str) -> ClientToken:
                 "client's certificate, 64 hex digits, colons allowed (`nextbest certificate "
                 "CERT.pem` prints it)"
             )
+    rate = value.get("rate_per_s")
+    if rate is not None and (
+        isinstance(rate, bool) or not isinstance(rate, int | float) or not 0 < rate < float("inf")
+    ):
+        raise ConfigError(
+            f"config: {where}.rate_per_s must be a number > 0 (calls per second; leave it out "
+            "for no limit)"
+        )
+    burst = value.get("burst")
+    if burst is not None and (isinstance(burst, bool) or not isinstance(burst, int) or burst < 1):
+        raise ConfigError(f"config: {where}.burst must be a whole number >= 1")
+    if burst is not None and rate is None:
+        raise ConfigError(f"config: {where}.burst needs rate_per_s (the rate the bucket refills)")
     if (
         not isinstance(roles, list)
         or not roles
@@ -478,6 +498,8 @@ def _client(value: dict, where: str) -> ClientToken:
         token_sha256=digest or "",
         certificate_sha256=certificate or "",
         roles=tuple(roles),
+        rate_per_s=float(rate or 0.0),
+        burst=burst or 0,
     )
 
 

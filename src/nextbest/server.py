@@ -19,6 +19,7 @@ import dataclasses
 import datetime as dt
 import json
 import logging
+import math
 import os
 import queue
 import re
@@ -51,6 +52,7 @@ from nextbest.export import ExportContext, export_customer
 from nextbest.logs import call_context, context_value, hash_customer_id
 from nextbest.metrics import Metrics
 from nextbest.policy import BEHAVIORAL_EVENTS
+from nextbest.ratelimit import RateLimits
 from nextbest.service import (
     DEFAULT_LIMIT,
     MAX_LIMIT,
@@ -1259,27 +1261,30 @@ def _with_headers(answers, context, request_id: str):
 class CallInterceptor(grpc.ServerInterceptor):
     """Every call to our services passes here once (health and reflection go straight through):
     a request id (the caller's `x-request-id` or a new one, on every log line of the call), the
-    token (or client certificate) and role check, the open-stream limit, undecodable requests →
-    INVALID_ARGUMENT, then the call's metrics and one JSON log line with its status, time,
-    client name and hashed customer id.
+    token (or client certificate) and role check, the client's rate limit, the open-stream
+    limit, undecodable requests → INVALID_ARGUMENT, then the call's metrics and one JSON log line
+    with its status, time, client name and hashed customer id.
 
     The request id goes back in the trailers of every call and in the initial metadata sent
-    with the first answer: a call that fails before it answers (refused by the gate or
-    admission control; UNAVAILABLE when the store is out) ends trailers-only, which is what
-    lets gRPC's retry policy retry it after its `grpc-retry-pushback-ms`: a client retries no
-    call once it has received headers."""
+    with the first answer: a call that fails before it answers (refused by the gate, the rate
+    limit or admission control; UNAVAILABLE when the store is out) ends trailers-only, which is
+    what lets gRPC's retry policy retry it after its `grpc-retry-pushback-ms`: a client retries
+    no call once it has received headers."""
 
     def __init__(self, metrics: Metrics, gate: Gate, max_streams: int, admission: Admission):
         self.metrics = metrics
         self.gate = gate
+        self.limits = RateLimits(gate.clients)
         self.max_streams = max_streams
         self._streams = threading.BoundedSemaphore(max_streams)
         self.admission = admission
         metrics.admission_limit.set(admission.max_running)
 
     def use_clients(self, clients) -> None:
-        """From the next call on, these clients (SIGHUP): their tokens, certificates, roles."""
+        """From the next call on, these clients (SIGHUP): their tokens, certificates, roles and
+        rate limits."""
         self.gate = Gate(clients)
+        self.limits.use(clients)
 
     @contextlib.contextmanager
     def _call(
@@ -1299,6 +1304,7 @@ class CallInterceptor(grpc.ServerInterceptor):
                         else grpc.StatusCode.PERMISSION_DENIED
                     )
                     context.abort(status, verdict.message)
+                self._limit(context, verdict.client, request_id)
                 yield
                 code = grpc.StatusCode.OK
             finally:
@@ -1315,6 +1321,21 @@ class CallInterceptor(grpc.ServerInterceptor):
                         "customer": hash_customer_id(customer),
                     },
                 )
+
+    def _limit(self, context, client: str, request_id: str) -> None:
+        """Refuse a call over its client's `rate_per_s` (counted; the pushback in trailers)."""
+        bucket = self.limits.limit(client)
+        wait_s = self.limits.take(client) if bucket is not None else 0.0
+        if wait_s <= 0:
+            return
+        self.metrics.rate_limited.labels(client).inc()
+        pushback = max(math.ceil(wait_s * 1000.0), 1)
+        _pushback(context, request_id, pushback)
+        context.abort(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"client {client!r} is over its rate limit (rate_per_s = {bucket.rate_per_s:g}, "
+            f"burst = {bucket.burst}); retry after {pushback} ms",
+        )
 
     def _refuse(self, method: str, context, decision: Decision, request_id: str) -> None:
         """Refuse a call admission control turned away (counted; the pushback in trailers)."""
@@ -1445,7 +1466,7 @@ class Running:
 
     def reload_clients(self, config_path: str | None) -> bool:
         """Read `[[serve.clients]]` again from the config (and NEXTBEST_ variables) and use it
-        from the next call on (tokens, certificates, roles); calls in flight keep
+        from the next call on (tokens, certificates, roles, rate limits); calls in flight keep
         the verdict they started with. A config that does not load, that leaves a TLS server
         without clients, or that maps a certificate on a server started without
         `tls_client_ca`, is refused (logged) and the old clients stay. Only the clients change:
