@@ -576,6 +576,17 @@ def mtls_server(folder, pki):
     running.stop(0)
 
 
+def test_the_start_line_counts_clients_by_token_and_by_certificate(folder, pki):
+    from nextbest.server import _security_summary
+
+    settings = secure_settings(
+        folder, pki, tls_client_ca=str(pki.ca), clients=(*CLIENTS, cert_client(pki))
+    )
+    assert _security_summary(settings.serve) == (
+        "TLS, client certificates required, bearer tokens of 4 clients, certificates of 1 clients"
+    )
+
+
 def test_certificate_fingerprint_is_the_sha256_of_the_der_certificate(pki):
     import hashlib
 

@@ -1550,7 +1550,11 @@ def credentials(serve: ServeSettings) -> grpc.ServerCredentials | None:
 
 
 def _security_summary(serve: ServeSettings) -> str:
-    tokens = f"bearer tokens of {len(serve.clients)} clients" if serve.clients else "no tokens"
+    by_token = sum(bool(c.token_sha256) for c in serve.clients)
+    by_certificate = sum(bool(c.certificate_sha256) for c in serve.clients)
+    tokens = f"bearer tokens of {by_token} clients" if by_token else "no tokens"
+    if by_certificate:
+        tokens += f", certificates of {by_certificate} clients"
     if serve.insecure:
         return f"INSECURE: plaintext, no TLS, {tokens} (serve.insecure)"
     mutual = ", client certificates required" if serve.tls_client_ca else ""
