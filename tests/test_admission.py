@@ -135,3 +135,35 @@ def test_the_client_retries_a_refusal_after_its_pushback():
         assert servicer.times[1] - servicer.times[0] >= 0.29  # waited for the pushback
     finally:
         server.stop(0)
+
+
+def test_the_client_retries_the_real_servers_refusals(tight):
+    """The server sends no headers before it lets a call in, so a refusal ends trailers-only and
+    gRPC's retry policy may retry it (a client retries no call that has received headers)."""
+    with Client(f"127.0.0.1:{tight.port}", attempts=5) as nb:
+        request = pb.RecommendProductsRequest(customer_id="c003")
+        calls = [nb.recommender.RecommendProducts.future(request, timeout=30) for _ in range(24)]
+        failed = sum(c.exception() is not None for c in calls)
+    refused = metric(tight.metrics_port, "nextbest_refused_calls_total", method=METHOD)
+    assert refused > 0  # one slot and 24 calls at once: some were refused...
+    assert failed < refused  # ...and retried after their pushback (before: every one failed)
+
+
+def test_answers_and_refusals_carry_the_request_id(tight):
+    with grpc.insecure_channel(
+        f"127.0.0.1:{tight.port}", options=[("grpc.enable_retries", 0)]
+    ) as ch:
+        unary = ch.unary_unary(METHOD, request_serializer=lambda m: m.SerializeToString())
+        request = pb.RecommendProductsRequest(customer_id="c003")
+        calls = [
+            unary.future(request, metadata=(("x-request-id", f"req-{k}"),), timeout=30)
+            for k in range(24)
+        ]
+        for k, c in enumerate(calls):
+            c.exception()
+            if c.code() == grpc.StatusCode.OK:
+                assert ("x-request-id", f"req-{k}") in c.initial_metadata()
+            else:  # refused before any work: no headers, the id in the trailers
+                assert c.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert not c.initial_metadata()
+                assert ("x-request-id", f"req-{k}") in c.trailing_metadata()

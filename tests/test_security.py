@@ -3,6 +3,7 @@ real ports with certificates made here (SPEC §4, §6; issue #5)."""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import ipaddress
 import json
@@ -22,7 +23,7 @@ from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from nextbest.auth import Gate, new_token, token_sha256
+from nextbest.auth import Gate, Verdict, certificate_sha256, new_token, token_sha256
 from nextbest.config import ClientToken
 from nextbest.errors import ConfigError
 from nextbest.server import create_server
@@ -71,8 +72,8 @@ def _key_pem(key) -> bytes:
 
 
 class Pki:
-    """A CA, a server certificate for 127.0.0.1 / localhost, a client certificate from the CA
-    and one from a stranger's CA, written as PEM files into `folder`."""
+    """A CA, a server certificate for 127.0.0.1 / localhost, two client certificates from the CA
+    (`client`, `web_shop`) and one from a stranger's CA, written as PEM files into `folder`."""
 
     def __init__(self, folder: Path):
         self.folder = folder
@@ -82,6 +83,8 @@ class Pki:
         server = _cert("127.0.0.1", server_key, "nextbest test CA", ca_key, ca=False, server=True)
         client_key = ec.generate_private_key(ec.SECP256R1())
         client = _cert("email platform", client_key, "nextbest test CA", ca_key, ca=False)
+        web_shop_key = ec.generate_private_key(ec.SECP256R1())
+        web_shop = _cert("web shop", web_shop_key, "nextbest test CA", ca_key, ca=False)
         other_ca_key = ec.generate_private_key(ec.SECP256R1())
         stranger_key = ec.generate_private_key(ec.SECP256R1())
         stranger = _cert("stranger", stranger_key, "other CA", other_ca_key, ca=False)
@@ -89,6 +92,8 @@ class Pki:
         self.server_cert = self._write("server.pem", _pem(server))
         self.server_key = self._write("server.key", _key_pem(server_key))
         self.client = (_key_pem(client_key), _pem(client))
+        self.web_shop = (_key_pem(web_shop_key), _pem(web_shop))
+        self.client_der = client.public_bytes(serialization.Encoding.DER)
         self.stranger = (_key_pem(stranger_key), _pem(stranger))
 
     def _write(self, name: str, data: bytes) -> Path:
@@ -130,9 +135,7 @@ def secure_settings(folder: Path, pki: Pki, **extra):
         insecure=False,
         tls_cert=str(pki.server_cert),
         tls_key=str(pki.server_key),
-        clients=CLIENTS,
-        metrics_port=-1,
-        **extra,
+        **{"clients": CLIENTS, "metrics_port": -1, **extra},
     )
 
 
@@ -544,3 +547,445 @@ def test_insecure_start_is_logged_as_such(folder):
     start = next(json.loads(x) for x in err.splitlines() if "listening on" in x)
     assert start["level"] == "WARNING"
     assert "INSECURE: plaintext, no TLS, no tokens" in start["msg"]
+
+
+# --- client certificates as clients (mutual TLS, no token) -------------------------------------
+
+WEB_CERT = "web-cert"
+"""The client that the Pki's `client` certificate maps to (role recommend, no token)."""
+
+
+def cert_client(pki: Pki, **extra) -> ClientToken:
+    return ClientToken(
+        name=WEB_CERT,
+        certificate_sha256=certificate_sha256(pki.client[1]),
+        roles=("recommend",),
+        **extra,
+    )
+
+
+@pytest.fixture(scope="module")
+def mtls_server(folder, pki):
+    """Mutual TLS; the token clients of CLIENTS plus the `client` certificate as `web-cert`
+    (the `web_shop` certificate, from the same CA, maps to no client)."""
+    settings = secure_settings(
+        folder, pki, tls_client_ca=str(pki.ca), clients=(*CLIENTS, cert_client(pki))
+    )
+    running = create_server(settings)
+    yield running
+    running.stop(0)
+
+
+def test_the_start_line_counts_clients_by_token_and_by_certificate(folder, pki):
+    from nextbest.server import _security_summary
+
+    settings = secure_settings(
+        folder, pki, tls_client_ca=str(pki.ca), clients=(*CLIENTS, cert_client(pki))
+    )
+    assert _security_summary(settings.serve) == (
+        "TLS, client certificates required, bearer tokens of 4 clients, certificates of 1 clients"
+    )
+
+
+def test_certificate_fingerprint_is_the_sha256_of_the_der_certificate(pki):
+    import hashlib
+
+    assert certificate_sha256(pki.client[1]) == hashlib.sha256(pki.client_der).hexdigest()
+    assert certificate_sha256(pki.client[1]) != certificate_sha256(pki.web_shop[1])
+    with pytest.raises(ValueError):
+        certificate_sha256(b"not a certificate")
+
+
+@pytest.mark.parametrize("method", sorted(RPCS))
+def test_a_mapped_certificate_is_a_client_with_its_roles_and_no_token(mtls_server, pki, method):
+    """The `client` certificate maps to `web-cert` (recommend): the recommend methods answer
+    without a token, the others are PERMISSION_DENIED, as for a token of that role."""
+    needed = readme_roles()[method.split("/")[1]]
+    with pki.channel(mtls_server.port, pki.client) as ch:
+        code = call(ch, method, None)
+    if needed != "recommend":
+        assert code == grpc.StatusCode.PERMISSION_DENIED
+    elif method.endswith("StreamAudience"):  # past the gate: the fixture model has no lifecycle
+        assert code in (grpc.StatusCode.OK, grpc.StatusCode.FAILED_PRECONDITION)
+    else:
+        assert code == grpc.StatusCode.OK
+
+
+def test_a_mapped_certificate_refusal_names_the_client(mtls_server, pki):
+    with pki.channel(mtls_server.port, pki.client) as ch:
+        set_consent = ch.unary_unary(
+            "/nextbest.v1.Consent/SetConsent", request_serializer=lambda m: m.SerializeToString()
+        )
+        with pytest.raises(grpc.RpcError) as denied:
+            set_consent(RPCS["/nextbest.v1.Consent/SetConsent"], timeout=10)
+    assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "client 'web-cert' lacks the 'consent' role" in denied.value.details()
+
+
+def test_an_unmapped_certificate_needs_a_token(mtls_server, pki):
+    """`web_shop` is signed by the CA (the handshake passes) but is in no [[serve.clients]]."""
+    method = "/nextbest.v1.Recommender/RecommendProducts"
+    with pki.channel(mtls_server.port, pki.web_shop) as ch:
+        assert call(ch, method, None) == grpc.StatusCode.UNAUTHENTICATED
+        assert call(ch, method, TOKENS["recommend"]) == grpc.StatusCode.OK  # tokens still work
+        unary = ch.unary_unary(method, request_serializer=lambda m: m.SerializeToString())
+        with pytest.raises(grpc.RpcError) as refused:
+            unary(RPCS[method], timeout=10)
+    assert "bearer token is required" in refused.value.details()
+    assert certificate_sha256(pki.web_shop[1]) in refused.value.details()  # what to map
+
+
+def test_a_token_decides_over_the_certificate(mtls_server, pki):
+    """A call with a token is judged by the token alone: its client's roles, never the union
+    with the certificate's; a wrong token is not rescued by a mapped certificate."""
+    recommend = "/nextbest.v1.Recommender/RecommendProducts"
+    admin = "/nextbest.v1.Admin/GetModelInfo"
+    with pki.channel(mtls_server.port, pki.client) as ch:  # the certificate of web-cert
+        assert call(ch, recommend, None) == grpc.StatusCode.OK
+        assert call(ch, admin, None) == grpc.StatusCode.PERMISSION_DENIED
+        assert call(ch, admin, TOKENS["admin"]) == grpc.StatusCode.OK  # the token's client
+        assert call(ch, recommend, TOKENS["admin"]) == grpc.StatusCode.PERMISSION_DENIED
+        assert call(ch, recommend, "nb_not-a-real-token") == grpc.StatusCode.UNAUTHENTICATED
+        unary = ch.unary_unary(recommend, request_serializer=lambda m: m.SerializeToString())
+        with pytest.raises(grpc.RpcError) as denied:
+            unary(
+                RPCS[recommend],
+                metadata=(("authorization", f"Bearer {TOKENS['consent']}"),),
+                timeout=10,
+            )
+    assert "client 'consent-client' lacks the 'recommend' role" in denied.value.details()
+
+
+def test_certificates_are_not_read_without_mutual_tls(tls_server, pki):
+    """The server without tls_client_ca: a client certificate proves nothing there."""
+    with pki.channel(tls_server.port, pki.client) as ch:
+        assert call(ch, "/nextbest.v1.Recommender/RecommendProducts", None) == (
+            grpc.StatusCode.UNAUTHENTICATED
+        )
+
+
+def mtls_config(folder: Path, pki: Pki, clients: str, name: str = "mtls.toml") -> Path:
+    """A config file of the fixture model with TLS, client certificates required and `clients`
+    (TOML [[serve.clients]] tables)."""
+    path = folder / name
+    path.write_text(
+        (folder / "nextbest.toml").read_text().replace("insecure = true", "")
+        + f'tls_cert = "{pki.server_cert}"\ntls_key = "{pki.server_key}"\n'
+        + f'tls_client_ca = "{pki.ca}"\n'
+        + clients
+    )
+    return path
+
+
+def token_entry(name: str, token: str, roles: str = '["recommend"]', extra: str = "") -> str:
+    return (
+        f'[[serve.clients]]\nname = "{name}"\ntoken_sha256 = "{token_sha256(token)}"\n'
+        f"roles = {roles}\n{extra}"
+    )
+
+
+def test_sighup_reload_maps_certificates_and_sets_rate_limits(folder, pki):
+    """Running.reload_clients (what SIGHUP calls; the signal itself: tests/test_processes.py)
+    maps a certificate and sets a rate limit from the next call on."""
+    from nextbest.config import load_settings
+
+    before = mtls_config(folder, pki, token_entry("admin-client", TOKENS["admin"], '["admin"]'))
+    running = create_server(
+        load_settings(before).with_overrides(
+            "serve", models_dir=str(folder / "models"), store=store_url(folder), metrics_port=-1
+        )
+    )
+    recommend = "/nextbest.v1.Recommender/RecommendProducts"
+    try:
+        with pki.channel(running.port, pki.client) as ch:
+            assert call(ch, recommend, None) == grpc.StatusCode.UNAUTHENTICATED
+            after = mtls_config(
+                folder,
+                pki,
+                token_entry("admin-client", TOKENS["admin"], '["admin"]')
+                + '[[serve.clients]]\nname = "web-cert"\n'
+                + f'certificate_sha256 = "{certificate_sha256(pki.client[1])}"\n'
+                + 'roles = ["recommend"]\nrate_per_s = 0.01\nburst = 1\n',
+                "after.toml",
+            )
+            assert running.reload_clients(str(after))
+            assert call(ch, recommend, None) == grpc.StatusCode.OK  # mapped now
+            # One call per 100 s, and it was just made.
+            assert call(ch, recommend, None) == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert call(ch, "/nextbest.v1.Admin/GetModelInfo", TOKENS["admin"]) == (
+                grpc.StatusCode.OK
+            )
+            # A reload with the same rate keeps the bucket: no new burst.
+            assert running.reload_clients(str(after))
+            assert call(ch, recommend, None) == grpc.StatusCode.RESOURCE_EXHAUSTED
+    finally:
+        running.stop(0)
+
+
+def test_sighup_refuses_a_certificate_on_a_server_without_client_certificates(folder, pki):
+    running = create_server(secure_settings(folder, pki))  # TLS, no tls_client_ca
+    try:
+        mapped = mtls_config(
+            folder,
+            pki,
+            f'[[serve.clients]]\nname = "web-cert"\n'
+            f'certificate_sha256 = "{certificate_sha256(pki.client[1])}"\nroles = ["admin"]\n',
+            "mapped.toml",
+        )
+        assert not running.reload_clients(str(mapped))
+        with pki.channel(running.port) as ch:  # the clients stayed
+            assert call(ch, "/nextbest.v1.Admin/GetModelInfo", TOKENS["admin"]) == (
+                grpc.StatusCode.OK
+            )
+        with pki.channel(running.port, pki.client) as ch:
+            assert call(ch, "/nextbest.v1.Admin/GetModelInfo", None) == (
+                grpc.StatusCode.UNAUTHENTICATED
+            )
+    finally:
+        running.stop(0)
+
+
+def test_certificate_command_prints_an_entry_the_server_accepts(folder, pki, tmp_path):
+    cert = tmp_path / "client.pem"
+    cert.write_bytes(pki.client[1])
+    done = subprocess.run(
+        [sys.executable, "-m", "nextbest.cli", "certificate", str(cert)]
+        + ["--name", "email-platform", "--roles", "recommend,consent"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    entry = done.stdout[done.stdout.index("[[serve.clients]]") :]
+    from nextbest.config import load_settings
+
+    [client] = load_settings(mtls_config(folder, pki, entry, "cli.toml")).serve.clients
+    assert client.name == "email-platform" and client.roles == ("recommend", "consent")
+    assert client.certificate_sha256 == certificate_sha256(pki.client[1])
+    assert client.token_sha256 == ""
+    bad = subprocess.run(
+        [sys.executable, "-m", "nextbest.cli", "certificate", str(folder / "nextbest.toml")]
+        + ["--name", "x", "--roles", "recommend"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert bad.returncode == 2 and "not a PEM certificate" in bad.stderr
+    assert "Traceback" not in bad.stderr
+
+
+FINGERPRINT = "ab" * 32
+CLIENT_ERRORS = [
+    # (the [[serve.clients]] keys after name and roles, [serve] lines, the error)
+    (
+        f'certificate_sha256 = "{FINGERPRINT}"',
+        "",
+        r"serve.clients\[0\].certificate_sha256 needs serve.tls_client_ca",
+    ),
+    (
+        f'certificate_sha256 = "{FINGERPRINT}"',
+        "insecure = true",
+        r"serve.clients\[0\].certificate_sha256 needs serve.tls_client_ca",
+    ),
+    (
+        'certificate_sha256 = "abc"',
+        'tls_client_ca = "ca.pem"',
+        r"serve.clients\[0\].certificate_sha256 must be the SHA-256 fingerprint",
+    ),
+    (
+        "certificate_sha256 = 42",
+        'tls_client_ca = "ca.pem"',
+        r"serve.clients\[0\].certificate_sha256 must be the SHA-256 fingerprint",
+    ),
+    ("", "", r"serve.clients\[0\] needs token_sha256 .*or certificate_sha256"),
+    (f'token_sha256 = "{FINGERPRINT}"\nrate_per_s = 0', "", r"clients\[0\].rate_per_s must be"),
+    (f'token_sha256 = "{FINGERPRINT}"\nrate_per_s = -2', "", r"clients\[0\].rate_per_s must be"),
+    (f'token_sha256 = "{FINGERPRINT}"\nrate_per_s = "5"', "", r"clients\[0\].rate_per_s must be"),
+    (f'token_sha256 = "{FINGERPRINT}"\nrate_per_s = true', "", r"clients\[0\].rate_per_s must be"),
+    (
+        f'token_sha256 = "{FINGERPRINT}"\nrate_per_s = 5\nburst = 0',
+        "",
+        r"serve.clients\[0\].burst must be a whole number >= 1",
+    ),
+    (
+        f'token_sha256 = "{FINGERPRINT}"\nrate_per_s = 5\nburst = 2.5',
+        "",
+        r"serve.clients\[0\].burst must be a whole number >= 1",
+    ),
+    (f'token_sha256 = "{FINGERPRINT}"\nburst = 5', "", r"serve.clients\[0\].burst needs rate_per"),
+    (
+        f'token_sha256 = "{FINGERPRINT}"\nrate = 5',
+        "",
+        r"serve.clients\[0\] has an unknown key rate",
+    ),
+]
+
+
+@pytest.mark.parametrize(("keys", "serve", "error"), CLIENT_ERRORS)
+def test_bad_client_entries_are_refused_naming_the_key(tmp_path, keys, serve, error):
+    from nextbest.config import load_settings
+
+    (tmp_path / "c.toml").write_text(
+        f'[serve]\n{serve}\n[[serve.clients]]\nname = "crm"\nroles = ["recommend"]\n{keys}\n'
+    )
+    with pytest.raises(ConfigError, match=error):
+        load_settings(tmp_path / "c.toml")
+
+
+def test_client_entries_with_certificates_and_rates_load(tmp_path):
+    from nextbest.config import load_settings
+
+    colons = ":".join(["AB"] * 32)  # openssl x509 -fingerprint -sha256 prints it like this
+    (tmp_path / "c.toml").write_text(
+        '[serve]\ntls_client_ca = "ca.pem"\n'
+        f'[[serve.clients]]\nname = "a"\nroles = ["recommend"]\ncertificate_sha256 = "{colons}"\n'
+        "rate_per_s = 2.5\n"
+        f'[[serve.clients]]\nname = "b"\nroles = ["admin"]\ntoken_sha256 = "{"cd" * 32}"\n'
+        f'certificate_sha256 = "{"ef" * 32}"\nrate_per_s = 5\nburst = 20\n'
+    )
+    a, b = load_settings(tmp_path / "c.toml").serve.clients
+    assert (a.certificate_sha256, a.token_sha256, a.rate_per_s, a.burst) == (
+        FINGERPRINT,
+        "",
+        2.5,
+        0,
+    )
+    assert (b.certificate_sha256, b.rate_per_s, b.burst) == ("ef" * 32, 5.0, 20)
+    (tmp_path / "twice.toml").write_text(
+        '[serve]\ntls_client_ca = "ca.pem"\n'
+        + "".join(
+            f'[[serve.clients]]\nname = "{n}"\nroles = ["recommend"]\n'
+            f'certificate_sha256 = "{FINGERPRINT}"\n'
+            for n in ("a", "b")
+        )
+    )
+    with pytest.raises(ConfigError, match="serve.clients has two clients with one certificate"):
+        load_settings(tmp_path / "twice.toml")
+
+
+def test_gate_maps_certificates_and_lets_tokens_decide(pki):
+    mapped = cert_client(pki)
+    gate = Gate((*CLIENTS, mapped))
+    recommend, admin = (
+        "/nextbest.v1.Recommender/RecommendProducts",
+        "/nextbest.v1.Admin/ReloadModel",
+    )
+    assert gate.check(recommend, None, pki.client[1]) == Verdict(True, client=WEB_CERT)
+    assert gate.check(admin, None, pki.client[1]).problem == "forbidden"
+    assert gate.check(recommend, None, pki.web_shop[1]).problem == "unauthenticated"
+    assert gate.check(recommend, None, None).problem == "unauthenticated"
+    assert gate.check(admin, f"Bearer {TOKENS['admin']}", pki.client[1]).client == "admin-client"
+    assert not gate.check(recommend, "Bearer nb_wrong", pki.client[1]).allowed
+    assert not gate.check(recommend, "Basic x", pki.client[1]).allowed
+    assert Gate(CLIENTS).check(recommend, None, pki.client[1]).problem == "unauthenticated"
+
+
+# --- per-client rate limits --------------------------------------------------------------------
+
+LIMITED, UNLIMITED = new_token(), new_token()
+
+
+def test_token_bucket_arithmetic():
+    from nextbest.ratelimit import RateLimits
+
+    now = [100.0]
+    clients = (
+        ClientToken(name="web", token_sha256="a" * 64, roles=("recommend",), rate_per_s=5, burst=5),
+        ClientToken(name="crm", token_sha256="b" * 64, roles=("consent",), rate_per_s=2.5),
+        ClientToken(name="admin", token_sha256="c" * 64, roles=("admin",)),
+    )
+    limits = RateLimits(clients, clock=lambda: now[0])
+    assert [limits.take("web") for _ in range(5)] == [0.0] * 5
+    assert limits.take("web") == pytest.approx(0.2)  # one token per 1/5 s
+    now[0] += 0.1
+    assert limits.take("web") == pytest.approx(0.1)  # half a token there
+    now[0] += 0.1
+    assert limits.take("web") == 0.0
+    now[0] += 60  # a quiet minute fills the bucket to `burst`, no more
+    assert [limits.take("web") for _ in range(6)].count(0.0) == 5
+    assert [limits.take("crm") for _ in range(4)].count(0.0) == 3  # burst = ceil(2.5)
+    assert all(limits.take("admin") == 0.0 for _ in range(100))  # no rate: no limit
+    assert limits.take("nobody") == 0.0
+    limits.use(clients)  # a reload with the same limits keeps the buckets
+    assert limits.take("web") > 0
+    limits.use((dataclasses.replace(clients[0], burst=10),))  # a new limit starts full
+    assert [limits.take("web") for _ in range(10)] == [0.0] * 10
+    assert limits.take("crm") == 0.0  # gone from the config: no longer limited
+
+
+@pytest.fixture
+def limited_server(folder, pki):
+    """TLS; `limited` may make 5 calls per second (burst 5), `unlimited` as many as it likes.
+    Admission control wide open, so that only the rate limit refuses."""
+    clients = (
+        ClientToken(
+            name="limited",
+            token_sha256=token_sha256(LIMITED),
+            roles=("recommend",),
+            rate_per_s=5.0,
+            burst=5,
+        ),
+        ClientToken(name="unlimited", token_sha256=token_sha256(UNLIMITED), roles=("recommend",)),
+    )
+    settings = secure_settings(
+        folder, pki, clients=clients, max_running_calls=8, max_queue_ms=10_000
+    )
+    running = create_server(settings)
+    yield running
+    running.stop(0)
+
+
+def rate_limited(running, client: str) -> float:
+    return (
+        running.metrics.registry.get_sample_value(
+            "nextbest_rate_limited_calls_total", {"client": client}
+        )
+        or 0.0
+    )
+
+
+def test_rate_limit_refuses_past_the_burst_with_a_pushback(limited_server, pki):
+    method = "/nextbest.v1.Recommender/RecommendProducts"
+    request = pb.RecommendProductsRequest(customer_id="c002")
+    with pki.channel(limited_server.port) as ch:
+        unary = ch.unary_unary(method, request_serializer=lambda m: m.SerializeToString())
+
+        def send(token: str):
+            return unary.future(
+                request, metadata=(("authorization", f"Bearer {token}"),), timeout=30
+            )
+
+        # Six calls at once (the rate check comes before any work, so they reach it together):
+        # five tokens in the bucket, the sixth call is refused.
+        calls = [send(LIMITED) for _ in range(6)]
+        failed = [c.exception() for c in calls if c.exception() is not None]
+        assert len(failed) == 1, [f.details() for f in failed]
+        [refused] = failed
+        assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "client 'limited' is over its rate limit (rate_per_s = 5, burst = 5)" in (
+            refused.details()
+        )
+        pushback = int(dict(refused.trailing_metadata())["grpc-retry-pushback-ms"])
+        assert 0 < pushback <= 200  # one token comes back every 200 ms
+        assert rate_limited(limited_server, "limited") == 1
+        # Another client is not held back by it.
+        assert all(c.exception() is None for c in [send(UNLIMITED) for _ in range(10)])
+        assert rate_limited(limited_server, "unlimited") == 0
+        # After the pushback, a token is there again.
+        time.sleep(pushback / 1000)
+        assert send(LIMITED).exception() is None
+        assert rate_limited(limited_server, "limited") == 1
+
+
+def test_the_python_client_waits_out_the_rate_limit(limited_server, pki):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from nextbest.client import Client
+
+    with (
+        Client(f"127.0.0.1:{limited_server.port}", ca=pki.ca, token=LIMITED, attempts=3) as nb,
+        ThreadPoolExecutor(6) as pool,
+    ):
+        answers = list(pool.map(lambda _: nb.recommend("c002", timeout=30), range(6)))
+    assert [a.customer_id for a in answers] == ["c002"] * 6  # none failed...
+    assert rate_limited(limited_server, "limited") == 1  # ...one was refused, then retried

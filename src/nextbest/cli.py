@@ -718,6 +718,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_token)
 
     p = sub.add_parser(
+        "certificate",
+        help="the [[serve.clients]] entry of a client certificate (mutual TLS, no token)",
+    )
+    p.add_argument("certificate", help="the client's PEM certificate")
+    p.add_argument("--name", required=True, help="the client's name (shown in logs)")
+    p.add_argument("--roles", required=True, help="comma-separated: recommend, consent, admin")
+    p.set_defaults(func=cmd_certificate)
+
+    p = sub.add_parser(
         "consent", help="import, show, export or forget customers' consent and data in the store"
     )
     p.add_argument("action", choices=("import", "get", "audit", "forget", "export"))
@@ -791,20 +800,41 @@ def cmd_experiments_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_token(args: argparse.Namespace) -> int:
-    from nextbest.auth import new_token, token_sha256
-
-    roles = [r.strip() for r in args.roles.split(",") if r.strip()]
+def _roles(text: str) -> list[str]:
+    roles = [r.strip() for r in text.split(",") if r.strip()]
     bad = [r for r in roles if r not in ROLES]
     if not roles or bad:
         raise ConfigError(
             f"--roles: {', '.join(bad) or 'none given'}; use some of {', '.join(ROLES)}"
         )
+    return roles
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    from nextbest.auth import new_token, token_sha256
+
+    roles = _roles(args.roles)
     token = new_token()
     print(f"# The client's bearer token (shown once; the server keeps only its hash):\n{token}\n")
     print("# Add to the server's config file:")
     print(f"[[serve.clients]]\nname = {json.dumps(args.name)}")
     print(f'token_sha256 = "{token_sha256(token)}"\nroles = {json.dumps(roles)}')
+    return 0
+
+
+def cmd_certificate(args: argparse.Namespace) -> int:
+    from nextbest.auth import certificate_sha256
+
+    roles = _roles(args.roles)
+    try:
+        fingerprint = certificate_sha256(Path(args.certificate).read_bytes())
+    except OSError as exc:
+        raise DataError(f"{args.certificate}: cannot read: {exc.strerror}") from None
+    except ValueError:
+        raise DataError(f"{args.certificate}: not a PEM certificate") from None
+    print("# Add to the server's config file (needs serve.tls_client_ca, the CA that signed it):")
+    print(f"[[serve.clients]]\nname = {json.dumps(args.name)}")
+    print(f'certificate_sha256 = "{fingerprint}"\nroles = {json.dumps(roles)}')
     return 0
 
 

@@ -71,10 +71,23 @@ class ClientToken:
 
     name: str
     """Who the client is; logged with each of its calls (never the token)."""
-    token_sha256: str
+    token_sha256: str = ""
     """SHA-256 of the client's bearer token, 64 hex digits (`nextbest token` makes both)."""
+    certificate_sha256: str = ""
+    """SHA-256 fingerprint of the client's certificate (DER), 64 hex digits, colons allowed
+    (`nextbest certificate CERT.pem` prints it, as does `openssl x509 -fingerprint -sha256`): a
+    call on a connection with this certificate needs no token. Only with `serve.tls_client_ca`.
+    An entry needs `token_sha256` or this or both; each identifies the client on its own, and a
+    token sent with a call decides over the certificate."""
     roles: tuple[str, ...]
     """Some of `recommend`, `consent`, `admin`."""
+    rate_per_s: float = 0.0
+    """Calls per second this client may make to each server process (a token bucket; absent =
+    no limit); more are refused (RESOURCE_EXHAUSTED with `grpc-retry-pushback-ms`). A stream
+    counts as one call."""
+    burst: int = 0
+    """Calls the client may make at once above `rate_per_s` after a quiet spell (the bucket's
+    size; absent = one second's worth, `rate_per_s` rounded up)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -246,11 +259,13 @@ class ServeSettings:
     """PEM private key of the server (path)."""
     tls_client_ca: str = ""
     """PEM CA certificates (path): when set, clients must present a certificate signed by one
-    of them (mutual TLS), on top of their token."""
+    of them (mutual TLS), on top of their token (or instead of it, for a client whose
+    certificate is listed in `[[serve.clients]] certificate_sha256`)."""
     clients: tuple[ClientToken, ...] = ()
-    """Clients and their roles, as `[[serve.clients]]` tables with `name`, `token_sha256`,
-    `roles`. When any are listed, every call except health and reflection needs
-    `authorization: Bearer <token>` of a client holding the method's role."""
+    """Clients and their roles, as `[[serve.clients]]` tables with `name`, `token_sha256` and/or
+    `certificate_sha256`, `roles`, optionally `rate_per_s` and `burst`. When any are listed,
+    every call except health and reflection needs `authorization: Bearer <token>` of a client
+    holding the method's role, or a client certificate listed in `certificate_sha256`."""
     max_message_bytes: int = 4 * 1024 * 1024
     """Largest request or response message; a larger request is refused (RESOURCE_EXHAUSTED)."""
     max_concurrent_streams: int = 4
@@ -428,25 +443,64 @@ def _coerce(value: object, hint: object, where: str) -> object:
     raise ConfigError(f"config: {where} has an invalid value {value!r} (expected {hint})")
 
 
+_HEX = set("0123456789abcdef")
+
+
 def _client(value: dict, where: str) -> ClientToken:
-    unknown = set(value) - {"name", "token_sha256", "roles"}
+    unknown = set(value) - {f.name for f in dataclasses.fields(ClientToken)}
     if unknown:
         raise ConfigError(f"config: {where} has an unknown key {sorted(unknown)[0]}")
-    name, digest, roles = value.get("name"), value.get("token_sha256"), value.get("roles")
+    name, roles = value.get("name"), value.get("roles")
+    digest, certificate = value.get("token_sha256"), value.get("certificate_sha256")
     if not isinstance(name, str) or not name.strip():
         raise ConfigError(f"config: {where}.name is required")
-    if not isinstance(digest, str) or len(digest) != 64 or set(digest) - set("0123456789abcdef"):
+    if digest is None and certificate is None:
+        raise ConfigError(
+            f"config: {where} needs token_sha256 (a bearer token) or certificate_sha256 (a "
+            "client certificate) or both"
+        )
+    if digest is not None and (
+        not isinstance(digest, str) or len(digest) != 64 or set(digest) - _HEX
+    ):
         raise ConfigError(
             f"config: {where}.token_sha256 must be 64 lowercase hex digits (the token's SHA-256, "
             "never the token itself; `nextbest token` prints it)"
         )
+    if certificate is not None:
+        certificate = certificate.replace(":", "").lower() if isinstance(certificate, str) else ""
+        if len(certificate) != 64 or set(certificate) - _HEX:
+            raise ConfigError(
+                f"config: {where}.certificate_sha256 must be the SHA-256 fingerprint of the "
+                "client's certificate, 64 hex digits, colons allowed (`nextbest certificate "
+                "CERT.pem` prints it)"
+            )
+    rate = value.get("rate_per_s")
+    if rate is not None and (
+        isinstance(rate, bool) or not isinstance(rate, int | float) or not 0 < rate < float("inf")
+    ):
+        raise ConfigError(
+            f"config: {where}.rate_per_s must be a number > 0 (calls per second; leave it out "
+            "for no limit)"
+        )
+    burst = value.get("burst")
+    if burst is not None and (isinstance(burst, bool) or not isinstance(burst, int) or burst < 1):
+        raise ConfigError(f"config: {where}.burst must be a whole number >= 1")
+    if burst is not None and rate is None:
+        raise ConfigError(f"config: {where}.burst needs rate_per_s (the rate the bucket refills)")
     if (
         not isinstance(roles, list)
         or not roles
         or not all(isinstance(r, str) and r in ROLES for r in roles)
     ):
         raise ConfigError(f"config: {where}.roles must be a non-empty list of {', '.join(ROLES)}")
-    return ClientToken(name=name.strip(), token_sha256=digest, roles=tuple(roles))
+    return ClientToken(
+        name=name.strip(),
+        token_sha256=digest or "",
+        certificate_sha256=certificate or "",
+        roles=tuple(roles),
+        rate_per_s=float(rate or 0.0),
+        burst=burst or 0,
+    )
 
 
 def _table(value: object, where: str, known: set[str]) -> dict:
@@ -662,8 +716,21 @@ def _validate(section: str, s: object) -> None:
         need(s.log_format in ("json", "text"), "log_format", "must be json or text")
         names = [c.name for c in s.clients]
         need(len(set(names)) == len(names), "clients", "has two clients with one name")
-        digests = [c.token_sha256 for c in s.clients]
+        digests = [c.token_sha256 for c in s.clients if c.token_sha256]
         need(len(set(digests)) == len(digests), "clients", "has two clients with one token")
+        certificates = [c.certificate_sha256 for c in s.clients if c.certificate_sha256]
+        need(
+            len(set(certificates)) == len(certificates),
+            "clients",
+            "has two clients with one certificate",
+        )
+        for k, c in enumerate(s.clients):
+            need(
+                not c.certificate_sha256 or bool(s.tls_client_ca),
+                f"clients[{k}].certificate_sha256",
+                "needs serve.tls_client_ca: the server sees client certificates only when it "
+                "requires them (mutual TLS)",
+            )
 
 
 def config_reference() -> str:

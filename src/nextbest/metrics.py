@@ -1,7 +1,8 @@
 """Prometheus metrics of a server, on their own HTTP port (prometheus-client).
 
 Every server gets its own registry (several servers may run in one process, as in the tests).
-Nothing here names a customer: labels are RPC methods, status codes, reasons and purposes.
+Nothing here names a customer: labels are RPC methods, status codes, reasons, purposes and
+the names of `[[serve.clients]]`.
 """
 
 from __future__ import annotations
@@ -79,6 +80,13 @@ class Metrics:
             "nextbest_refused_calls",
             "Unary calls refused before any work, by RPC and reason (overloaded, deadline)",
             ["method", "reason"],
+            registry=r,
+        )
+        self.rate_limited = Counter(
+            "nextbest_rate_limited_calls",
+            "Calls refused because their client was over its [[serve.clients]] rate_per_s, by "
+            "client",
+            ["client"],
             registry=r,
         )
         self.admission_limit = Gauge(

@@ -19,6 +19,7 @@ import dataclasses
 import datetime as dt
 import json
 import logging
+import math
 import os
 import queue
 import re
@@ -40,7 +41,7 @@ from grpc_reflection.v1alpha import reflection
 from threadpoolctl import threadpool_limits
 
 from nextbest.admission import Admission, Decision, StampedExecutor, queued_ms
-from nextbest.auth import Gate, Verdict
+from nextbest.auth import Gate
 from nextbest.bundle import ModelBundle
 from nextbest.config import ServeSettings, Settings
 from nextbest.data.readers import EVENT_SCHEMA, PURCHASE, PURPOSES, RETURN
@@ -51,6 +52,7 @@ from nextbest.export import ExportContext, export_customer
 from nextbest.logs import call_context, context_value, hash_customer_id
 from nextbest.metrics import Metrics
 from nextbest.policy import BEHAVIORAL_EVENTS
+from nextbest.ratelimit import RateLimits
 from nextbest.service import (
     DEFAULT_LIMIT,
     MAX_LIMIT,
@@ -1239,33 +1241,70 @@ def _request_id(given: str | None) -> str:
     return uuid.uuid4().hex
 
 
-_OURS = f"/{pb.DESCRIPTOR.package}."
-"""Methods of our services start with this; health and reflection go straight through."""
+def _peer_certificate(context) -> bytes | None:
+    """The PEM certificate the caller presented; None without one (grpc fills `x509_pem_cert`
+    in the call's auth context when the server requires client certificates)."""
+    pem = context.auth_context().get("x509_pem_cert")
+    return pem[0] if pem else None
+
+
+def _pushback(context, request_id: str, ms: int) -> None:
+    """The trailers of a refused call: its request id and when to retry."""
+    context.set_trailing_metadata(
+        (("x-request-id", request_id), ("grpc-retry-pushback-ms", str(ms)))
+    )
+
+
+def _with_headers(answers, context, request_id: str):
+    """A stream's answers, the initial metadata (the request id) sent with the first one."""
+    first = True
+    for answer in answers:
+        if first:
+            context.send_initial_metadata((("x-request-id", request_id),))
+            first = False
+        yield answer
 
 
 class CallInterceptor(grpc.ServerInterceptor):
     """Every call to our services passes here once (health and reflection go straight through):
-    a request id (the caller's `x-request-id` or a new one, sent back as initial metadata and on
-    every log line of the call), the token and role check, the open-stream limit, undecodable
-    requests → INVALID_ARGUMENT, then the call's metrics and one JSON log line with its status,
-    time, client name and hashed customer id."""
+    a request id (the caller's `x-request-id` or a new one, on every log line of the call), the
+    token (or client certificate) and role check, the client's rate limit, the open-stream
+    limit, undecodable requests → INVALID_ARGUMENT, then the call's metrics and one JSON log line
+    with its status, time, client name and hashed customer id.
+
+    The request id goes back in the trailers of every call and in the initial metadata sent
+    with the first answer: a call that fails before it answers (refused by the gate, the rate
+    limit or admission control; UNAVAILABLE when the store is out) ends trailers-only, which is
+    what lets gRPC's retry policy retry it after its `grpc-retry-pushback-ms`: a client retries
+    no call once it has received headers."""
 
     def __init__(self, metrics: Metrics, gate: Gate, max_streams: int, admission: Admission):
         self.metrics = metrics
         self.gate = gate
+        self.limits = RateLimits(gate.clients)
         self.max_streams = max_streams
         self._streams = threading.BoundedSemaphore(max_streams)
         self.admission = admission
         metrics.admission_limit.set(admission.max_running)
         self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
 
+    def use_clients(self, clients) -> None:
+        """From the next call on, these clients (SIGHUP): their tokens, certificates, roles and
+        rate limits."""
+        self.gate = Gate(clients)
+        self.limits.use(clients)
+
     @contextlib.contextmanager
-    def _call(self, method: str, context, verdict: Verdict, request_id: str, customer: str):
+    def _call(
+        self, method: str, context, gate: Gate, authorization, request_id: str, customer: str
+    ):
         started = time.perf_counter()
         code = grpc.StatusCode.UNKNOWN
+        certificate = _peer_certificate(context) if gate.by_certificate else None
+        verdict = gate.check(method, authorization, certificate)
         with call_context(request_id=request_id, client=verdict.client):
             try:
-                context.send_initial_metadata((("x-request-id", request_id),))
+                context.set_trailing_metadata((("x-request-id", request_id),))
                 if not verdict.allowed:
                     status = (
                         grpc.StatusCode.UNAUTHENTICATED
@@ -1273,6 +1312,7 @@ class CallInterceptor(grpc.ServerInterceptor):
                         else grpc.StatusCode.PERMISSION_DENIED
                     )
                     context.abort(status, verdict.message)
+                self._limit(context, verdict.client, request_id)
                 yield
                 code = grpc.StatusCode.OK
             finally:
@@ -1290,11 +1330,26 @@ class CallInterceptor(grpc.ServerInterceptor):
                     },
                 )
 
-    def _refuse(self, method: str, context, decision: Decision) -> None:
+    def _limit(self, context, client: str, request_id: str) -> None:
+        """Refuse a call over its client's `rate_per_s` (counted; the pushback in trailers)."""
+        bucket = self.limits.limit(client)
+        wait_s = self.limits.take(client) if bucket is not None else 0.0
+        if wait_s <= 0:
+            return
+        self.metrics.rate_limited.labels(client).inc()
+        pushback = max(math.ceil(wait_s * 1000.0), 1)
+        _pushback(context, request_id, pushback)
+        context.abort(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"client {client!r} is over its rate limit (rate_per_s = {bucket.rate_per_s:g}, "
+            f"burst = {bucket.burst}); retry after {pushback} ms",
+        )
+
+    def _refuse(self, method: str, context, decision: Decision, request_id: str) -> None:
         """Refuse a call admission control turned away (counted; the pushback in trailers)."""
         self.metrics.refused.labels(method, decision.reason).inc()
         if decision.pushback_ms:
-            context.set_trailing_metadata((("grpc-retry-pushback-ms", str(decision.pushback_ms)),))
+            _pushback(context, request_id, decision.pushback_ms)
         code = (
             grpc.StatusCode.DEADLINE_EXCEEDED
             if decision.reason == "deadline"
@@ -1304,10 +1359,10 @@ class CallInterceptor(grpc.ServerInterceptor):
 
     def intercept_service(self, continuation, handler_call_details):
         method = handler_call_details.method
-        if not method.startswith(_OURS):
+        if not method.startswith(f"/{pb.DESCRIPTOR.package}."):
             return continuation(handler_call_details)
-        # The wrapped handler of a method is made once: the services do not change while the
-        # server runs, and everything that belongs to one call is read from its context.
+        # A method's wrapped handler is made once: the services do not change while the server
+        # runs, and what belongs to one call is read from its context when it starts.
         wrapped = self._wrapped.get(method)
         if wrapped is None:
             handler = continuation(handler_call_details)
@@ -1316,11 +1371,11 @@ class CallInterceptor(grpc.ServerInterceptor):
             wrapped = self._wrapped.setdefault(method, self._wrap(method, handler))
         return wrapped
 
-    def _caller(self, method: str, context) -> tuple[Verdict, str]:
-        """The call's verdict (token and role) and request id, from its metadata."""
+    def _caller(self, context):
+        """(gate, authorization, request id) of a call, from its metadata; the gate of the
+        moment the call starts (a SIGHUP later does not change its verdict)."""
         metadata = {k: v for k, v in context.invocation_metadata() or () if k}
-        verdict = self.gate.check(method, metadata.get("authorization"))
-        return verdict, _request_id(metadata.get("x-request-id"))
+        return self.gate, metadata.get("authorization"), _request_id(metadata.get("x-request-id"))
 
     def _wrap(self, method: str, handler):
         parse = _lenient(handler.request_deserializer)
@@ -1331,18 +1386,21 @@ class CallInterceptor(grpc.ServerInterceptor):
 
             def unary(request, context):
                 customer = getattr(request, "customer_id", "")
-                with self._call(method, context, *self._caller(method, context), customer):
+                gate, authorization, request_id = self._caller(context)
+                with self._call(method, context, gate, authorization, request_id, customer):
                     if isinstance(request, _Undecodable):
                         context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
                     decision = self.admission.admit(method, context.time_remaining(), queued_ms())
                     if not decision.admitted:
-                        self._refuse(method, context, decision)
+                        self._refuse(method, context, decision, request_id)
                     self.metrics.admitted.labels(method).inc()
                     started = time.perf_counter()
                     try:
-                        return inner(request, context)
+                        answer = inner(request, context)
                     finally:
                         self.admission.release(method, started)
+                    context.send_initial_metadata((("x-request-id", request_id),))
+                    return answer
 
             return grpc.unary_unary_rpc_method_handler(
                 unary,
@@ -1354,7 +1412,8 @@ class CallInterceptor(grpc.ServerInterceptor):
 
             def out_stream(request, context):
                 customer = getattr(request, "customer_id", "")
-                with self._call(method, context, *self._caller(method, context), customer):
+                gate, authorization, request_id = self._caller(context)
+                with self._call(method, context, gate, authorization, request_id, customer):
                     if isinstance(request, _Undecodable):
                         context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
                     if not self._streams.acquire(blocking=False):
@@ -1364,7 +1423,7 @@ class CallInterceptor(grpc.ServerInterceptor):
                             f"{self.max_streams}); retry when one has finished",
                         )
                     try:
-                        yield from inner_out(request, context)
+                        yield from _with_headers(inner_out(request, context), context, request_id)
                     finally:
                         self._streams.release()
 
@@ -1376,7 +1435,8 @@ class CallInterceptor(grpc.ServerInterceptor):
         inner_stream = handler.stream_stream  # our only other kind of method
 
         def stream(request_iterator, context):
-            with self._call(method, context, *self._caller(method, context), ""):
+            gate, authorization, request_id = self._caller(context)
+            with self._call(method, context, gate, authorization, request_id, ""):
                 if not self._streams.acquire(blocking=False):
                     context.abort(
                         grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -1393,7 +1453,7 @@ class CallInterceptor(grpc.ServerInterceptor):
                         yield request
 
                 try:
-                    yield from inner_stream(decoded(), context)
+                    yield from _with_headers(inner_stream(decoded(), context), context, request_id)
                 finally:
                     self._streams.release()
                 if undecodable:
@@ -1430,9 +1490,11 @@ class Running:
 
     def reload_clients(self, config_path: str | None) -> bool:
         """Read `[[serve.clients]]` again from the config (and NEXTBEST_ variables) and use it
-        from the next call on; calls in flight keep the verdict they started with. A config
-        that does not load, or that leaves a TLS server without clients, is refused (logged)
-        and the old clients stay. Only the clients change: other settings need a restart."""
+        from the next call on (tokens, certificates, roles, rate limits); calls in flight keep
+        the verdict they started with. A config that does not load, that leaves a TLS server
+        without clients, or that maps a certificate on a server started without
+        `tls_client_ca`, is refused (logged) and the old clients stay. Only the clients change:
+        other settings need a restart."""
         from nextbest.config import load_settings
 
         try:
@@ -1440,11 +1502,20 @@ class Running:
         except ConfigError as exc:
             logger.error("SIGHUP: %s; the clients stay as they were", exc)
             return False
-        insecure = self.holder.settings.serve.insecure
-        if not insecure and not fresh.serve.clients:
+        serve = self.holder.settings.serve
+        if not serve.insecure and not fresh.serve.clients:
             logger.error("SIGHUP: the config lists no [[serve.clients]]; the clients stay")
             return False
-        self.calls.gate = Gate(fresh.serve.clients)
+        mapped = [k for k, c in enumerate(fresh.serve.clients) if c.certificate_sha256]
+        if mapped and not serve.tls_client_ca:
+            logger.error(
+                "SIGHUP: serve.clients[%d].certificate_sha256 needs client certificates, and "
+                "this server started without serve.tls_client_ca (a restart is needed); the "
+                "clients stay as they were",
+                mapped[0],
+            )
+            return False
+        self.calls.use_clients(fresh.serve.clients)
         if self.metrics.dashboard is not None:
             self.metrics.dashboard.gate = self.calls.gate
         logger.info(
@@ -1503,7 +1574,11 @@ def credentials(serve: ServeSettings) -> grpc.ServerCredentials | None:
 
 
 def _security_summary(serve: ServeSettings) -> str:
-    tokens = f"bearer tokens of {len(serve.clients)} clients" if serve.clients else "no tokens"
+    by_token = sum(bool(c.token_sha256) for c in serve.clients)
+    by_certificate = sum(bool(c.certificate_sha256) for c in serve.clients)
+    tokens = f"bearer tokens of {by_token} clients" if by_token else "no tokens"
+    if by_certificate:
+        tokens += f", certificates of {by_certificate} clients"
     if serve.insecure:
         return f"INSECURE: plaintext, no TLS, {tokens} (serve.insecure)"
     mutual = ", client certificates required" if serve.tls_client_ca else ""
