@@ -277,7 +277,9 @@ class ServeSettings:
     """Rankings kept per server process, per customer (known, consenting, asking without
     filters), so that a customer's next call only applies consent, fatigue and the privacy rule
     to it; least recently used dropped beyond this, emptied at a model swap and for an erased
-    customer; 0 = off. About 4 KB each."""
+    customer; 0 = off. About 4 KB each. When a model is loaded, a background thread ranks the
+    known customers once each (the most recent buyers first, up to this many), so first calls
+    find their slate too."""
     max_running_calls: int = 4
     """Unary calls one server process computes at once (its share of the cores: more only make
     each slower under the GIL); the others wait for a slot (admission control)..."""
