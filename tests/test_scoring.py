@@ -205,3 +205,29 @@ def test_with_discovery_one_customer():
     # More places than fresh candidates: all of them, the rest from the others.
     assert with_discovery(fresh, 5, 9).tolist() == [True, True, True, False, True, True]
     assert with_discovery(fresh, 3, 0).tolist() == [True, True, True, False, False, False]
+
+
+def test_the_blend_is_not_fitted_on_products_off_sale_in_its_window():
+    """A product unsold in the validation window is off sale only when its history predicts
+    at least OFF_SALE_EXPECTED purchase days there; rarely bought products stay as negatives."""
+    from types import SimpleNamespace
+
+    import scipy.sparse as sp
+
+    from nextbest.training.fit import OFF_SALE_EXPECTED, _off_sale
+
+    # 300 days of history; product 0: 60 purchase days (6 expected in 30 days), product 1: 60,
+    # product 2: 5 (0.5 expected), product 3: never bought.
+    rows = np.repeat(np.arange(125), 1)
+    cols = np.r_[np.zeros(60, int), np.ones(60, int), np.full(5, 2)]
+    days = sp.csr_matrix((np.ones(125), (rows, cols)), shape=(125, 4))
+    first = sp.csr_matrix((np.full(125, 700.0), (rows, cols)), shape=(125, 4))
+    bundle = SimpleNamespace(
+        shape=(125, 4),
+        reference_day=1000.0,
+        repeat=SimpleNamespace(days_bought=days, first_day=first),
+    )
+    sold = np.array([1, 1])  # only product 1 was bought in the window
+    off = _off_sale(bundle, sold, window_days=30.0)
+    assert off.tolist() == [True, False, False, False]
+    assert 60 * 30 / 300 >= OFF_SALE_EXPECTED > 5 * 30 / 300

@@ -253,6 +253,27 @@ def split_at(events: pa.Table, day: float) -> tuple[pa.Table, pa.Table]:
     return events.filter(before), events.filter(pc.invert(before))
 
 
+OFF_SALE_EXPECTED = 3.0
+"""A product unsold in the validation window counts as off sale when its history predicts at
+least this many purchase days there (P(none) ≈ e^-3 = 5% were it on sale)."""
+
+
+def _off_sale(bundle: ModelBundle, sold: np.ndarray, *, window_days: float) -> np.ndarray:
+    """Per product: nobody bought it in the window (`sold`: item index of each purchase there)
+    although its rate before it predicts OFF_SALE_EXPECTED purchase days or more. Its candidates
+    say nothing about what customers prefer (nobody could buy it: censored, not rejected), so
+    the blend is not fitted on them; rarely bought products stay, as the negatives they are."""
+    days = bundle.repeat.days_bought
+    n_items = bundle.shape[1]
+    if not days.nnz:
+        return np.zeros(n_items, dtype=bool)
+    span = max(bundle.reference_day - float(bundle.repeat.first_day.data.min()), window_days)
+    expected = np.asarray(days.sum(axis=0)).ravel() * window_days / span
+    unsold = np.ones(n_items, dtype=bool)
+    unsold[sold] = False
+    return unsold & (expected >= OFF_SALE_EXPECTED)
+
+
 def _fit_blend(bundle: ModelBundle, val_events: pa.Table, settings: Settings) -> dict[str, float]:
     """Logistic regression of 'bought in the validation window' on the candidates' FEATURES."""
     purchases = val_events.filter(pc.equal(val_events["event_type"], "purchase"))
@@ -274,7 +295,12 @@ def _fit_blend(bundle: ModelBundle, val_events: pa.Table, settings: Settings) ->
     cands = candidate_features(
         bundle, users, now_day=bundle.reference_day, pool=settings.train.candidate_pool
     )
-    keys = cands.pos * n_items + cands.item
+    off = _off_sale(bundle, i[i >= 0], window_days=settings.train.validation_days)
+    if off.any():
+        logger.info("blend: %d products off sale in the validation window, not fitted on", off.sum())
+    keep = ~off[cands.item]
+    features = cands.features[keep]
+    keys = cands.pos[keep] * n_items + cands.item[keep]
     labels = np.isin(keys, positive)
     if labels.all() or not labels.any():
         logger.warning("validation labels are all of one class: default blend")
@@ -282,7 +308,7 @@ def _fit_blend(bundle: ModelBundle, val_events: pa.Table, settings: Settings) ->
     from sklearn.linear_model import LogisticRegression  # only needed when tuning (slow import)
 
     lr = LogisticRegression(C=1.0, max_iter=2000)
-    lr.fit(cands.features, labels)
+    lr.fit(features, labels)
     blend = {f: float(w) for f, w in zip(FEATURES, lr.coef_[0], strict=True)}
     blend["intercept"] = float(lr.intercept_[0])
     return blend
