@@ -57,14 +57,17 @@ def tight(own):
     running.stop(0)
 
 
-def test_a_call_with_1_ms_left_is_refused_before_any_work(tight):
+def test_a_call_with_too_little_time_left_is_refused_before_any_work(tight):
+    # The issue asked for 1 ms left. A warm answer of this small model now takes well under a
+    # millisecond, so a call with 1 ms left can be answered and is (refusing it would be wrong);
+    # 0.2 ms is below the service time the server measures, which is what the check compares.
     with grpc.insecure_channel(f"127.0.0.1:{tight.port}") as ch:
         stub = rpb.RecommenderStub(ch)
         for _ in range(5):  # the service time the check compares with
             stub.RecommendProducts(pb.RecommendProductsRequest(customer_id="c003"), timeout=10)
         answered = metric(tight.metrics_port, "nextbest_admitted_calls_total", method=METHOD)
         with pytest.raises(grpc.RpcError) as info:
-            stub.RecommendProducts(pb.RecommendProductsRequest(customer_id="c003"), timeout=0.001)
+            stub.RecommendProducts(pb.RecommendProductsRequest(customer_id="c003"), timeout=0.0002)
         assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     # Refused by the check (or by gRPC itself when the millisecond ran out on the way): either
     # way the model was not asked.
@@ -76,20 +79,27 @@ def test_overload_is_refused_at_once_with_a_pushback(tight):
     pushbacks: list = []
     waits: list = []
 
+    start = threading.Barrier(24)
+
     def call() -> None:
         with grpc.insecure_channel(
             f"127.0.0.1:{tight.port}", options=[("grpc.enable_retries", 0)]
         ) as ch:
-            t0 = time.perf_counter()
-            try:
-                rpb.RecommenderStub(ch).RecommendProducts(
-                    pb.RecommendProductsRequest(customer_id="c003"), timeout=10
-                )
-                codes.append(grpc.StatusCode.OK)
-            except grpc.RpcError as exc:
-                codes.append(exc.code())
-                waits.append(time.perf_counter() - t0)
-                pushbacks.append(dict(exc.trailing_metadata() or ()).get("grpc-retry-pushback-ms"))
+            stub = rpb.RecommenderStub(ch)
+            grpc.channel_ready_future(ch).result(timeout=10)
+            start.wait()  # all at once: a warm call takes under a millisecond here
+            for _ in range(5):
+                t0 = time.perf_counter()
+                try:
+                    stub.RecommendProducts(
+                        pb.RecommendProductsRequest(customer_id="c003"), timeout=10
+                    )
+                    codes.append(grpc.StatusCode.OK)
+                except grpc.RpcError as exc:
+                    codes.append(exc.code())
+                    waits.append(time.perf_counter() - t0)
+                    trailers = dict(exc.trailing_metadata() or ())
+                    pushbacks.append(trailers.get("grpc-retry-pushback-ms"))
 
     threads = [threading.Thread(target=call) for _ in range(24)]
     for t in threads:
@@ -142,10 +152,10 @@ def test_the_client_retries_the_real_servers_refusals(tight):
     gRPC's retry policy may retry it (a client retries no call that has received headers)."""
     with Client(f"127.0.0.1:{tight.port}", attempts=5) as nb:
         request = pb.RecommendProductsRequest(customer_id="c003")
-        calls = [nb.recommender.RecommendProducts.future(request, timeout=30) for _ in range(24)]
+        calls = [nb.recommender.RecommendProducts.future(request, timeout=30) for _ in range(64)]
         failed = sum(c.exception() is not None for c in calls)
     refused = metric(tight.metrics_port, "nextbest_refused_calls_total", method=METHOD)
-    assert refused > 0  # one slot and 24 calls at once: some were refused...
+    assert refused > 0  # one slot and 64 calls at once: some were refused...
     assert failed < refused  # ...and retried after their pushback (before: every one failed)
 
 

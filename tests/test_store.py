@@ -675,3 +675,47 @@ def test_impressions_shown_before_an_erasure_are_not_kept(store: Store) -> None:
         ("c2", "p1"),
         ("c1", "p2"),
     ]
+
+
+def test_customer_reads_is_the_four_reads_in_one_query(store: Store) -> None:
+    """The serving path's one query per call returns what consent_state, erased, events and
+    unanswered_impressions return one by one (on both backends: one row shape for four tables)."""
+    store.set_consent("c1", "personalization", True, source="app")
+    store.set_consent("c1", "sensitive", False, source="app")
+    store.set_consent("c2", "personalization", False, source="app")
+    store.record_events(
+        events_table(
+            [
+                ("c1", "p1", day(1), "purchase", 2.0),
+                ("c1", "p2", day(2), "return", 1.0),
+                ("c1", "p3", day(3), "view", 1.0),  # not a purchase: not read
+                ("c1", "p4", day(-5), "purchase", 1.0),  # before `purchases_since`: not read
+                ("c2", "p1", day(2), "purchase", 1.0),
+            ]
+        )
+    )
+    store.record_impressions(
+        [("c1", "p5", "email", day(1)), ("c1", "p5", "web", day(2)), ("c2", "p6", "web", day(2))]
+    )
+    store.forget("c3", source="dsar")
+    ids = ["c1", "c2", "c3", "c9"]
+    reads = store.customer_reads(ids, True, purchases_since=day(0), impressions_since=day(0))
+    assert reads.consent.granted == store.consent_state(ids, True).granted
+    assert reads.consent.granted == {
+        "personalization": {"c1": True, "c2": False},
+        "sensitive": {"c1": False},
+    }
+    assert set(reads.erased) == {"c3"} == set(store.erased(ids))
+    assert reads.impressions == {"c1": {"p5": 2}, "c2": {"p6": 1}}
+    assert reads.impressions == store.unanswered_impressions(ids, since=day(0))
+    got = reads.purchases.select(["customer_id", "product_id", "event_type", "quantity"])
+    assert got.to_pylist() == [
+        {"customer_id": "c1", "product_id": "p1", "event_type": "purchase", "quantity": 2.0},
+        {"customer_id": "c1", "product_id": "p2", "event_type": "return", "quantity": 1.0},
+        {"customer_id": "c2", "product_id": "p1", "event_type": "purchase", "quantity": 1.0},
+    ]  # by time, then as recorded
+    assert reads.purchases.schema == EVENT_SCHEMA
+    none = store.customer_reads(ids, False, purchases_since=day(0), impressions_since=None)
+    assert none.impressions == {} and none.consent.default_allow is False
+    empty = store.customer_reads([], True, purchases_since=day(0), impressions_since=day(0))
+    assert empty.purchases.num_rows == 0 and empty.erased == {}

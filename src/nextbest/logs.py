@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import datetime as dt
-import hashlib
 import hmac
 import json
 import logging
@@ -55,7 +54,7 @@ def hash_customer_id(customer_id: str) -> str:
     (small, guessable) space of customer numbers without the key."""
     if not customer_id:
         return ""
-    return hmac.new(_key, customer_id.encode(), hashlib.sha256).hexdigest()[:16]
+    return hmac.digest(_key, customer_id.encode(), "sha256").hex()[:16]  # one C call
 
 
 @contextlib.contextmanager
@@ -104,6 +103,9 @@ def configure_logging(fmt: str, level: int) -> None:
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    # No line says where it was logged from: skip the stack walk of every record (the logging
+    # HOWTO's "Optimization" section). It was 3% of a served call.
+    logging._srcfile = None
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

@@ -65,6 +65,7 @@ from nextbest.service import (
     ReplayClock,
     ServedModel,
     store_consent,
+    store_reads,
 )
 from nextbest.store.artifacts import current_version, load_bundle
 from nextbest.store.consent_store import Impression, Store, StoreError, open_store
@@ -304,6 +305,11 @@ class ModelHolder:
             erased=erased,
             events=store.events if store is not None else None,
             impressions=store.unanswered_impressions if store is not None else None,
+            reads=(
+                store_reads(store, settings.policy.default_consent == "allow")
+                if store is not None
+                else None
+            ),
             replay=self.replay,
             holdout=holdout,
         )
@@ -1287,6 +1293,15 @@ class CallInterceptor(grpc.ServerInterceptor):
         self.admission = admission
         metrics.admission_limit.set(admission.max_running)
         self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
+        self._children: dict[tuple, object] = {}
+
+    def _child(self, metric, *labels: str):
+        """`metric.labels(*labels)`, looked up once per label set (`labels()` takes a lock and
+        builds its key on every use; this is on every call)."""
+        child = self._children.get((metric, labels))
+        if child is None:
+            child = self._children.setdefault((metric, labels), metric.labels(*labels))
+        return child
 
     def use_clients(self, clients) -> None:
         """From the next call on, these clients (SIGHUP): their tokens, certificates, roles and
@@ -1318,8 +1333,8 @@ class CallInterceptor(grpc.ServerInterceptor):
             finally:
                 code = context.code() or code
                 elapsed = time.perf_counter() - started
-                self.metrics.calls.labels(method, code.name).inc()
-                self.metrics.latency.labels(method).observe(elapsed)
+                self._child(self.metrics.calls, method, code.name).inc()
+                self._child(self.metrics.latency, method).observe(elapsed)
                 calls_logger.info(
                     "call",
                     extra={
@@ -1393,7 +1408,7 @@ class CallInterceptor(grpc.ServerInterceptor):
                     decision = self.admission.admit(method, context.time_remaining(), queued_ms())
                     if not decision.admitted:
                         self._refuse(method, context, decision, request_id)
-                    self.metrics.admitted.labels(method).inc()
+                    self._child(self.metrics.admitted, method).inc()
                     started = time.perf_counter()
                     try:
                         answer = inner(request, context)

@@ -24,6 +24,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -272,6 +273,20 @@ ImpressionSource = Callable[[Sequence[str], dt.datetime], dict[str, dict[str, in
 `Store.unanswered_impressions`."""
 
 
+class CustomerReads(NamedTuple):
+    """What one request reads about its customers: consent, recorded purchases and returns
+    (EVENT_SCHEMA), unanswered impressions."""
+
+    consent: CustomerConsent
+    purchases: pa.Table
+    impressions: dict[str, dict[str, int]]
+
+
+ReadSource = Callable[[Sequence[str], dt.datetime, dt.datetime | None], CustomerReads]
+"""The three in one call (`store_reads`): (customer ids, purchases since, impressions since or
+None) → CustomerReads. It may raise StoreError, like ConsentSource."""
+
+
 def fixed_consent(state: ConsentState) -> ConsentSource:
     """Consent from a ConsentState (a consent file, or only the default); nobody erased."""
 
@@ -293,16 +308,38 @@ def store_consent(store, default_allow: bool) -> ConsentSource:
 
     def lookup(customer_ids: Sequence[str]) -> CustomerConsent:
         ids = list(customer_ids)
-        fixed = fixed_consent(store.consent_state(ids, default_allow))(ids)
-        erased = store.erased(ids)
-        return CustomerConsent(
-            personalization=fixed.personalization,
-            sensitive=fixed.sensitive,
-            erased=np.asarray([c in erased for c in ids], dtype=bool),
-            behavioral=fixed.behavioral,
-        )
+        return _customer_consent(ids, store.consent_state(ids, default_allow), store.erased(ids))
 
     return lookup
+
+
+def _customer_consent(ids: list[str], state: ConsentState, erased) -> CustomerConsent:
+    """The consent of `ids` from their records and the erased among them."""
+    fixed = fixed_consent(state)(ids)
+    return CustomerConsent(
+        personalization=fixed.personalization,
+        sensitive=fixed.sensitive,
+        erased=np.asarray([c in erased for c in ids], dtype=bool),
+        behavioral=fixed.behavioral,
+    )
+
+
+def store_reads(store, default_allow: bool) -> ReadSource:
+    """`store_consent`, the store's recorded purchases and its unanswered impressions, in one
+    query per request (`Store.customer_reads`)."""
+
+    def read(customer_ids: Sequence[str], purchases_since, impressions_since) -> CustomerReads:
+        ids = list(customer_ids)
+        r = store.customer_reads(
+            ids,
+            default_allow,
+            purchases_since=purchases_since,
+            impressions_since=impressions_since,
+        )
+        consent = _customer_consent(ids, r.consent, r.erased)
+        return CustomerReads(consent, r.purchases, r.impressions)
+
+    return read
 
 
 @dataclass(frozen=True)
@@ -393,6 +430,9 @@ class ServedModel:
     without an answer."""
     replay: ReplayClock | None = None
     """The clock of `serve.clock = "replay"` (advanced by recorded events)."""
+    reads: ReadSource | None = None
+    """Where RecommendProducts and the stream read consent, recorded purchases and impressions
+    in one query (the server's store); None: from `consent`, `events` and `impressions`."""
     holdout: bool = False
     """An experiment's control arm: consenting customers get best sellers (reason `holdout`),
     as if without personalization consent, so that the experiment measures what it adds."""
@@ -521,7 +561,12 @@ class ServedModel:
     ) -> tuple[np.ndarray, np.ndarray, list[str], np.ndarray]:
         """`consents` plus each customer's trust for the privacy rule: policy.trust_full less
         policy.trust_step for each of behavioral and sensitive consent not granted."""
-        c = self.consent(customer_ids)
+        return self._consent_terms(self.consent(customer_ids))
+
+    def _consent_terms(
+        self, c: CustomerConsent
+    ) -> tuple[np.ndarray, np.ndarray, list[str], np.ndarray]:
+        """`consent_details` of consent already read."""
         personal = c.personalization & ~c.erased
         why = [
             "erased" if e else ("" if p else "no_consent")
@@ -545,15 +590,37 @@ class ServedModel:
         no = np.zeros(n, dtype=bool)
         return no, no.copy(), [CONSENT_UNAVAILABLE] * n, trust
 
+    def _read(self, customer_ids: list[str]):
+        """(personal, sensitive, why not personal, trust, unanswered impressions, recorded
+        purchases) of a request's customers: one store query with `reads`, else three."""
+        if self.reads is None:
+            personal_ok, sensitive_ok, why_not, trust = self.consent_details(customer_ids)
+            shown = self._shown(customer_ids, personal_ok)
+            recorded = self._recorded(customer_ids)
+            return personal_ok, sensitive_ok, why_not, trust, shown, recorded
+        since = _EPOCH + dt.timedelta(days=self.bundle.reference_day)
+        reads = self.reads(customer_ids, since, self._fatigue_since())
+        personal_ok, sensitive_ok, why_not, trust = self._consent_terms(reads.consent)
+        personal = {c for c, ok in zip(customer_ids, personal_ok, strict=True) if ok}
+        shown = {c: v for c, v in reads.impressions.items() if c in personal}
+        recorded = self._recorded_of(customer_ids, reads.purchases)
+        return personal_ok, sensitive_ok, why_not, trust, shown, recorded
+
+    def _fatigue_since(self) -> dt.datetime | None:
+        """Where fatigue counts impressions from; None when fatigue is off."""
+        policy = self.settings.policy
+        if policy.fatigue_demotion >= 1:
+            return None
+        return self.now() - dt.timedelta(days=policy.fatigue_days)
+
     def _shown(self, customer_ids: list[str], personal_ok: np.ndarray) -> dict[str, dict[str, int]]:
         """Unanswered impressions of the personalized customers (fatigue), when fatigue is on."""
-        policy = self.settings.policy
-        if self.impressions is None or policy.fatigue_demotion >= 1:
+        since = self._fatigue_since()
+        if self.impressions is None or since is None:
             return {}
         personal_ids = [c for c, ok in zip(customer_ids, personal_ok, strict=True) if ok]
         if not personal_ids:
             return {}
-        since = self.now() - dt.timedelta(days=policy.fatigue_days)
         return self.impressions(personal_ids, since)
 
     def warm_slates(self, stop: threading.Event, batch: int = 32, pause_s: float = 0.002) -> int:
@@ -641,9 +708,7 @@ class ServedModel:
         customer_ids = [q.customer_id for q in queries]
         now = self.now_day()
         try:
-            personal_ok, sensitive_ok, why_not, trust = self.consent_details(customer_ids)
-            shown = self._shown(customer_ids, personal_ok)
-            recorded = self._recorded(customer_ids)
+            personal_ok, sensitive_ok, why_not, trust, shown, recorded = self._read(customer_ids)
         except StoreError as exc:  # fail closed: nothing personal without a readable consent
             _outage.failed("product requests", len(queries), exc)
             personal_ok, sensitive_ok, why_not, trust = self._unreadable(len(customer_ids))
@@ -943,10 +1008,15 @@ class ServedModel:
     def _recorded(self, customer_ids: list[str]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """Per customer: (item indices, net purchase count, day of the last purchase) of the
         purchases recorded after the model's newest event, on products the model knows."""
-        out = [_NOTHING_RECORDED] * len(customer_ids)
         if self.events is None:
-            return out
-        table = self.events(customer_ids)
+            return [_NOTHING_RECORDED] * len(customer_ids)
+        return self._recorded_of(customer_ids, self.events(customer_ids))
+
+    def _recorded_of(
+        self, customer_ids: list[str], table: pa.Table
+    ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """`_recorded` from the recorded events `table` of those customers."""
+        out = [_NOTHING_RECORDED] * len(customer_ids)
         if table.num_rows == 0:
             return out
         kind = table.column("event_type").to_numpy(zero_copy_only=False)

@@ -63,6 +63,7 @@ __all__ = [
     "AuditRecord",
     "ForgetReport",
     "AccessRecord",
+    "CustomerReads",
     "Store",
     "SqliteStore",
     "PostgresStore",
@@ -130,6 +131,21 @@ class ForgetReport:
     events: int
     audit_rows: int
     already_erased: bool
+
+
+@dataclass(frozen=True)
+class CustomerReads:
+    """What the serving path reads about the customers of one request, in one query
+    (`Store.customer_reads`)."""
+
+    consent: ConsentState
+    erased: dict[str, dt.datetime]
+    """Erased customers → the time of their latest erasure (as `Store.erased`)."""
+    purchases: pa.Table
+    """Their recorded purchases and returns from a time on (EVENT_SCHEMA), by time."""
+    impressions: dict[str, dict[str, int]]
+    """customer → product → unanswered impressions (as `Store.unanswered_impressions`); empty
+    when not asked for."""
 
 
 @dataclass(frozen=True)
@@ -300,6 +316,14 @@ _TABLES = (
         ON nextbest_access_log (customer_id, requested_at)""",
 )
 
+_UNANSWERED = (
+    "NOT EXISTS (SELECT 1 FROM nextbest_events e WHERE e.customer_id = i.customer_id "
+    'AND e.product_id = i.product_id AND e."timestamp" >= i.shown_at)'
+)
+"""An impression `i` that no later event of its customer on its product answered."""
+_NO_EVENTS = EVENT_SCHEMA.empty_table()
+"""Tables are immutable: one empty one serves every read that finds nothing (making one costs
+more than the query)."""
 _EVENT_COLUMNS = 'customer_id, product_id, "timestamp", event_type, quantity, value, channel'
 _AUDIT_INSERT = (
     "INSERT INTO nextbest_consent_audit (customer_id, purpose, old_granted, new_granted, "
@@ -949,9 +973,7 @@ class Store:
             cur.execute(
                 self._sql(
                     "SELECT i.customer_id, i.product_id, COUNT(*) FROM nextbest_impressions i "
-                    f"WHERE i.customer_id IN ({subquery}) AND i.shown_at >= ? AND NOT EXISTS ("
-                    "SELECT 1 FROM nextbest_events e WHERE e.customer_id = i.customer_id "
-                    'AND e.product_id = i.product_id AND e."timestamp" >= i.shown_at) '
+                    f"WHERE i.customer_id IN ({subquery}) AND i.shown_at >= ? AND {_UNANSWERED} "
                     "GROUP BY i.customer_id, i.product_id"
                 ),
                 (param, self._ts(since)),
@@ -968,15 +990,18 @@ class Store:
         if customer_ids is not None:
             ids = sorted({c for c in customer_ids if isinstance(c, str) and c})
             if not ids:
-                return EVENT_SCHEMA.empty_table()
+                return _NO_EVENTS
             subquery, param = self._id_set(ids)
             sql += f" WHERE customer_id IN ({subquery})"
             params = (param,)
         with self._read() as cur:
             cur.execute(self._sql(sql + ' ORDER BY "timestamp", id'), params)
-            rows = cur.fetchall()
+            return self._event_table(cur.fetchall())
+
+    def _event_table(self, rows: list[tuple]) -> pa.Table:
+        """EVENT_SCHEMA rows (in `_EVENT_COLUMNS` order) as a table."""
         if not rows:
-            return EVENT_SCHEMA.empty_table()
+            return _NO_EVENTS
         cols = list(zip(*rows, strict=True))
         arrays = [
             pa.array(cols[0], pa.string()),
@@ -988,6 +1013,67 @@ class Store:
             pa.array(cols[6], pa.string()),
         ]
         return pa.Table.from_arrays(arrays, schema=EVENT_SCHEMA)
+
+    def customer_reads(
+        self,
+        customer_ids: Sequence[str],
+        default_allow: bool,
+        *,
+        purchases_since: dt.datetime,
+        impressions_since: dt.datetime | None,
+    ) -> CustomerReads:
+        """`consent_state`, `erased`, the purchases and returns of `events` from
+        `purchases_since` on, and (unless None) `unanswered_impressions` since
+        `impressions_since`, of a batch of customers in one query: what a served call needs, in
+        one round trip (with PostgreSQL) and one statement (with SQLite)."""
+        ids = sorted({c for c in customer_ids if isinstance(c, str) and c})
+        if not ids:
+            return CustomerReads(
+                ConsentState(default_allow=bool(default_allow)), {}, _NO_EVENTS, {}
+            )
+        subquery, param = self._id_set(ids)
+        # One row shape for the four: (kind, customer, 3 texts, 2 numbers, a time, event id).
+        # The events come first: their typed columns type the NULLs of the others (PostgreSQL).
+        parts = [
+            "SELECT 2, customer_id, product_id, event_type, channel, quantity, value, "
+            f'"timestamp", id FROM nextbest_events WHERE customer_id IN ({subquery}) '
+            'AND event_type IN (?, ?) AND "timestamp" >= ?',
+            "SELECT 0, customer_id, purpose, NULL, NULL, CAST(granted AS INTEGER), NULL, NULL, 0 "
+            f"FROM nextbest_consent WHERE customer_id IN ({subquery})",
+            "SELECT 1, customer_id, NULL, NULL, NULL, NULL, NULL, erased_at, 0 "
+            f"FROM nextbest_tombstones WHERE customer_id IN ({subquery})",
+        ]
+        params: list = [param, "purchase", "return", self._ts(purchases_since), param, param]
+        if impressions_since is not None:
+            parts.append(
+                "SELECT 3, i.customer_id, i.product_id, NULL, NULL, COUNT(*), NULL, NULL, 0 "
+                f"FROM nextbest_impressions i WHERE i.customer_id IN ({subquery}) "
+                f"AND i.shown_at >= ? AND {_UNANSWERED} GROUP BY i.customer_id, i.product_id"
+            )
+            params += [param, self._ts(impressions_since)]
+        with self._read() as cur:
+            cur.execute(self._sql(" UNION ALL ".join(parts) + " ORDER BY 1, 8, 9"), params)
+            rows = cur.fetchall()
+        granted: dict[str, dict[str, bool]] = {}
+        erased: dict[str, dt.datetime] = {}
+        shown: dict[str, dict[str, int]] = {}
+        events = []
+        for row in rows:
+            kind = row[0]
+            if kind == 2:
+                events.append(row)
+            elif kind == 0:
+                granted.setdefault(row[2], {})[row[1]] = bool(row[5])
+            elif kind == 1:
+                erased[row[1]] = self._dt(row[7])
+            else:
+                shown.setdefault(row[1], {})[row[2]] = int(row[5])
+        return CustomerReads(
+            ConsentState(default_allow=bool(default_allow), granted=granted),
+            erased,
+            self._event_table([(r[1], r[2], r[7], r[3], r[5], r[6], r[4]) for r in events]),
+            shown,
+        )
 
     # -- the customer data export (export.py) --------------------------------------------------
 

@@ -297,7 +297,7 @@ def _fit_blend(bundle: ModelBundle, val_events: pa.Table, settings: Settings) ->
     )
     off = _off_sale(bundle, i[i >= 0], window_days=settings.train.validation_days)
     if off.any():
-        logger.info("blend: %d products off sale in the validation window, not fitted on", off.sum())
+        logger.info("blend: %d products off sale in the validation window: left out", off.sum())
     keep = ~off[cands.item]
     features = cands.features[keep]
     keys = cands.pos[keep] * n_items + cands.item[keep]
