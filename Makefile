@@ -160,7 +160,7 @@ bench-serve: install-dev $(CJ_EVENTS)
 
 # RecommendProducts at 3× the measured capacity for 60 s between two spells at 80%, with admission
 # control (as shipped) and without: p99 of admitted calls, how fast refusals come, recovery time.
-bench-overload: install-dev $(CJ_EVENTS)
+bench-overload: install-dev $(CJ_EVENTS) $(NODE_DEPS)
 	$(PY) benchmarks/bench_overload.py --events $(CJ_EVENTS) --catalog $(DATA)/complete-journey/catalog.parquet --write
 
 # The chain at 10k, 100k and 1M customers of a synthetic retailer (benchmarks/synth.py, 100k

@@ -13,8 +13,11 @@ over 4 connections, as many web servers calling at once would. Reported: during 
 p99 of OK (admitted) calls, the share refused and how fast refusals come back; after it, the
 first second from which each 1-second window's p99 stays within 1.5× the normal p99 with no
 refusal (recovery). The model and the servers are those of `bench_serve.py` (Complete Journey,
-ALS only), plaintext. The client is this process (grpc.aio) on the same 2 cores: at high rates
-its own scheduling delays count in the latencies, for both configurations alike.
+ALS only), plaintext. The open-loop client is `benchmarks/openloop.js` (grpc-js, examples/node's
+pinned packages; `--load node`, the default), a process of its own, or this process (grpc.aio,
+`--load python`). Either shares the 2 cores with the server: at high rates its own scheduling
+delays count in the latencies, for both configurations alike; the report gives how late the
+Node.js generator started its calls (p99).
 
     python benchmarks/bench_overload.py --events data/complete-journey/events.parquet \\
         --catalog data/complete-journey/catalog.parquet [--write]
@@ -25,7 +28,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import json
+import shutil
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -88,6 +95,39 @@ async def open_loop(address: str, requests, rate: float, seconds: float) -> list
     return out
 
 
+OPENLOOP = Path(__file__).resolve().parent / "openloop.js"
+CAPACITY_TASKS = 16
+"""Callers of the closed loop that measures the capacity."""
+
+
+def open_loop_node(
+    address: str, requests, rate: float, seconds: float, concurrency: int = 0
+) -> tuple[list, float]:
+    """`open_loop` by the Node.js generator (its own process): the calls, and how late it
+    started them (p99 ms); with `concurrency`, a closed loop of that many callers instead."""
+    with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as ids:
+        ids.write("\n".join(r.customer_id for r in requests))
+    try:
+        cmd = ["node", str(OPENLOOP), "--address", address, "--customers", ids.name]
+        pace = ["--concurrency", str(concurrency)] if concurrency else ["--rate", f"{rate:.3f}"]
+        cmd += [*pace, "--seconds", f"{seconds:g}", "--channels", str(CHANNELS)]
+        cmd += ["--deadline", f"{DEADLINE_S:g}"]
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise SystemExit(f"openloop.js failed ({done.returncode}): {done.stderr.strip()}")
+        result = json.loads(done.stdout)
+    finally:
+        Path(ids.name).unlink(missing_ok=True)
+    return [tuple(c) for c in result["calls"]], float(result["late_ms_p99"])
+
+
+def load(args, address: str, requests, rate: float, seconds: float) -> tuple[list, float]:
+    """The calls of one open-loop phase by the chosen generator (lateness nan for Python's)."""
+    if args.load == "node":
+        return open_loop_node(address, requests, rate, seconds)
+    return asyncio.run(open_loop(address, requests, rate, seconds)), float("nan")
+
+
 def summary(calls: list[tuple]) -> dict:
     ok = np.asarray([ms for _, ms, c in calls if c == "OK"])
     refused = np.asarray([ms for _, ms, c in calls if c == "RESOURCE_EXHAUSTED"])
@@ -126,13 +166,20 @@ def run_config(name, cmd, env, work, requests, rates, args) -> dict:
     try:
         address = server.wait_ready()
         asyncio.run(wait_serving(address))
-        cap = asyncio.run(load_cell(address, requests, 16, args.capacity_seconds, 2.0))
+        if args.load == "node":
+            calls, _ = open_loop_node(address, requests, 0, args.capacity_seconds, CAPACITY_TASKS)
+            cap = {"qps": sum(c[2] == "OK" for c in calls) / args.capacity_seconds}
+        else:
+            cap = asyncio.run(
+                load_cell(address, requests, CAPACITY_TASKS, args.capacity_seconds, 2.0)
+            )
         normal_rate, over_rate = rates or (0.8 * cap["qps"], 3.0 * cap["qps"])
-        normal = summary(
-            asyncio.run(open_loop(address, requests, normal_rate, args.normal_seconds))
-        )
-        over = summary(asyncio.run(open_loop(address, requests, over_rate, args.overload_seconds)))
-        after = asyncio.run(open_loop(address, requests, normal_rate, args.recovery_seconds))
+        normal_calls, _ = load(args, address, requests, normal_rate, args.normal_seconds)
+        normal = summary(normal_calls)
+        over_calls, late_ms = load(args, address, requests, over_rate, args.overload_seconds)
+        over = summary(over_calls)
+        over["late_ms_p99"] = late_ms
+        after, _ = load(args, address, requests, normal_rate, args.recovery_seconds)
         print(f"{name}: capacity {cap['qps']:.0f}/s; normal {normal}; overload {over}", flush=True)
         return {
             "capacity": cap,
@@ -152,15 +199,15 @@ def report(r: dict) -> str:
     lines = [
         f"{SECTION} (Complete Journey, {r['customers']:,} customers)",
         "",
-        f"RecommendProducts, open loop over {CHANNELS} connections, 5 s deadline: "
+        f"RecommendProducts, open loop ({r['load']}) over {CHANNELS} connections, 5 s deadline: "
         f"{r['normal_seconds']:g} s at 80% of the capacity measured without admission control "
         f"({normal_rate:,.0f}/s), {r['overload_seconds']:g} s at 3× ({over_rate:,.0f}/s), then "
         f"{r['recovery_seconds']:g} s at 80% again. Capacity: closed loop, 16 tasks. Same rates "
         "for both servers.",
         "",
         "| server | closed-loop QPS | p99 at 80% ms | overload: OK/s | OK p50 ms | OK p99 ms | "
-        "refused | refusal p99 ms | other errors | recovery s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "refused | refusal p99 ms | other errors | recovery s | generator late p99 ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for label, x in (
         ("as shipped (admission control)", on),
@@ -171,7 +218,8 @@ def report(r: dict) -> str:
             f"| {label} | {x['capacity']['qps']:,.0f} | {x['normal']['p99_ok']:.1f} | "
             f"{o['ok'] / r['overload_seconds']:,.0f} | {o['p50_ok']:.1f} | {o['p99_ok']:.1f} | "
             f"{o['refused']:,} of {o['calls']:,} | {o['p99_refused']:.1f} | "
-            f"{o['other']:,} {', '.join(o['other_codes'])} | {x['recovery_s']:g} |"
+            f"{o['other']:,} {', '.join(o['other_codes'])} | {x['recovery_s']:g} | "
+            f"{o['late_ms_p99']:.1f} |"
         )
     o = on["overload"]
     ratio = o["p99_ok"] / on["normal"]["p99_ok"]
@@ -200,8 +248,16 @@ def main() -> int:
     parser.add_argument("--normal-seconds", type=float, default=20.0)
     parser.add_argument("--overload-seconds", type=float, default=60.0)
     parser.add_argument("--recovery-seconds", type=float, default=20.0)
+    parser.add_argument(
+        "--load",
+        choices=("node", "python"),
+        default="node",
+        help="open-loop generator: benchmarks/openloop.js (default) or this process (grpc.aio)",
+    )
     parser.add_argument("--write", action="store_true", help="update BENCHMARKS.md")
     args = parser.parse_args()
+    if args.load == "node" and shutil.which("node") is None:
+        parser.error("--load node needs Node.js 20+ (node on PATH); or --load python")
 
     from nextbest.store.artifacts import load_bundle
     from nextbest.v1 import recommender_pb2 as pb
@@ -230,6 +286,7 @@ def main() -> int:
         "normal_seconds": args.normal_seconds,
         "overload_seconds": args.overload_seconds,
         "recovery_seconds": args.recovery_seconds,
+        "load": "benchmarks/openloop.js, grpc-js" if args.load == "node" else "grpc.aio, here",
         "machine": machine(),
         "date": dt.date.today().isoformat(),
     }
