@@ -424,3 +424,46 @@ def test_node_client_retries_a_refusal_after_its_pushback(node):
         assert servicer.times[1] - servicer.times[0] >= 0.29  # waited for the pushback
     finally:
         server.stop(0)
+
+
+OPENLOOP = REPO / "benchmarks" / "openloop.js"
+
+
+def test_the_overload_benchmarks_load_generator_calls_on_schedule_and_counts_refusals(
+    node, address, tmp_path
+):
+    """benchmarks/openloop.js (make bench-overload's load) against the real server: every call
+    of the schedule is made and reported with its status; bad arguments are one clear line."""
+    ids = tmp_path / "ids.txt"
+    ids.write_text("c003\nc004\nnot-a-customer\n")
+    cmd = [node, str(OPENLOOP), "--address", address, "--customers", str(ids)]
+    done = subprocess.run([*cmd, "--rate", "40", "--seconds", "1"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert len(result["calls"]) == 40
+    assert {code for _, _, code in result["calls"]} == {"OK"}
+    starts = [at for at, _, _ in result["calls"]]
+    assert starts == sorted(starts) and starts[-1] == pytest.approx(39 / 40)
+    closed = subprocess.run(
+        [*cmd, "--concurrency", "2", "--seconds", "0.5"], capture_output=True, text=True
+    )
+    assert closed.returncode == 0 and json.loads(closed.stdout)["calls"], closed.stderr
+    bad = subprocess.run([*cmd, "--rate", "fast", "--seconds", "1"], capture_output=True, text=True)
+    assert (
+        bad.returncode == 2 and bad.stderr == "error: --rate must be a positive number (got fast)\n"
+    )
+    missing = subprocess.run(
+        [
+            node,
+            str(OPENLOOP),
+            "--customers",
+            str(tmp_path / "none.txt"),
+            "--rate",
+            "1",
+            "--seconds",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert missing.returncode == 2 and missing.stderr.startswith("error: --customers: ")
