@@ -124,7 +124,9 @@ class TrainSettings:
     k: int = 10
     """Cut-off of the validation metrics (and the default of `evaluate --k`)."""
     seed: int = 42
-    """Random seed of every model fit (same data and seed → same model)."""
+    """Random seed of every model fit: same data, settings and seed → the same served model, to
+    the bit, with the implicit engine (BPR always fits on one thread for that: implicit's
+    multi-threaded BPR races its SGD updates). The Spark engine's ALS is not checked for it."""
     als_factors: int = 64
     """ALS latent factors (when not tuning)."""
     als_regularization: float = 0.05
@@ -152,7 +154,8 @@ class TrainSettings:
     blend_weights: dict[str, float] = field(default_factory=dict)
     """Blend weights used when `tune` is off (feature name → weight); empty = built-in defaults."""
     num_threads: int = 0
-    """Threads of implicit's fit (0 = all cores). BLAS is held to one thread during fits."""
+    """Threads of implicit's fit (0 = all cores; BPR uses one whatever this says). BLAS is held
+    to one thread during fits."""
     engine: str = "implicit"
     """What fits ALS: `implicit` (this machine; the default) or `spark` (Apache Spark MLlib ALS on
     `spark_master`; needs `pip install nextbest[spark]` and Java 17+). Only the ALS fits move,
