@@ -441,7 +441,8 @@ def recommend_for(
     cf_candidates: np.ndarray | None = None,
     user_factors: dict[int, np.ndarray] | None = None,
 ) -> Recommendations:
-    """The served ranking for a batch of customers (every channel gets the same).
+    """The ranking stage for a batch of customers, the same for every channel (the privacy rule
+    then values it per channel: `ServedModel._privacy_rule`).
 
     Customers without personalization consent or unknown to the model get best sellers. For the
     others: the blend's probability of a purchase soon over the candidates (own products, best
