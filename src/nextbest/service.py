@@ -22,7 +22,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -36,7 +36,7 @@ from nextbest.errors import InvalidRequest, ModelError, NotFound
 from nextbest.lifecycle.actions import ACTIONS, Situation, decide
 from nextbest.lifecycle.model import CustomerState, purchases_of
 from nextbest.lifecycle.stages import STAGES
-from nextbest.policy import ConsentState
+from nextbest.policy import ConsentState, still_erased
 from nextbest.scoring import (
     best_sellers_for,
     cf_candidates_for,
@@ -253,7 +253,8 @@ _NOTHING_RECORDED = (np.zeros(0, np.int64), np.zeros(0), np.zeros(0))
 
 @dataclass(frozen=True)
 class CustomerConsent:
-    """Per customer of a request: may the history be used, may sensitive products be, erased."""
+    """Per customer of a request: may the history be used, may sensitive products be, erased
+    (`policy.still_erased`: a tombstone and no personalization consent recorded since)."""
 
     personalization: np.ndarray
     sensitive: np.ndarray
@@ -293,12 +294,12 @@ def store_consent(store, default_allow: bool) -> ConsentSource:
 
     def lookup(customer_ids: Sequence[str]) -> CustomerConsent:
         ids = list(customer_ids)
-        fixed = fixed_consent(store.consent_state(ids, default_allow))(ids)
-        erased = store.erased(ids)
+        state = store.consent_state(ids, default_allow)
+        fixed = fixed_consent(state)(ids)
         return CustomerConsent(
             personalization=fixed.personalization,
             sensitive=fixed.sensitive,
-            erased=np.asarray([c in erased for c in ids], dtype=bool),
+            erased=still_erased(state, pa.array(ids, pa.string()), store.erased(ids)),
             behavioral=fixed.behavioral,
         )
 
@@ -380,8 +381,9 @@ class ServedModel:
     bundle: ModelBundle
     settings: Settings
     consent: ConsentSource
-    erased: Sequence[str] = ()
-    """Customers forgotten before this model was loaded: dropped from it at once."""
+    erased: Mapping[str, dt.datetime] = field(default_factory=dict)
+    """The tombstones when this model was loaded (customer → erased_at): a customer the model
+    learned from history at or before their erasure is dropped from it at once (`forget`)."""
     as_of: float | None = None
     """Days since the epoch to judge repurchase timing at, overriding serve.clock (batch
     exports of historic data)."""
@@ -416,8 +418,9 @@ class ServedModel:
             else cf_candidates_for(b, self.settings.train.candidate_pool)
         )
         self.slates = SlateCache(self.settings.serve.slate_cache_size)
-        for customer_id in self.erased:
-            self.forget(customer_id)
+        for customer_id, erased_at in self.erased.items():
+            if self._learned_before(customer_id, erased_at):
+                self.forget(customer_id)
         catalog = b.catalog
         if catalog.num_rows:
             rows = pc.fill_null(
@@ -588,17 +591,35 @@ class ServedModel:
             stop.wait(pause_s)  # lets the calls in flight have the interpreter
         return done
 
-    def forget(self, customer_id: str) -> bool:
-        """Drop a customer from this loaded model (their factors and CF candidates); True when
-        the model knew them. Their answers are non-personal from now on anyway (the store says
-        erased); this makes sure nothing of them is left to compute with."""
-        user = int(self.bundle.user_index(np.asarray([customer_id], dtype=str))[0])
+    def _learned_before(self, customer_id: str, erased_at: dt.datetime) -> bool:
+        """Did this model learn from the customer's history at or before `erased_at`? (A model
+        trained after the erasure learned only what came after it, `policy.erased_rows`: such a
+        customer, back with new consent, is served from it.)"""
+        b = self.bundle
+        user = int(lookup(b.user_ids, np.asarray([customer_id], dtype=str))[0])
         if user < 0:
             return False
-        model = self.bundle.cf.model
+        if b.history is None:  # no record of what was learned: assume the worst
+            return True
+        return bool(b.history.first_day[user] <= (erased_at - _EPOCH) / dt.timedelta(days=1))
+
+    def forget(self, customer_id: str) -> bool:
+        """Drop a customer from this loaded model: their factors and CF candidates are zeroed and
+        the model no longer knows them (`ModelBundle.forgotten`: unknown to every answer, as if
+        never seen); True when the model knew them. An erased customer's answers are
+        non-personal anyway; one who consents again is a new customer, whose answers come from
+        what is recorded after the erasure, never from what the model learned before it."""
+        b = self.bundle
+        user = int(b.user_index(np.asarray([customer_id], dtype=str))[0])
+        if user < 0:
+            return False
+        model = b.cf.model
         if hasattr(model, "user_factors"):
             model.user_factors[user] = 0.0
         self.cf_candidates[user] = -1
+        if b.forgotten is None:
+            b.forgotten = np.zeros(len(b.user_ids), dtype=bool)
+        b.forgotten[user] = True
         self.slates.drop_user(user)
         return True
 
@@ -1231,6 +1252,8 @@ class ServedModel:
         plausible = (stage,) if stage else AUDIENCE_STAGES[action]
         stages = self.lifecycle.stages(self.now_day())
         rows = np.flatnonzero(np.isin(stages, [STAGES.index(s) for s in plausible]))
+        if self.bundle.forgotten is not None:  # erased: their summaries are not theirs any more
+            rows = rows[~self.bundle.forgotten[rows]]
         return self._audience(rows, stage, action, channel, limit, max_customers)
 
     def _audience(
