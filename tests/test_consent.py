@@ -281,7 +281,7 @@ def test_training_honours_the_configured_stores_tombstones_without_store_flag(ow
 # --- an erased customer who comes back -----------------------------------------------------------
 
 
-def test_an_erased_customer_who_consents_again_is_a_new_customer(own):
+def test_an_erased_customer_who_consents_again_is_a_new_customer(own, monkeypatch):
     """The tombstone blocks everything dated at or before the erasure; the customer stays erased
     until personalization consent is set again; from then on they are a new customer, personal
     from what is recorded after the erasure, in serving and in the next training."""
@@ -343,6 +343,9 @@ def test_an_erased_customer_who_consents_again_is_a_new_customer(own):
         running.stop(0)
 
     # The next training learns the new history only (the raw events file still holds the old).
+    # The customer came back today, years after the events file: a lead that takes today's
+    # recorded events (train.max_store_lead_days; tests/test_events.py has the guard).
+    monkeypatch.setenv("NEXTBEST_TRAIN__MAX_STORE_LEAD_DAYS", "100000")
     version = train(own, own / "models", "--store", store_url(own))
     bundle = load_bundle(own / "models", version)
     user = int(bundle.user_index(np.asarray([customer]))[0])

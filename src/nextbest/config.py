@@ -151,6 +151,13 @@ class TrainSettings:
     """Recency half-life of the repeat-purchase model's frequency."""
     candidate_pool: int = 100
     """CF candidates per customer offered to the blend besides the customer's own products."""
+    max_store_lead_days: float = 90.0
+    """The model's clock is its newest training event (`serve.clock = "model"` and every timing
+    feature count from it). Recorded events of the store (`--store`) dated more than this many
+    days after the newest event of the events file are left out of the training, with a warning
+    naming the store and how many: RecordEvents dates an event without a timestamp by the
+    server's clock, and a replay of historic data would otherwise move the model's clock by
+    years. They stay in the store (a later events file of their time brings them in)."""
     blend_weights: dict[str, float] = field(default_factory=dict)
     """Blend weights used when `tune` is off (feature name → weight); empty = built-in defaults."""
     num_threads: int = 0
@@ -650,6 +657,7 @@ def _validate(section: str, s: object) -> None:
         need(s.als_iterations >= 1 and s.bpr_iterations >= 1, "als_iterations", "must be >= 1")
         need(s.item_neighbours >= 1, "item_neighbours", "must be >= 1")
         need(s.candidate_pool >= 1, "candidate_pool", "must be >= 1")
+        need(s.max_store_lead_days > 0, "max_store_lead_days", "must be > 0")
         for spec in s.als_grid:
             parse_als_spec(spec)
         need(s.engine in ("implicit", "spark"), "engine", "must be implicit or spark")

@@ -15,6 +15,7 @@ store's recorded events are learned from; its consent records win over a consent
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,6 +99,9 @@ def _store_inputs(url: str, events: pa.Table, catalog: pa.Table | None, settings
                     "%s: %d recorded events on products not in the catalog skipped", url, unknown
                 )
             recorded = recorded.filter(known)
+        recorded, ahead = _within_lead(
+            recorded, events, store.url, settings.train.max_store_lead_days
+        )
         events = pa.concat_tables([events, recorded.cast(events.schema)])
         customers = pc.unique(events["customer_id"]).to_pylist()
         consent = store.consent_state(customers, settings.policy.default_consent == "allow")
@@ -110,7 +114,36 @@ def _store_inputs(url: str, events: pa.Table, catalog: pa.Table | None, settings
         recorded.num_rows,
         len(tombstones),
     )
-    return events, consent, tombstones
+    return events, consent, tombstones, ahead
+
+
+def _within_lead(
+    recorded: pa.Table, events: pa.Table, url: str, lead_days: float
+) -> tuple[pa.Table, int]:
+    """The recorded events dated at most `lead_days` after the newest event of the events file
+    (`train.max_store_lead_days`: the model's clock must not jump to the server's receive
+    time), and how many were left out (with a warning naming the store `url`, password
+    hidden)."""
+    newest = pc.max(events["timestamp"]).as_py() if events.num_rows else None
+    if newest is None or not recorded.num_rows:
+        return recorded, 0
+    limit = newest + dt.timedelta(days=lead_days)
+    ahead = pc.greater(recorded["timestamp"], pa.scalar(limit, pa.timestamp("us")))
+    n = int(pc.sum(ahead).as_py() or 0)
+    if n:
+        logger.warning(
+            "%s: %d recorded events dated after %s (train.max_store_lead_days = %g after the "
+            "newest event of the events file, %s; the latest %s) left out of this training: "
+            "the model's clock stays at the newest event it learns from. Events recorded "
+            "without a timestamp are dated by the server's clock",
+            url,
+            n,
+            limit.isoformat(sep=" ", timespec="seconds"),
+            lead_days,
+            newest.isoformat(sep=" ", timespec="seconds"),
+            pc.max(recorded["timestamp"]).as_py().isoformat(sep=" ", timespec="seconds"),
+        )
+    return recorded.filter(pc.invert(ahead)), n
 
 
 def read_inputs(files: InputFiles, settings: Settings) -> TrainingInputs:
@@ -147,6 +180,7 @@ def read_inputs(files: InputFiles, settings: Settings) -> TrainingInputs:
     reports = {"events": report.as_dict()}
     store_consent = None
     tombstones: dict = {}
+    ahead = 0
     store_url = files.store
     if store_url is None:
         from nextbest.store.consent_store import store_exists
@@ -155,7 +189,9 @@ def read_inputs(files: InputFiles, settings: Settings) -> TrainingInputs:
         default = settings.serve.store
         store_url = default if store_exists(default) else None
     if store_url:
-        events, store_consent, tombstones = _store_inputs(store_url, events, catalog, settings)
+        events, store_consent, tombstones, ahead = _store_inputs(
+            store_url, events, catalog, settings
+        )
     consent = None
     consent_time = None
     if files.consent:
@@ -205,6 +241,7 @@ def read_inputs(files: InputFiles, settings: Settings) -> TrainingInputs:
             "catalog": str(files.catalog) if files.catalog else None,
             "catalog_sha256": sha256_file(files.catalog) if files.catalog else None,
             "read": reports,
+            "store_events_beyond_lead": ahead,
         },
         "consent": {
             "file": str(files.consent) if files.consent else None,
