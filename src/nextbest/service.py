@@ -788,7 +788,7 @@ class ServedModel:
             r: f
             for r in np.flatnonzero(personal_ok & ~sensitive_ok & (users >= 0)).tolist()
             if (f := self._without_sensitive(int(users[r]))) is not None
-        }
+        }  # SPEC §5: sensitive purchases are no evidence without sensitive consent
         recs = recommend_for(
             b,
             np.asarray([q.customer_id for q in queries], dtype=str),
@@ -802,7 +802,7 @@ class ServedModel:
             item_masks=masks,
             include_purchased=np.asarray([q.include_purchased for q in queries], dtype=bool),
             cf_candidates=self.cf_candidates,
-            user_factors=refolded,
+            user_scores=refolded,
         )
         out = []
         for r in range(len(queries)):
@@ -822,9 +822,10 @@ class ServedModel:
         return out
 
     def _without_sensitive(self, user: int) -> np.ndarray | None:
-        """ALS factors of a known customer from their history without sensitive products (the
-        model learned them with it: sensitive consent was given then, or the default allowed
-        it), or None when the history has none (or the model cannot fold in)."""
+        """The CF score of every item for a known customer from their history without sensitive
+        products (`CFModel.history_scores`, for every kind of model: the model learned the
+        customer with them, as sensitive consent was given then or the default allowed it), or
+        None when the history has none (the model's own scores are theirs then)."""
         b = self.bundle
         ui = b.user_items
         items = ui.indices[ui.indptr[user] : ui.indptr[user + 1]]
@@ -833,9 +834,9 @@ class ServedModel:
             return None
         keep = ~sensitive
         if not keep.any():
-            return np.zeros(b.cf.model.item_factors.shape[1], dtype=np.float32)
+            return np.zeros(b.shape[1])
         weights = ui.data[ui.indptr[user] : ui.indptr[user + 1]][keep]
-        return self._fold_in(items[keep], weights)
+        return b.cf.history_scores(items[keep], weights, b.manifest.get("params", {}))
 
     def _fold_in(self, items: np.ndarray, weights: np.ndarray) -> np.ndarray | None:
         """CFModel.fold_in with the hyperparameters the model was trained with."""
@@ -1441,10 +1442,8 @@ class ServedModel:
             bought_items = rs.days_bought.indices[start:stop]
             bought_last = rs.last_day.data[start:stop]
             refolded = None if sensitive_ok else self._without_sensitive(user)
-            if refolded is None:
-                cf_all = b.cf.user_scores(user, b.user_items)
-            else:  # interest from the history without sensitive products
-                cf_all = (np.asarray(b.cf.model.item_factors) @ refolded).astype(np.float64)
+            # Interest from the history without sensitive products when they may not be used.
+            cf_all = b.cf.user_scores(user, b.user_items) if refolded is None else refolded
             cf_top = max(float(cf_all.max(initial=0.0)), 1e-12)
         scored = []
         for q, (title, kind, items, sensitive) in zip(candidates, resolved, strict=True):

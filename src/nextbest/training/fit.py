@@ -449,6 +449,7 @@ def _params(settings: Settings, als: tuple[int, float, float]) -> dict[str, obje
         "als_iterations": t.als_iterations,
         "bpr_factors": t.bpr_factors,
         "bpr_learning_rate": t.bpr_learning_rate,
+        "bpr_regularization": t.bpr_regularization,
         "bpr_iterations": t.bpr_iterations,
         "item_neighbours": t.item_neighbours,
         "half_life_days": t.half_life_days,
