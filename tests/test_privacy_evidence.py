@@ -12,8 +12,15 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
-from conftest import SERVED_CONFIG, answer_only, served_content, served_settings, train
-from conftest import served_catalog, synthetic_events
+from conftest import (
+    SERVED_CONFIG,
+    answer_only,
+    served_catalog,
+    served_content,
+    served_settings,
+    synthetic_events,
+    train,
+)
 
 from nextbest.server import create_server
 from nextbest.store.artifacts import load_bundle
