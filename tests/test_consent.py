@@ -10,7 +10,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from conftest import serve_command, served_settings, store_url, train
+from conftest import serve_command, served_settings, set_consent, store_url, train
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from nextbest.server import create_server
@@ -36,15 +36,6 @@ def server(own):
 def recommend(stub, customer_id, **fields):
     return stub.RecommendProducts(
         pb.RecommendProductsRequest(customer_id=customer_id, **fields), timeout=10
-    )
-
-
-def set_consent(consent, customer_id, purpose, granted, source="preference-center"):
-    return consent.SetConsent(
-        cpb.SetConsentRequest(
-            customer_id=customer_id, purpose=purpose, granted=granted, source=source
-        ),
-        timeout=10,
     )
 
 

@@ -18,6 +18,7 @@ from conftest import (
     served_catalog,
     served_content,
     served_settings,
+    set_consent,
     synthetic_events,
     train,
 )
@@ -78,15 +79,7 @@ def test_sensitive_purchases_are_no_evidence_without_sensitive_consent(tmp_path,
         with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
             consent, stub = crpc.ConsentStub(channel), rpb.RecommenderStub(channel)
             for twin in SENSITIVE:
-                consent.SetConsent(
-                    cpb.SetConsentRequest(
-                        customer_id=twin,
-                        purpose=cpb.PURPOSE_SENSITIVE,
-                        granted=False,
-                        source="preference-centre",
-                    ),
-                    timeout=10,
-                )
+                set_consent(consent, twin, cpb.PURPOSE_SENSITIVE, False)
             for channel_kind in (pb.CHANNEL_EMAIL, pb.CHANNEL_WEB):
                 a, b = (
                     answer_only(

@@ -5,8 +5,6 @@ the two versions answer SimilarProducts and RecommendProducts identically."""
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
 
 import grpc
 import numpy as np
@@ -14,7 +12,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
-from conftest import SHARED_DATA, answer_only
+from conftest import OPEN_SERVER_CONFIG, answer_only, prepared_complete_journey, run_cli
 
 from nextbest.config import load_settings
 from nextbest.server import create_server
@@ -22,9 +20,9 @@ from nextbest.store.artifacts import current_version
 from nextbest.v1 import recommender_pb2 as pb
 from nextbest.v1 import recommender_pb2_grpc as rpb
 
-CLI = [sys.executable, "-m", "nextbest.cli"]
 HOUSEHOLDS = 300
-CONFIG = """
+CONFIG = (
+    """
 [train]
 cf_model = "{kind}"
 candidates = ["{kind}"]
@@ -32,32 +30,16 @@ tune = false
 bpr_iterations = 30
 # Every core (0): what varied from run to run was a multi-threaded fit.
 num_threads = 0
-
-[policy]
-default_consent = "allow"
-
-[serve]
-port = 0
-insecure = true
-metrics_port = -1
-reload_interval_s = 0
-processes = 1
 """
-
-
-def run(*args: str) -> None:
-    done = subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr
+    + OPEN_SERVER_CONFIG
+)
 
 
 @pytest.fixture(scope="module")
 def cj_slice(tmp_path_factory):
     """The first HOUSEHOLDS households (id order) of Complete Journey, prepared by the CLI."""
-    source = SHARED_DATA / "dunnhumby_complete_journey"
-    if not source.exists():
-        pytest.skip("needs ../shared/data/dunnhumby_complete_journey")
     d = tmp_path_factory.mktemp("reproducible")
-    run("prepare", "complete-journey", "--source", str(source), "--out", str(d / "data"))
+    prepared_complete_journey(d)
     events = pq.read_table(d / "data" / "events.parquet")
     ids = sorted(pc.unique(events["customer_id"]).to_pylist())[:HOUSEHOLDS]
     pq.write_table(
@@ -120,7 +102,7 @@ def test_two_trainings_on_the_same_data_give_the_same_model(cj_slice, tmp_path, 
     ]  # fmt: skip
     versions = []
     for copy in ("first", "second"):
-        run(*train)
+        run_cli(*train)
         versions.append(current_version(models))
         shutil.copytree(models, tmp_path / copy)
     assert versions[0] != versions[1]
