@@ -27,6 +27,7 @@ CJ_CUTOFF := 2017-12-01
 # 2008-07-06) have no gap; the cutoff sits in them.
 LGSR_CUTOFF := 2008-04-01
 CDNOW_EVENTS := $(DATA)/cdnow/events.parquet
+AUDIT_MODELS ?= als bpr cosine bm25
 # What fits ALS in `make train`: implicit (this machine) or spark (Apache Spark MLlib ALS on
 # SPARK_MASTER, local[*] by default; README "Training on Apache Spark").
 ENGINE ?= implicit
@@ -181,12 +182,18 @@ bench-soak: install $(CJ_EVENTS) $(CJ_CONTENT)
 
 # The privacy rules (SPEC §5) through the running server on Complete Journey: baby, health and
 # tobacco categories and the SPIRITS department sensitive, half the households without sensitive
-# consent; trains its own model into $(DATA)/audit-privacy, prints the counts, fails on a leak.
+# consent; once per servable model (AUDIT_MODELS: every train.cf_model), each trained into
+# $(DATA)/audit-privacy/<model>; prints the counts, fails on a leak (the first model that leaks
+# stops the run).
 # The content is written by the same `nextbest prepare` as the events (redone for a
 # data/complete-journey prepared before content existed).
 audit-privacy: install $(CJ_EVENTS) $(CJ_CONTENT)
-	$(PY) benchmarks/audit_privacy.py --events $(CJ_EVENTS) \
-		--catalog $(DATA)/complete-journey/catalog.parquet --content $(CJ_CONTENT)
+	@set -e; for model in $(AUDIT_MODELS); do \
+		echo "== make audit-privacy: train.cf_model = $$model"; \
+		$(PY) benchmarks/audit_privacy.py --events $(CJ_EVENTS) \
+			--catalog $(DATA)/complete-journey/catalog.parquet --content $(CJ_CONTENT) \
+			--cf-model $$model --work-dir $(DATA)/audit-privacy/$$model; \
+	done
 
 # Real history through the live server (EVALUATION.md, "Replay"): trains on Complete Journey before
 # 2017-12-01, serves it with an experiment (the served model against a best-seller holdout) and

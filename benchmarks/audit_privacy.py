@@ -22,6 +22,15 @@ laxatives, analgesics, cold and flu, cigarettes) and the SPIRITS department set 
    answer) and of sensitive products (those the household bought, and others), and
    ExportCustomerData of sampled households: nothing of either names a sensitive product to a
    household without sensitive consent (a hidden product is named by kind only).
+6. Sensitive purchases as evidence (SPEC §5), for the model of `--cf-model`: TWINS households
+   with sensitive consent that bought two or more sensitive products each get a twin in the
+   training data (`twin-<id>`: the same non-sensitive events, the sensitive events of one of
+   those products only). Both learn with sensitive consent; the audit then withdraws it through
+   Consent.SetConsent, and the twins must get the same RecommendProducts answers (email and
+   web) and ScoreContent relevances: an answer that differs used a sensitive purchase.
+
+`make audit-privacy` runs it once per `train.cf_model` (als, bpr, cosine, bm25), each in its
+own work directory.
 
 It prints the counts with pass / FAIL per invariant and exits 1 when an invariant fails.
 
@@ -78,23 +87,27 @@ CONSENT_TIME = "2024-01-01T00:00:00"
 EXPLAIN_SAMPLE = 100
 """Households per group whose answers are explained item by item, and whose sensitive
 purchases (and other sensitive products) are explained too; also exported."""
+TWINS = 100
+"""Households with sensitive consent given a twin (check 6)."""
+TWIN = "twin-"
 
 
 def toml_list(values: Iterable[str]) -> str:
     return "[" + ", ".join('"' + v.replace('"', '\\"') + '"' for v in values) + "]"
 
 
-CONFIG = f"""# Written by benchmarks/audit_privacy.py (make audit-privacy).
+CONFIG = """# Written by benchmarks/audit_privacy.py (make audit-privacy).
 [policy]
 default_consent = "deny"
-sensitive_categories = {toml_list(SENSITIVE_CATEGORIES)}
-sensitive_departments = {toml_list(SENSITIVE_DEPARTMENTS)}
+sensitive_categories = {sensitive_categories}
+sensitive_departments = {sensitive_departments}
 # Fatigue off: the audit asks for every household several times (channels, filters, unary
 # against stream) and compares the answers; fatigue would rightly change them.
 fatigue_demotion = 1.0
 
 [train]
-candidates = ["als"]
+cf_model = "{cf_model}"
+candidates = ["{cf_model}"]
 tune = false
 
 [serve]
@@ -232,6 +245,43 @@ def check_catalog(catalog: pa.Table) -> None:
                 missing.append(f"{column} {name!r}")
     if missing:
         raise SystemExit(f"not in the catalog: {', '.join(missing)}")
+
+
+def with_twins(
+    events: pa.Table, sensitive_ids: np.ndarray, households: list[str]
+) -> tuple[pa.Table, list[str]]:
+    """The events plus a twin of the first TWINS of `households` that bought two or more
+    distinct sensitive products: the same non-sensitive events, the events on the first of those
+    products only (check 6). Returns the events and the households that got a twin."""
+    on_sensitive = pc.is_in(events["product_id"], pa.array(sensitive_ids))
+    bought = (
+        events.filter(on_sensitive)
+        .group_by("customer_id")
+        .aggregate([("product_id", "count_distinct"), ("product_id", "min")])
+    )
+    first = {
+        c: p
+        for c, n, p in zip(
+            bought["customer_id"].to_pylist(),
+            bought["product_id_count_distinct"].to_pylist(),
+            bought["product_id_min"].to_pylist(),
+            strict=True,
+        )
+        if n >= 2
+    }
+    chosen = [c for c in households if c in first][:TWINS]
+    mine = events.filter(pc.is_in(events["customer_id"], pa.array(chosen)))
+    sens = pc.is_in(mine["product_id"], pa.array(sensitive_ids)).to_numpy(zero_copy_only=False)
+    at = pc.index_in(mine["customer_id"], value_set=pa.array(chosen))
+    firsts = pc.take(pa.array([first[c] for c in chosen]), at)
+    keep_first = pc.equal(mine["product_id"], firsts).to_numpy(zero_copy_only=False)
+    twins = mine.filter(pa.array(~sens | keep_first))
+    twins = twins.set_column(
+        twins.schema.get_field_index("customer_id"),
+        "customer_id",
+        pc.binary_join_element_wise(TWIN, twins["customer_id"], ""),
+    )
+    return pa.concat_tables([events, twins.cast(events.schema)]), chosen
 
 
 def write_consent(path: Path, no_sensitive: list[str], with_sensitive: list[str]) -> None:
@@ -678,6 +728,54 @@ def audit_consent(audit: Audit, channel, groups: dict[str, list[str]]) -> None:
     audit.add("values that differ from the consent file", "40 households", wrong, "= 0")
 
 
+def audit_twins(audit: Audit, channel, stub, pb, twins: list[str], content: pa.Table) -> None:
+    """Check 6: withdraw sensitive consent of the twins and their originals, then compare."""
+    from nextbest.v1 import consent_pb2 as cpb
+    from nextbest.v1 import consent_pb2_grpc
+
+    consent = consent_pb2_grpc.ConsentStub(channel)
+    pairs = [(c, TWIN + c) for c in twins]
+    withdraw = dict(purpose=cpb.PURPOSE_SENSITIVE, granted=False, source="audit-withdrawal")
+    for customer in (c for pair in pairs for c in pair):
+        consent.SetConsent(cpb.SetConsentRequest(customer_id=customer, **withdraw), timeout=10)
+    pop = f"{len(pairs)} pairs"
+    audit.section = (
+        "Sensitive purchases as evidence: twins (same non-sensitive history, other sensitive "
+        "purchases), sensitive consent withdrawn after training"
+    )
+    audit.add("pairs", pop, len(pairs), "> 0")
+    for label, kind in (("email", pb.CHANNEL_EMAIL), ("web", pb.CHANNEL_WEB)):
+        requests = [
+            pb.RecommendProductsRequest(customer_id=c, limit=LIMIT, channel=kind, request_id=c)
+            for pair in pairs
+            for c in pair
+        ]
+        answers = stream(stub, requests)
+        personal = differ = 0
+        for a, b in zip(answers[0::2], answers[1::2], strict=True):
+            personal += a.personalized and b.personalized
+            # Scores within 1e-6: the same numbers, computed at another place of a batch.
+            same = evidence(a) == evidence(b) and all(
+                abs(x.score - y.score) <= 1e-6 for x, y in zip(a.items, b.items, strict=True)
+            )
+            differ += not same
+        audit.add(f"RecommendProducts ({label}): both personalized", pop, personal, "> 0")
+        audit.add(f"RecommendProducts ({label}): answers that differ", pop, differ, "= 0")
+    guides = [pb.ContentCandidate(content_id=c) for c in content["content_id"].to_pylist()[:50]]
+    requests = [
+        pb.ScoreContentRequest(customer_id=c, candidates=guides, channel=pb.CHANNEL_EMAIL)
+        for pair in pairs
+        for c in pair
+    ]
+    replies = list(unary_all(stub.ScoreContent, requests))
+    differ = sum(
+        [i.content_id for i in a.items] != [i.content_id for i in b.items]
+        or any(abs(x.relevance - y.relevance) > 1e-6 for x, y in zip(a.items, b.items, strict=True))
+        for a, b in zip(replies[0::2], replies[1::2], strict=True)
+    )
+    audit.add("ScoreContent: relevances that differ", pop, differ, "= 0")
+
+
 # --- main --------------------------------------------------------------------------------------
 
 
@@ -688,6 +786,12 @@ def main() -> int:
     parser.add_argument("--content", required=True, help="content.parquet of nextbest prepare")
     parser.add_argument("--work-dir", default="data/audit-privacy", help="config, model, store")
     parser.add_argument("--similar-sample", type=int, default=200, help="products per kind")
+    parser.add_argument(
+        "--cf-model",
+        default="als",
+        choices=("als", "bpr", "cosine", "bm25"),
+        help="train.cf_model of the audited model (make audit-privacy runs each)",
+    )
     args = parser.parse_args()
     # SIGTERM stops the audit like Ctrl-C: the `finally` below stops the server.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
@@ -702,7 +806,13 @@ def main() -> int:
     work = (ROOT / args.work_dir).resolve()
     work.mkdir(parents=True, exist_ok=True)
     config = work / "audit.toml"
-    config.write_text(CONFIG)
+    config.write_text(
+        CONFIG.format(
+            cf_model=args.cf_model,
+            sensitive_categories=toml_list(SENSITIVE_CATEGORIES),
+            sensitive_departments=toml_list(SENSITIVE_DEPARTMENTS),
+        )
+    )
     print(f"config: {config.relative_to(ROOT)}")
 
     catalog = pq.read_table(args.catalog)
@@ -729,8 +839,13 @@ def main() -> int:
         f"({pc.sum(on_sensitive).as_py():,} of {events.num_rows:,} purchases)"
     )
 
+    events_file = work / "events-with-twins.parquet"
+    augmented, twins = with_twins(pq.read_table(args.events), sensitive_ids, groups["yes"])
+    pq.write_table(augmented, events_file)
+    del augmented
+    print(f"{len(twins)} households with sensitive consent given a twin (check 6)")
     consent = work / "consent.csv"
-    write_consent(consent, groups["no"], groups["yes"])
+    write_consent(consent, groups["no"], [*groups["yes"], *(TWIN + c for c in twins)])
     db = work / "store.db"
     for path in (db, db.with_name("store.db-wal"), db.with_name("store.db-shm")):
         path.unlink(missing_ok=True)
@@ -744,7 +859,7 @@ def main() -> int:
     )
     models_dir = work / "models"
     shutil.rmtree(models_dir, ignore_errors=True)
-    print("training (ALS only, no tuning):", flush=True)
+    print(f"training ({args.cf_model} only, no tuning):", flush=True)
     run(
         [
             *cli,
@@ -752,7 +867,7 @@ def main() -> int:
             "--config",
             str(config),
             "--events",
-            args.events,
+            str(events_file),
             "--catalog",
             args.catalog,
             "--content",
@@ -811,6 +926,7 @@ def main() -> int:
             )
             audit_explain(audit, stub, pb, groups, bought, sensitive, sensitive_in_model)
             audit_export(audit, channel, groups, bought, sensitive)
+            audit_twins(audit, channel, stub, pb, twins, content)  # last: withdraws consent
     finally:
         server.stop()
 

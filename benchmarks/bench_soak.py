@@ -377,6 +377,7 @@ class Client:
             if reply is not None:
                 self.run.events["recorded"] += reply.recorded
                 self.run.events["ignored without consent"] += reply.ignored_without_consent
+                self.run.events["ignored erased"] += reply.ignored_erased
         elif op.kind == "SetConsent":
             await self.set_consent(op)
         elif op.kind == "GetModelInfo":

@@ -216,6 +216,19 @@ reload_interval_s = 0.2
 processes = 1
 """
 UNAVAILABLE_PRODUCT = "p010"
+OPEN_SERVER_CONFIG = """
+[policy]
+default_consent = "allow"
+
+[serve]
+port = 0
+insecure = true
+metrics_port = -1
+reload_interval_s = 0
+processes = 1
+"""
+"""The [policy] and [serve] of tests that train their own model: every customer consents, one
+plaintext process on a free port without metrics or reloads."""
 
 
 def served_catalog() -> pa.Table:
@@ -382,3 +395,37 @@ def running(module_own):
 def served_settings(workdir: Path, models: Path):
     s = load_settings(workdir / "nextbest.toml")
     return s.with_overrides("serve", models_dir=str(models), store=store_url(workdir))
+
+
+def set_consent(consent, customer_id, purpose, granted, source="preference-center"):
+    """Consent.SetConsent through a ConsentStub."""
+    from nextbest.v1 import consent_pb2 as cpb
+
+    return consent.SetConsent(
+        cpb.SetConsentRequest(
+            customer_id=customer_id, purpose=purpose, granted=granted, source=source
+        ),
+        timeout=10,
+    )
+
+
+def run_cli(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    """`nextbest ARGS...` as a subprocess; asserts it succeeded."""
+    done = subprocess.run(
+        [sys.executable, "-m", "nextbest.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert done.returncode == 0, done.stderr
+    return done
+
+
+def prepared_complete_journey(folder: Path) -> Path:
+    """`nextbest prepare complete-journey` of ../shared/data into `folder`/data (skipped when the
+    data set is missing); returns that folder."""
+    source = SHARED_DATA / "dunnhumby_complete_journey"
+    if not source.exists():
+        pytest.skip("needs ../shared/data/dunnhumby_complete_journey")
+    run_cli("prepare", "complete-journey", "--source", str(source), "--out", str(folder / "data"))
+    return folder / "data"

@@ -9,45 +9,32 @@ import sys
 import grpc
 import pyarrow.csv as pacsv
 import pytest
-from conftest import SHARED_DATA
+from conftest import OPEN_SERVER_CONFIG, prepared_complete_journey, run_cli
 
 from nextbest.config import load_settings
 from nextbest.v1 import consent_pb2, consent_pb2_grpc
 from nextbest.v1 import lifecycle_pb2 as lpb
 from nextbest.v1 import lifecycle_pb2_grpc as lrpc
 
-CONFIG = """
+CONFIG = (
+    """
 [train]
 tune = false
 candidates = ["als"]
-
-[policy]
-default_consent = "allow"
-
-[serve]
-port = 0
-insecure = true
-metrics_port = -1
-reload_interval_s = 0
-processes = 1
 """
+    + OPEN_SERVER_CONFIG
+)
 CLI = [sys.executable, "-m", "nextbest.cli"]
 
 
-def run(*args: str) -> subprocess.CompletedProcess:
-    done = subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr
-    return done
+run = run_cli
 
 
 @pytest.fixture(scope="module")
 def cj(tmp_path_factory):
-    source = SHARED_DATA / "dunnhumby_complete_journey"
-    if not source.exists():
-        pytest.skip("needs ../shared/data/dunnhumby_complete_journey")
     d = tmp_path_factory.mktemp("audience")
+    prepared_complete_journey(d)
     (d / "nextbest.toml").write_text(CONFIG)
-    run("prepare", "complete-journey", "--source", str(source), "--out", str(d / "data"))
     run(
         "train", "--config", str(d / "nextbest.toml"), "--events", str(d / "data/events.parquet"),
         "--catalog", str(d / "data/catalog.parquet"), "--content", str(d / "data/content.parquet"),

@@ -10,7 +10,8 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from conftest import serve_command, served_settings, store_url, train
+from conftest import serve_command, served_settings, set_consent, store_url, train
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from nextbest.server import create_server
 from nextbest.store.artifacts import current_version, load_bundle
@@ -35,15 +36,6 @@ def server(own):
 def recommend(stub, customer_id, **fields):
     return stub.RecommendProducts(
         pb.RecommendProductsRequest(customer_id=customer_id, **fields), timeout=10
-    )
-
-
-def set_consent(consent, customer_id, purpose, granted, source="preference-center"):
-    return consent.SetConsent(
-        cpb.SetConsentRequest(
-            customer_id=customer_id, purpose=purpose, granted=granted, source=source
-        ),
-        timeout=10,
     )
 
 
@@ -275,3 +267,97 @@ def test_training_honours_the_configured_stores_tombstones_without_store_flag(ow
     version = train(own, own / "models")
     ids = set(load_bundle(own / "models", version).user_ids.tolist())
     assert "c040" not in ids and "c041" in ids
+
+
+# --- an erased customer who comes back -----------------------------------------------------------
+
+
+def test_an_erased_customer_who_consents_again_is_a_new_customer(own, monkeypatch):
+    """The tombstone blocks everything dated at or before the erasure; the customer stays erased
+    until personalization consent is set again; from then on they are a new customer, personal
+    from what is recorded after the erasure, in serving and in the next training."""
+    from nextbest.v1 import events_pb2 as epb
+    from nextbest.v1 import events_pb2_grpc as erpc
+
+    customer = "c020"
+    old_history = set(load_bundle(own / "models").user_ids.tolist())
+    assert customer in old_history
+    before = epb.Event(
+        customer_id=customer, product_id="p002", timestamp=Timestamp(seconds=1_709_251_200)
+    )  # 2024-03-01: the history before the erasure
+    new_purchases = ["p003", "p005", "p009", "p013"]  # the other taste group's products
+    settings = served_settings(own, own / "models")
+    running = create_server(settings)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            consent, stub = crpc.ConsentStub(channel), rpb.RecommenderStub(channel)
+            events = erpc.EventsStub(channel)
+            consent.ForgetCustomer(
+                cpb.ForgetCustomerRequest(customer_id=customer, source="dsar-1"), timeout=10
+            )
+            # Erased, no new consent (default allow): nothing stored, whatever its date.
+            got = events.RecordEvents(
+                epb.RecordEventsRequest(
+                    events=[before, epb.Event(customer_id=customer, product_id="p003")]
+                ),
+                timeout=10,
+            )
+            assert (got.recorded, got.ignored_without_consent, got.ignored_erased) == (0, 0, 2)
+            erased = recommend(stub, customer)
+            assert erased.not_personalized_reason == pb.NOT_PERSONALIZED_REASON_ERASED
+            # Consent again: a new customer, unknown to the model (its history is gone).
+            set_consent(consent, customer, cpb.PURPOSE_PERSONALIZATION, True)
+            got = consent.GetConsent(cpb.GetConsentRequest(customer_id=customer), timeout=10)
+            assert got.erased
+            back = recommend(stub, customer)
+            assert not back.personalized
+            assert back.not_personalized_reason == pb.NOT_PERSONALIZED_REASON_UNKNOWN_CUSTOMER
+            got = events.RecordEvents(
+                epb.RecordEventsRequest(
+                    events=[
+                        before,
+                        *(epb.Event(customer_id=customer, product_id=p) for p in new_purchases),
+                    ]
+                ),
+                timeout=10,
+            )
+            assert (got.recorded, got.ignored_without_consent, got.ignored_erased) == (4, 0, 1)
+            assert_personal_from(recommend(stub, customer, limit=8), new_purchases)
+        running.stop(0)
+        # A server started now (the tombstone read at load) answers the same way.
+        running = create_server(settings)
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            assert_personal_from(
+                recommend(rpb.RecommenderStub(channel), customer, limit=8), new_purchases
+            )
+    finally:
+        running.stop(0)
+
+    # The next training learns the new history only (the raw events file still holds the old).
+    # The customer came back today, years after the events file: a lead that takes today's
+    # recorded events (train.max_store_lead_days; tests/test_events.py has the guard).
+    monkeypatch.setenv("NEXTBEST_TRAIN__MAX_STORE_LEAD_DAYS", "100000")
+    version = train(own, own / "models", "--store", store_url(own))
+    bundle = load_bundle(own / "models", version)
+    user = int(bundle.user_index(np.asarray([customer]))[0])
+    assert user >= 0
+    row = bundle.user_items.indices[
+        bundle.user_items.indptr[user] : bundle.user_items.indptr[user + 1]
+    ]
+    assert sorted(bundle.item_ids[row].tolist()) == new_purchases
+    running = create_server(served_settings(own, own / "models"))
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            answer = recommend(rpb.RecommenderStub(channel), customer, limit=8)
+    finally:
+        running.stop(0)
+    assert answer.personalized
+    cited = {r.product_id for i in answer.items for r in i.reasons if r.product_id}
+    assert cited <= set(new_purchases) | {i.product_id for i in answer.items}
+
+
+def assert_personal_from(answer, purchases: list[str]) -> None:
+    """A personal answer whose evidence is `purchases` alone (ALS fold-in of the recorded)."""
+    assert answer.personalized
+    assert not {i.product_id for i in answer.items} & set(purchases)
+    assert {r.product_id for i in answer.items for r in i.reasons} <= set(purchases)

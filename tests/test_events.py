@@ -5,6 +5,9 @@ customer becomes personal through ALS fold-in, consent gates what is stored, bad
 from __future__ import annotations
 
 import datetime as dt
+import os
+import subprocess
+import sys
 
 import grpc
 import pytest
@@ -144,11 +147,50 @@ def test_timestamps_are_kept(server, own):
 
 def test_training_with_the_store_learns_recorded_customers(server, own):
     events, _ = server
-    rows = [{"customer_id": "store-only", "product_id": p} for p in ("p002", "p004", "p006")]
+    when = Timestamp()
+    when.FromDatetime(dt.datetime(2024, 4, 30, 12))  # the events file ends on 2024-04-29
+    rows = [
+        {"customer_id": "store-only", "product_id": p, "timestamp": when}
+        for p in ("p002", "p004", "p006")
+    ]
     assert record(events, *rows).recorded == 3
     version = train(own, own / "models", "--store", store_url(own))
     bundle = load_bundle(own / "models", version)
     assert "store-only" in set(bundle.user_ids.tolist())
+    assert bundle.reference_day == pytest.approx(to_day(dt.datetime(2024, 4, 30, 12)))
+
+
+def to_day(at: dt.datetime) -> float:
+    return (at - dt.datetime(1970, 1, 1)) / dt.timedelta(days=1)
+
+
+def test_recorded_events_far_after_the_events_file_do_not_move_the_models_clock(server, own):
+    """A replay of historic data through RecordEvents without timestamps: the events are dated
+    by the server's clock, years after the events file; the trainer leaves them out (a warning
+    names the store) instead of moving the model's clock (serve.clock = "model") to today."""
+    events, _ = server
+    before = load_bundle(own / "models")
+    rows = [{"customer_id": "replayed", "product_id": p} for p in ("p002", "p004", "p006")]
+    assert record(events, *rows).recorded == 3
+    cmd = [sys.executable, "-m", "nextbest.cli", "train", "--config", str(own / "nextbest.toml")]
+    cmd += ["--events", str(own / "events.parquet"), "--catalog", str(own / "catalog.csv")]
+    cmd += ["--models-dir", str(own / "models"), "--store", store_url(own), "--no-progress"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert f"{store_url(own)}: 3 recorded events dated after 2024-07-" in done.stderr
+    assert "train.max_store_lead_days = 90" in done.stderr
+    bundle = load_bundle(own / "models")
+    assert bundle.version != before.version
+    assert bundle.reference_day == before.reference_day  # the events file's newest event
+    assert "replayed" not in set(bundle.user_ids.tolist())
+    assert bundle.manifest["data"]["store_events_beyond_lead"] == 3
+    # A longer lead takes them, and the clock moves with them.
+    env = {**os.environ, "NEXTBEST_TRAIN__MAX_STORE_LEAD_DAYS": "100000"}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr
+    bundle = load_bundle(own / "models")
+    assert "replayed" in set(bundle.user_ids.tolist())
+    assert bundle.reference_day > before.reference_day + 365
 
 
 def test_fatigue_demotes_products_shown_again_and_again_until_answered(own):

@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pytest
+from conftest import OPEN_SERVER_CONFIG
 
 from nextbest.config import LifecycleSettings, load_settings
 from nextbest.lifecycle.bgnbd import fit_bgnbd
@@ -80,23 +81,16 @@ def test_stages_follow_each_customers_own_rhythm():
 # --- through the trainer and the server --------------------------------------------------------
 
 END = dt.datetime(2024, 6, 30, 12, 0)
-CONFIG = """
+CONFIG = (
+    """
 [train]
 tune = false
 candidates = ["als"]
 als_factors = 4
 num_threads = 1
-
-[policy]
-default_consent = "allow"
-
-[serve]
-port = 0
-insecure = true
-metrics_port = -1
-reload_interval_s = 0
-processes = 1
 """
+    + OPEN_SERVER_CONFIG
+)
 
 
 def lifecycle_events() -> pa.Table:

@@ -71,6 +71,22 @@ class CFContract:
             pair = model.pair_scores(np.full(n_items, u), np.arange(n_items), matrix)
             assert np.allclose(model.user_scores(u, matrix), pair, rtol=1e-4, atol=1e-5)
 
+    def test_history_scores_rank_the_missing_item_of_the_own_block_first(self):
+        """`history_scores` of a user's own row (what serving computes from a history without
+        what may not be used) ranks like the model: the missing item of the own block first."""
+        model, matrix = self.fit()
+        params = {"als_regularization": 0.01, "als_alpha": 10.0, "bpr_regularization": 0.01}
+        for u in range(matrix.shape[0]):
+            row = matrix[u]
+            scores = model.history_scores(row.indices, row.data, params)
+            assert scores.shape == (matrix.shape[1],)
+            unseen = np.setdiff1d(np.arange(matrix.shape[1]), row.indices)
+            best = unseen[np.argmax(scores[unseen])]
+            assert best == (u // BLOCK) * BLOCK + u % BLOCK
+            assert np.array_equal(scores, model.history_scores(row.indices, row.data, params))
+            if model.kind in ("cosine", "bm25"):  # the row itself: the model's own scores
+                assert np.allclose(scores, model.user_scores(u, matrix))
+
     def test_item_similarity_ranks_like_implicit_similar_items(self):
         model, matrix = self.fit()
         for i in range(matrix.shape[1]):

@@ -364,7 +364,12 @@ def serve(world: World) -> tuple[ServedModel, Settings]:
         bundle, _, _ = train(events, catalog, s, content=world.content_table())
     except DataError:
         assume(False)
-    erased = [c.customer_id for c in world.customers if c.erased] if world.forget_at_load else []
+    # Forgotten when the model was loaded: erased after everything it learned of them.
+    erased = (
+        {c.customer_id: dt.datetime(2100, 1, 1) for c in world.customers if c.erased}
+        if world.forget_at_load
+        else {}
+    )
     served = ServedModel(
         bundle,
         s,

@@ -20,11 +20,14 @@ from nextbest.auth import OPEN_SERVICES, Gate, new_token, token_sha256
 from nextbest.config import ClientToken, load_settings
 from nextbest.errors import InvalidRequest
 from nextbest.policy import (
+    FOR_GOOD,
     ConsentReport,
     ConsentState,
     consent_state,
+    erased_rows,
     filter_training_events,
     sensitive_mask,
+    still_erased,
 )
 from nextbest.server import product_query
 from nextbest.store.consent_store import AuditRecord, open_store
@@ -230,6 +233,7 @@ EVENTS = pa.table(
             "cart",
             "return",
         ],
+        "timestamp": pa.array([dt.datetime(2024, 1, 1 + k) for k in range(10)], pa.timestamp("us")),
     }
 )
 """ok: consents to all; nope: no personalization; gone: erased; shy: personalization only."""
@@ -252,7 +256,7 @@ def gate(**kwargs):
 
 
 def test_training_gate_drops_what_consent_does_not_allow():
-    kept, report = gate(erased=pa.array(["gone"], pa.string()))
+    kept, report = gate(erased={"gone": FOR_GOOD})
     assert kept == [("ok", "a"), ("ok", "d"), ("ok", "b"), ("ok", "b"), ("shy", "b")]
     assert report == ConsentReport(
         customers_without_personalization=1,
@@ -272,9 +276,9 @@ def test_training_gate_without_erasures():
     kept, report = gate()
     assert ("gone", "a") in kept and report.customers_erased == report.events_erased == 0
     assert report.events_without_personalization == 2
-    empty, report = gate(erased=pa.array([], pa.string()))
+    empty, report = gate(erased={})
     assert empty == kept and report.events_erased == 0
-    elsewhere, report = gate(erased=pa.array(["nobody-here"], pa.string()))
+    elsewhere, report = gate(erased={"nobody-here": FOR_GOOD})
     assert elsewhere == kept and report.customers_erased == report.events_erased == 0
 
 
@@ -282,13 +286,52 @@ def test_training_gate_counts_a_customer_once_and_not_twice_over_erasure():
     # erased and without personalization: counted as erased only
     state = ConsentState(default_allow=False)
     kept, report = filter_training_events(
-        EVENTS, state, sensitive_products=pa.array([], pa.string()), erased=pa.array(["gone"])
+        EVENTS, state, sensitive_products=pa.array([], pa.string()), erased={"gone": FOR_GOOD}
     )
     assert kept.num_rows == 0
     assert report.customers_erased == 1 and report.events_erased == 1
     assert report.customers_without_personalization == 3
     assert report.events_without_personalization == 9
     assert report.sensitive_events_dropped == report.behavioral_events_dropped == 0
+
+
+def test_an_erased_customer_who_consents_again_is_a_new_customer_to_the_training_gate():
+    # "ok" was erased on 2024-01-02 (after its first two events); every record of it in the
+    # state is from after the erasure (the store's, or a consent file's that erased_rows kept).
+    erased = {"ok": dt.datetime(2024, 1, 2), "gone": dt.datetime(2024, 1, 7)}
+    back = ConsentState(default_allow=True, granted={"personalization": {"ok": True}})
+    kept, report = filter_training_events(
+        EVENTS, back, sensitive_products=pa.array([], pa.string()), erased=erased
+    )
+    ids = kept["customer_id"].to_pylist()
+    # ok: the history before the erasure is gone, after it is learned; gone: never came back
+    # (no personalization recorded since), so nothing of it, even under default allow.
+    assert ids.count("ok") == 2 and "gone" not in ids
+    assert kept.filter(pa.array([c == "ok" for c in ids]))["timestamp"].to_pylist() == [
+        dt.datetime(2024, 1, 3),
+        dt.datetime(2024, 1, 4),
+    ]
+    assert report.customers_erased == 2 and report.events_erased == 3
+    # Without the new record, ok stays erased: nothing of it is learned.
+    kept, _ = filter_training_events(
+        EVENTS,
+        ConsentState(default_allow=True),
+        sensitive_products=pa.array([], pa.string()),
+        erased=erased,
+    )
+    assert "ok" not in kept["customer_id"].to_pylist()
+
+
+def test_erased_rows_and_still_erased():
+    at = dt.datetime(2024, 1, 2)
+    customers = pa.array(["a", "a", "b", "a"])
+    times = pa.array([dt.datetime(2024, 1, 1), at, at, dt.datetime(2024, 1, 3)], pa.timestamp("us"))
+    assert erased_rows(customers, times, {"a": at}).tolist() == [True, True, False, False]
+    assert erased_rows(customers, times, {}).tolist() == [False] * 4
+    state = ConsentState(default_allow=True, granted={"sensitive": {"a": True}})
+    assert still_erased(state, pa.array(["a", "b"]), {"a": at}).tolist() == [True, False]
+    state = ConsentState(default_allow=False, granted={"personalization": {"a": False}})
+    assert still_erased(state, pa.array(["a", "b"]), {"a": at}).tolist() == [False, False]
 
 
 def test_consent_state_lookup_of_customers_without_records():

@@ -99,9 +99,9 @@ def test_precomputed_cf_candidates_give_the_same_ranking(bundle):
     assert np.allclose(a.scores[a.ids >= 0], b.scores[b.ids >= 0])
 
 
-def test_user_factor_overrides_drive_candidates_and_scores(bundle):
-    """With each customer's own learned factors as the override, the ranking is unchanged; with
-    factors folded in from a history without sensitive products, it follows those factors."""
+def test_user_score_overrides_drive_candidates_and_scores(bundle):
+    """With each customer's own scores as the override, the ranking is unchanged; with the scores
+    of another history, it follows those scores."""
     customers = [f"c{c:03d}" for c in range(20)]
     ids = np.array(customers)
     common = dict(
@@ -113,16 +113,13 @@ def test_user_factor_overrides_drive_candidates_and_scores(bundle):
         pool=20,
     )
     users = bundle.user_index(ids)
-    learned = np.asarray(bundle.cf.model.user_factors)
     plain = recommend_for(bundle, ids, **common)
-    same = recommend_for(
-        bundle, ids, **common, user_factors={r: learned[u] for r, u in enumerate(users)}
-    )
+    own = {r: bundle.cf.user_scores(int(u), bundle.user_items) for r, u in enumerate(users)}
+    same = recommend_for(bundle, ids, **common, user_scores=own)
     assert np.array_equal(plain.ids, same.ids)
     assert np.allclose(plain.scores[plain.ids >= 0], same.scores[same.ids >= 0])
-    zero = np.zeros_like(learned[0])
-    flat = recommend_for(bundle, ids, **common, user_factors={0: zero})
-    # Without factors the CF side of customer 0 carries no preference: other rows unchanged.
+    flat = recommend_for(bundle, ids, **common, user_scores={0: np.zeros(bundle.shape[1])})
+    # Without scores the CF side of customer 0 carries no preference: other rows unchanged.
     assert np.array_equal(flat.ids[1:], plain.ids[1:])
     assert not np.array_equal(flat.scores[0], plain.scores[0])
 

@@ -80,6 +80,9 @@ class ModelBundle:
     history: object | None = None
     """The `history.CustomerHistory` (each customer's learned period and purposes); None for a
     model published without one."""
+    forgotten: np.ndarray | None = None
+    """Bool per customer: dropped from this loaded model (erasure, `ServedModel.forget`), so
+    `user_index` no longer finds them; None: nobody."""
 
     @property
     def version(self) -> str:
@@ -90,7 +93,11 @@ class ModelBundle:
         return len(self.user_ids), len(self.item_ids)
 
     def user_index(self, customer_ids: np.ndarray) -> np.ndarray:
-        return lookup(self.user_ids, customer_ids)
+        """Row of each customer, -1 for those the model does not know (or has forgotten)."""
+        rows = lookup(self.user_ids, customer_ids)
+        if self.forgotten is not None and len(rows):
+            rows = np.where(self.forgotten[np.maximum(rows, 0)] & (rows >= 0), -1, rows)
+        return rows
 
     def item_index(self, product_ids: np.ndarray) -> np.ndarray:
         return lookup(self.item_ids, product_ids)

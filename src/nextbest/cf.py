@@ -7,6 +7,7 @@ pairs) and `arrays()` / `from_arrays()` for saving without pickle. Fitting lives
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -21,6 +22,10 @@ __all__ = ["CF_KINDS", "FACTOR_KINDS", "ITEM_ITEM_KINDS", "CFModel"]
 FACTOR_KINDS = ("als", "bpr")
 ITEM_ITEM_KINDS = ("cosine", "bm25")
 CF_KINDS = FACTOR_KINDS + ITEM_ITEM_KINDS
+BPR_FOLD_IN_STEPS = 100
+"""Gradient steps of `CFModel.history_scores` for BPR."""
+BPR_FOLD_IN_NEGATIVES = 4
+"""Products the customer did not buy sampled per bought product, per step."""
 
 
 @dataclass
@@ -125,6 +130,49 @@ class CFModel:
         with threadpool_limits(1, "blas"):
             return np.asarray(model.recalculate_user(0, row), dtype=np.float32)
 
+    def history_scores(
+        self, items: np.ndarray, weights: np.ndarray, params: Mapping[str, object]
+    ) -> np.ndarray:
+        """The model's score of every item for a customer whose history is `items` (item
+        indices) with `weights` (as in the user×item matrix), as if the model knew the customer
+        from that history alone: the customer's own history, less what may not be used
+        (sensitive products without sensitive consent). `params` are the trained
+        hyperparameters (the manifest's `params`).
+
+        - als: factors folded in (`fold_in`, the least-squares step ALS takes for every user);
+        - bpr: factors learned by BPR's own objective with the item factors fixed: from zero
+          (bias 1), BPR_FOLD_IN_STEPS steps of the mean gradient of log σ(u·(v_i − v_j)) over
+          the bought i and BPR_FOLD_IN_NEGATIVES sampled others j each (seeded by `seed`: the
+          same history gives the same scores), less `bpr_regularization` · u;
+        - cosine, bm25: the history row times the similarity, as their recommend scores.
+        """
+        items = np.asarray(items, dtype=np.int64)
+        weights = np.asarray(weights, dtype=np.float64)
+        if self.kind in ITEM_ITEM_KINDS:
+            row = sp.csr_matrix(
+                (weights.astype(np.float32), items.astype(np.int32), [0, len(items)]),
+                shape=(1, self.n_items),
+            )
+            row.sum_duplicates()
+            return np.asarray((row @ self.model.similarity).todense(), dtype=np.float64).ravel()
+        itf = np.asarray(self.model.item_factors)
+        if self.kind == "als":
+            factors = self.fold_in(
+                items,
+                weights,
+                regularization=float(params.get("als_regularization", 0.05)),
+                alpha=float(params.get("als_alpha", 10.0)),
+            )
+        else:
+            factors = _bpr_fold_in(
+                itf.astype(np.float64),
+                np.unique(items),
+                learning_rate=1.0,
+                regularization=float(params.get("bpr_regularization", 0.01)),
+                seed=int(params.get("seed", 42)),
+            )
+        return (itf @ factors).astype(np.float64)
+
     def _unit_factors(self) -> np.ndarray:
         """Item factors scaled to unit length (zero rows stay zero), computed once."""
         if self._unit is None:
@@ -185,3 +233,31 @@ class CFModel:
         model.user_factors = np.ascontiguousarray(arrays["user_factors"], dtype=np.float32)
         model.item_factors = np.ascontiguousarray(arrays["item_factors"], dtype=np.float32)
         return cls(kind=kind, model=model)
+
+
+def _bpr_fold_in(
+    item_factors: np.ndarray,
+    bought: np.ndarray,
+    *,
+    learning_rate: float,
+    regularization: float,
+    seed: int,
+) -> np.ndarray:
+    """One customer's BPR factors for the `bought` items with the item factors fixed (their last
+    column is implicit's item bias: the user's is held at 1). See `CFModel.history_scores`."""
+    n_items, width = item_factors.shape
+    user = np.zeros(width)
+    user[-1] = 1.0
+    others = np.setdiff1d(np.arange(n_items), bought)
+    if not len(bought) or not len(others):
+        return user.astype(np.float32)
+    rng = np.random.default_rng(seed)
+    positive = np.repeat(bought, BPR_FOLD_IN_NEGATIVES)
+    for _ in range(BPR_FOLD_IN_STEPS):
+        negative = others[rng.integers(0, len(others), len(positive))]
+        diff = item_factors[positive] - item_factors[negative]
+        z = 1.0 / (1.0 + np.exp(np.clip(diff @ user, -30.0, 30.0)))  # σ(−x): d log σ(x)/dx
+        step = (z[:, None] * diff).mean(axis=0) - regularization * user
+        step[-1] = 0.0
+        user += learning_rate * step
+    return user.astype(np.float32)

@@ -472,7 +472,7 @@ def cmd_audience(args: argparse.Namespace) -> int:
             load_bundle(args.models_dir or settings.serve.models_dir),
             settings,
             store_consent(store, settings.policy.default_consent == "allow"),
-            erased=list(store.tombstones()),
+            erased=store.tombstones(),
             events=store.events,
             impressions=store.unanswered_impressions,
         )
@@ -934,7 +934,7 @@ def _export(args: argparse.Namespace, settings: Settings, store) -> None:
             load_bundle(models_dir),
             settings,
             store_consent(store, default_allow),
-            erased=list(store.tombstones()),
+            erased=store.tombstones(),
             events=store.events,
             impressions=store.unanswered_impressions,
         )

@@ -124,7 +124,9 @@ class TrainSettings:
     k: int = 10
     """Cut-off of the validation metrics (and the default of `evaluate --k`)."""
     seed: int = 42
-    """Random seed of every model fit (same data and seed → same model)."""
+    """Random seed of every model fit: same data, settings and seed → the same served model, to
+    the bit, with the implicit engine (BPR always fits on one thread for that: implicit's
+    multi-threaded BPR races its SGD updates). The Spark engine's ALS is not checked for it."""
     als_factors: int = 64
     """ALS latent factors (when not tuning)."""
     als_regularization: float = 0.05
@@ -149,10 +151,18 @@ class TrainSettings:
     """Recency half-life of the repeat-purchase model's frequency."""
     candidate_pool: int = 100
     """CF candidates per customer offered to the blend besides the customer's own products."""
+    max_store_lead_days: float = 90.0
+    """The model's clock is its newest training event (`serve.clock = "model"` and every timing
+    feature count from it). Recorded events of the store (`--store`) dated more than this many
+    days after the newest event of the events file are left out of the training, with a warning
+    naming the store and how many: RecordEvents dates an event without a timestamp by the
+    server's clock, and a replay of historic data would otherwise move the model's clock by
+    years. They stay in the store (a later events file of their time brings them in)."""
     blend_weights: dict[str, float] = field(default_factory=dict)
     """Blend weights used when `tune` is off (feature name → weight); empty = built-in defaults."""
     num_threads: int = 0
-    """Threads of implicit's fit (0 = all cores). BLAS is held to one thread during fits."""
+    """Threads of implicit's fit (0 = all cores; BPR uses one whatever this says). BLAS is held
+    to one thread during fits."""
     engine: str = "implicit"
     """What fits ALS: `implicit` (this machine; the default) or `spark` (Apache Spark MLlib ALS on
     `spark_master`; needs `pip install nextbest[spark]` and Java 17+). Only the ALS fits move,
@@ -647,6 +657,7 @@ def _validate(section: str, s: object) -> None:
         need(s.als_iterations >= 1 and s.bpr_iterations >= 1, "als_iterations", "must be >= 1")
         need(s.item_neighbours >= 1, "item_neighbours", "must be >= 1")
         need(s.candidate_pool >= 1, "candidate_pool", "must be >= 1")
+        need(s.max_store_lead_days > 0, "max_store_lead_days", "must be > 0")
         for spec in s.als_grid:
             parse_als_spec(spec)
         need(s.engine in ("implicit", "spark"), "engine", "must be implicit or spark")

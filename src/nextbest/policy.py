@@ -3,10 +3,18 @@
 Purposes: `personalization` (use purchase history at all), `behavioral` (use views, carts, email
 clicks), `sensitive` (sensitive products may be used and shown). A customer's latest record per
 purpose wins; a purpose with no record follows `policy.default_consent`.
+
+Erasure (the tombstone, `erased_at`): everything of the customer dated at or before `erased_at`
+is erased data, never stored, served or learned from again (`erased_rows`). The customer stays
+erased (nothing personal whatever the default, nothing of them stored or learned) until
+`personalization` consent is recorded again after the erasure; from then on they are a new
+customer: their consent decides, and their history after the erasure counts (`still_erased`).
 """
 
 from __future__ import annotations
 
+import datetime as dt
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -17,6 +25,10 @@ from nextbest.config import PolicySettings
 
 __all__ = [
     "BEHAVIORAL_EVENTS",
+    "FOR_GOOD",
+    "erased_rows",
+    "still_erased",
+    "erasure_blocks",
     "ConsentState",
     "ConsentReport",
     "consent_state",
@@ -49,6 +61,58 @@ class ConsentState:
         out = np.full(len(customer_ids), self.default_allow)
         out[found] = values[idx_np[found]]
         return out
+
+    def recorded(self, purpose: str, customer_ids: pa.Array) -> np.ndarray:
+        """Bool mask: has each customer a record for `purpose` (not the default)?"""
+        records = self.granted.get(purpose, {})
+        if not records:
+            return np.zeros(len(customer_ids), dtype=bool)
+        ids = pa.array(list(records.keys()), pa.string())
+        return pc.is_in(customer_ids, value_set=ids).to_numpy(zero_copy_only=False)
+
+
+FOR_GOOD = dt.datetime(9999, 12, 31)
+"""The erasure time of a customer erased without a known time (`nextbest train --erased`):
+everything of theirs is before it."""
+
+
+def erased_rows(
+    customers: pa.Array, times: pa.Array, erased: Mapping[str, dt.datetime]
+) -> np.ndarray:
+    """Bool per row of (customer, time): erased data, dated at or before the customer's latest
+    erasure (`erased`: customer → erased_at, naive UTC)."""
+    if not erased or not len(customers):
+        return np.zeros(len(customers), dtype=bool)
+    ids = pa.array(list(erased), pa.string())
+    at = pa.array(list(erased.values()), pa.timestamp("us"))
+    erased_at = pc.take(at, pc.index_in(customers, value_set=ids))  # null: not erased
+    before = pc.less_equal(pc.cast(times, pa.timestamp("us")), erased_at)
+    return pc.fill_null(before, False).to_numpy(zero_copy_only=False)
+
+
+def still_erased(
+    state: ConsentState, customers: pa.Array, erased: Mapping[str, dt.datetime]
+) -> np.ndarray:
+    """Bool per customer: erased and without `personalization` consent recorded since the
+    erasure. `state` must hold only records made after each customer's erasure (the store's:
+    `forget` deletes the older ones and refuses replayed ones; a consent file's rows pass
+    `erased_rows` first)."""
+    if not erased or not len(customers):
+        return np.zeros(len(customers), dtype=bool)
+    tombstoned = pc.is_in(customers, value_set=pa.array(list(erased), pa.string()))
+    tombstoned = tombstoned.to_numpy(zero_copy_only=False)
+    return tombstoned & ~state.recorded("personalization", customers)
+
+
+def erasure_blocks(
+    customers: pa.Array,
+    times: pa.Array,
+    state: ConsentState,
+    erased: Mapping[str, dt.datetime],
+) -> np.ndarray:
+    """Bool per row of (customer, time): the erasure rule keeps the row out of the store and of
+    every model (dated at or before the erasure, or the customer is `still_erased`)."""
+    return erased_rows(customers, times, erased) | still_erased(state, customers, erased)
 
 
 def consent_state(consent: pa.Table | None, policy: PolicySettings) -> ConsentState:
@@ -113,11 +177,13 @@ def filter_training_events(
     state: ConsentState,
     *,
     sensitive_products: pa.Array,
-    erased: pa.Array | None = None,
+    erased: Mapping[str, dt.datetime] | None = None,
 ) -> tuple[pa.Table, ConsentReport]:
     """Keep only the events that the customers' consents allow a model to learn from.
 
-    Erased customers and customers without `personalization` consent lose every event; events on
+    Erased customers (`erased`: customer → erased_at) lose their events dated at or before the
+    erasure, and every event until they record personalization consent again
+    (`erasure_blocks`); customers without `personalization` consent lose every event; events on
     sensitive products are dropped for customers without `sensitive` consent; views, carts and
     email clicks are dropped for customers without `behavioral` consent.
     """
@@ -125,9 +191,9 @@ def filter_training_events(
     customers = events["customer_id"].combine_chunks()
     uniq = pc.unique(customers)
     keep = np.ones(events.num_rows, dtype=bool)
-    if erased is not None and len(erased):
-        gone = pc.is_in(customers, erased).to_numpy(zero_copy_only=False)
-        report.customers_erased = int(pc.sum(pc.is_in(uniq, erased)).as_py() or 0)
+    if erased:
+        gone = erasure_blocks(customers, events["timestamp"].combine_chunks(), state, erased)
+        report.customers_erased = int(len(pc.unique(customers.filter(pa.array(gone)))))
         report.events_erased = int(gone.sum())
         keep &= ~gone
     allowed_u = state.allowed("personalization", uniq)

@@ -117,7 +117,7 @@ def candidate_features(
     now_day: float,
     pool: int,
     cf_candidates: np.ndarray | None = None,
-    user_factors: dict[int, np.ndarray] | None = None,
+    user_scores: dict[int, np.ndarray] | None = None,
     plain: np.ndarray | None = None,
 ) -> Candidates:
     """Candidates and their FEATURES for the user indices `users` (all known to the model).
@@ -133,8 +133,9 @@ def candidate_features(
 
     `cf_candidates` (one row of CF product indices per user, -1 padded), when given, replaces the
     CF model's top `pool` new products (see `cf_candidates_for`, which computes them).
-    `user_factors` (batch position → factors, ALS) replaces the model's factors of some users
-    for their CF candidates and scores: their history without what may not be used (fold-in).
+    `user_scores` (batch position → the CF score of every item) replaces the model's CF
+    candidates and scores of some users: those of their history without what may not be used
+    (`CFModel.history_scores`).
     `plain` (bool per user, customers without sensitive consent): no sensitive candidates, and
     only days with a non-sensitive purchase count in log_share.
     """
@@ -148,11 +149,10 @@ def candidate_features(
         )
     else:
         ids = cf_candidates
-    if user_factors:
+    if user_scores:
         ids = ids.copy()
-        itf = np.asarray(bundle.cf.model.item_factors)
-        for j, factors in user_factors.items():
-            scores = itf @ factors
+        for j, given in user_scores.items():
+            scores = np.array(given, dtype=np.float64)
             u = users[j]
             scores[
                 bundle.user_items.indices[
@@ -214,9 +214,9 @@ def candidate_features(
     share = days / np.maximum(shop_days, 1.0)
 
     cf = bundle.cf.pair_scores(users[pos], item, bundle.user_items)
-    for j, factors in (user_factors or {}).items():
+    for j, scores in (user_scores or {}).items():
         mine = pos == j
-        cf[mine] = np.asarray(bundle.cf.model.item_factors)[item[mine]] @ factors
+        cf[mine] = scores[item[mine]]
     starts = np.flatnonzero(np.r_[True, pos[1:] != pos[:-1]])
     top = np.maximum.reduceat(cf, starts)
     top_per = np.repeat(np.where(top > 0, top, 1.0), np.diff(np.r_[starts, len(pos)]))
@@ -311,7 +311,7 @@ def rank_blend(
     pool: int,
     allow: callable | None = None,
     cf_candidates: np.ndarray | None = None,
-    user_factors: dict[int, np.ndarray] | None = None,
+    user_scores: dict[int, np.ndarray] | None = None,
     plain: np.ndarray | None = None,
     reserved_new: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -323,7 +323,7 @@ def rank_blend(
         now_day=now_day,
         pool=pool,
         cf_candidates=cf_candidates,
-        user_factors=user_factors,
+        user_scores=user_scores,
         plain=plain,
     )
     score = blend_scores(bundle, cands.features)
@@ -439,9 +439,10 @@ def recommend_for(
     item_masks: list[np.ndarray | None] | None = None,
     include_purchased: np.ndarray | None = None,
     cf_candidates: np.ndarray | None = None,
-    user_factors: dict[int, np.ndarray] | None = None,
+    user_scores: dict[int, np.ndarray] | None = None,
 ) -> Recommendations:
-    """The served ranking for a batch of customers (every channel gets the same).
+    """The ranking stage for a batch of customers, the same for every channel (the privacy rule
+    then values it per channel: `ServedModel._privacy_rule`).
 
     Customers without personalization consent or unknown to the model get best sellers. For the
     others: the blend's probability of a purchase soon over the candidates (own products, best
@@ -452,7 +453,8 @@ def recommend_for(
     `item_masks[r]`, when given, is a bool mask over items: only those may be returned to
     customer r (category filters, excluded products). `cf_candidates`: the CF candidates of
     every user of the model, precomputed by `cf_candidates_for` (else computed per call).
-    `user_factors` (request row → ALS factors) replaces some customers' factors.
+    `user_scores` (request row → the CF score of every item) replaces some customers' CF
+    candidates and scores (`candidate_features`).
     """
     n = len(customer_ids)
     masks = item_masks if item_masks is not None else [None] * n
@@ -508,9 +510,7 @@ def recommend_for(
             pool=pool,
             allow=allow,
             cf_candidates=None if cf_candidates is None else cf_candidates[users[rows]],
-            user_factors={
-                j: user_factors[r] for j, r in enumerate(rows) if r in (user_factors or {})
-            },
+            user_scores={j: user_scores[r] for j, r in enumerate(rows) if r in (user_scores or {})},
             plain=~sens_ok,
             reserved_new=discovery_slots(N, discovery_share),
         )

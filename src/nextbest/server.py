@@ -51,7 +51,7 @@ from nextbest.explain import RULES, explain
 from nextbest.export import ExportContext, export_customer
 from nextbest.logs import call_context, context_value, hash_customer_id
 from nextbest.metrics import Metrics
-from nextbest.policy import BEHAVIORAL_EVENTS
+from nextbest.policy import BEHAVIORAL_EVENTS, erasure_blocks
 from nextbest.ratelimit import RateLimits
 from nextbest.service import (
     DEFAULT_LIMIT,
@@ -271,7 +271,7 @@ class ModelHolder:
                 exists = False
             if not exists:
                 raise NotFound(f"version: {wanted!r} is not a model in {self.models_dir}")
-            erased = list(self.store.tombstones()) if self.store is not None else []
+            erased = self.store.tombstones() if self.store is not None else {}
             bundle = load_bundle(self.models_dir, wanted)
             model = self._served(bundle, self.settings, erased)
             arms = self._arms_of(model, erased)
@@ -295,7 +295,11 @@ class ModelHolder:
         return model, True
 
     def _served(
-        self, bundle: ModelBundle, settings: Settings, erased: list[str], holdout: bool = False
+        self,
+        bundle: ModelBundle,
+        settings: Settings,
+        erased: dict[str, dt.datetime],
+        holdout: bool = False,
     ) -> ServedModel:
         store = self.store
         return ServedModel(
@@ -314,7 +318,9 @@ class ModelHolder:
             holdout=holdout,
         )
 
-    def _arms_of(self, model: ServedModel, erased: list[str]) -> dict[str, ServedModel]:
+    def _arms_of(
+        self, model: ServedModel, erased: dict[str, dt.datetime]
+    ) -> dict[str, ServedModel]:
         """The models of the experiment arms that differ from `model` (same bundle unless the
         arm pins a version; pinned bundles are loaded once)."""
         arms = {}
@@ -1161,19 +1167,18 @@ class EventsService(events_pb2_grpc.EventsServicer):
             rows["value"].append(value)
         state = self.store.consent_state(rows["customer_id"], self.default_allow)
         ids = pa.array(rows["customer_id"], pa.string())
-        erased = self.store.erased(rows["customer_id"])
-        allowed = np.where(
+        erased = erasure_blocks(
+            ids,
+            pa.array(rows["timestamp"], pa.timestamp("us")),
+            state,
+            self.store.erased(rows["customer_id"]),
+        )
+        consented = np.where(
             np.isin(rows["event_type"], BEHAVIORAL_EVENTS),
             state.allowed("behavioral", ids) & state.allowed("personalization", ids),
             state.allowed("personalization", ids),
         )
-        allowed &= np.asarray(
-            [
-                c not in erased or t > erased[c]
-                for c, t in zip(rows["customer_id"], rows["timestamp"], strict=True)
-            ],
-            dtype=bool,
-        )
+        allowed = consented & ~erased
         table = pa.table(
             {
                 "customer_id": pa.array(rows["customer_id"], pa.string()),
@@ -1197,7 +1202,8 @@ class EventsService(events_pb2_grpc.EventsServicer):
             unknown = [p for p, i in zip(products, known, strict=True) if i < 0]
         return events_pb2.RecordEventsResponse(
             recorded=recorded,
-            ignored_without_consent=int((~allowed).sum()),
+            ignored_without_consent=int((~consented & ~erased).sum()),
+            ignored_erased=int(erased.sum()),
             unknown_product_ids=unknown,
         )
 

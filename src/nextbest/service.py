@@ -22,7 +22,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -37,7 +37,7 @@ from nextbest.errors import InvalidRequest, ModelError, NotFound
 from nextbest.lifecycle.actions import ACTIONS, Situation, decide
 from nextbest.lifecycle.model import CustomerState, purchases_of
 from nextbest.lifecycle.stages import STAGES
-from nextbest.policy import ConsentState
+from nextbest.policy import ConsentState, still_erased
 from nextbest.scoring import (
     best_sellers_for,
     cf_candidates_for,
@@ -254,7 +254,8 @@ _NOTHING_RECORDED = (np.zeros(0, np.int64), np.zeros(0), np.zeros(0))
 
 @dataclass(frozen=True)
 class CustomerConsent:
-    """Per customer of a request: may the history be used, may sensitive products be, erased."""
+    """Per customer of a request: may the history be used, may sensitive products be, erased
+    (`policy.still_erased`: a tombstone and no personalization consent recorded since)."""
 
     personalization: np.ndarray
     sensitive: np.ndarray
@@ -314,12 +315,13 @@ def store_consent(store, default_allow: bool) -> ConsentSource:
 
 
 def _customer_consent(ids: list[str], state: ConsentState, erased) -> CustomerConsent:
-    """The consent of `ids` from their records and the erased among them."""
+    """The consent of `ids` from their records and their tombstones (`erased`: customer →
+    erased_at); still erased: `policy.still_erased`."""
     fixed = fixed_consent(state)(ids)
     return CustomerConsent(
         personalization=fixed.personalization,
         sensitive=fixed.sensitive,
-        erased=np.asarray([c in erased for c in ids], dtype=bool),
+        erased=still_erased(state, pa.array(ids, pa.string()), erased),
         behavioral=fixed.behavioral,
     )
 
@@ -417,8 +419,9 @@ class ServedModel:
     bundle: ModelBundle
     settings: Settings
     consent: ConsentSource
-    erased: Sequence[str] = ()
-    """Customers forgotten before this model was loaded: dropped from it at once."""
+    erased: Mapping[str, dt.datetime] = field(default_factory=dict)
+    """The tombstones when this model was loaded (customer → erased_at): a customer the model
+    learned from history at or before their erasure is dropped from it at once (`forget`)."""
     as_of: float | None = None
     """Days since the epoch to judge repurchase timing at, overriding serve.clock (batch
     exports of historic data)."""
@@ -456,8 +459,9 @@ class ServedModel:
             else cf_candidates_for(b, self.settings.train.candidate_pool)
         )
         self.slates = SlateCache(self.settings.serve.slate_cache_size)
-        for customer_id in self.erased:
-            self.forget(customer_id)
+        for customer_id, erased_at in self.erased.items():
+            if self._learned_before(customer_id, erased_at):
+                self.forget(customer_id)
         catalog = b.catalog
         if catalog.num_rows:
             rows = pc.fill_null(
@@ -655,17 +659,35 @@ class ServedModel:
             stop.wait(pause_s)  # lets the calls in flight have the interpreter
         return done
 
-    def forget(self, customer_id: str) -> bool:
-        """Drop a customer from this loaded model (their factors and CF candidates); True when
-        the model knew them. Their answers are non-personal from now on anyway (the store says
-        erased); this makes sure nothing of them is left to compute with."""
-        user = int(self.bundle.user_index(np.asarray([customer_id], dtype=str))[0])
+    def _learned_before(self, customer_id: str, erased_at: dt.datetime) -> bool:
+        """Did this model learn from the customer's history at or before `erased_at`? (A model
+        trained after the erasure learned only what came after it, `policy.erased_rows`: such a
+        customer, back with new consent, is served from it.)"""
+        b = self.bundle
+        user = int(lookup(b.user_ids, np.asarray([customer_id], dtype=str))[0])
         if user < 0:
             return False
-        model = self.bundle.cf.model
+        if b.history is None:  # no record of what was learned: assume the worst
+            return True
+        return bool(b.history.first_day[user] <= (erased_at - _EPOCH) / dt.timedelta(days=1))
+
+    def forget(self, customer_id: str) -> bool:
+        """Drop a customer from this loaded model: their factors and CF candidates are zeroed and
+        the model no longer knows them (`ModelBundle.forgotten`: unknown to every answer, as if
+        never seen); True when the model knew them. An erased customer's answers are
+        non-personal anyway; one who consents again is a new customer, whose answers come from
+        what is recorded after the erasure, never from what the model learned before it."""
+        b = self.bundle
+        user = int(b.user_index(np.asarray([customer_id], dtype=str))[0])
+        if user < 0:
+            return False
+        model = b.cf.model
         if hasattr(model, "user_factors"):
             model.user_factors[user] = 0.0
         self.cf_candidates[user] = -1
+        if b.forgotten is None:
+            b.forgotten = np.zeros(len(b.user_ids), dtype=bool)
+        b.forgotten[user] = True
         self.slates.drop_user(user)
         return True
 
@@ -832,7 +854,7 @@ class ServedModel:
             r: f
             for r in np.flatnonzero(personal_ok & ~sensitive_ok & (users >= 0)).tolist()
             if (f := self._without_sensitive(int(users[r]))) is not None
-        }
+        }  # SPEC §5: sensitive purchases are no evidence without sensitive consent
         recs = recommend_for(
             b,
             np.asarray([q.customer_id for q in queries], dtype=str),
@@ -846,7 +868,7 @@ class ServedModel:
             item_masks=masks,
             include_purchased=np.asarray([q.include_purchased for q in queries], dtype=bool),
             cf_candidates=self.cf_candidates,
-            user_factors=refolded,
+            user_scores=refolded,
         )
         out = []
         for r in range(len(queries)):
@@ -866,9 +888,10 @@ class ServedModel:
         return out
 
     def _without_sensitive(self, user: int) -> np.ndarray | None:
-        """ALS factors of a known customer from their history without sensitive products (the
-        model learned them with it: sensitive consent was given then, or the default allowed
-        it), or None when the history has none (or the model cannot fold in)."""
+        """The CF score of every item for a known customer from their history without sensitive
+        products (`CFModel.history_scores`, for every kind of model: the model learned the
+        customer with them, as sensitive consent was given then or the default allowed it), or
+        None when the history has none (the model's own scores are theirs then)."""
         b = self.bundle
         ui = b.user_items
         items = ui.indices[ui.indptr[user] : ui.indptr[user + 1]]
@@ -877,9 +900,9 @@ class ServedModel:
             return None
         keep = ~sensitive
         if not keep.any():
-            return np.zeros(b.cf.model.item_factors.shape[1], dtype=np.float32)
+            return np.zeros(b.shape[1])
         weights = ui.data[ui.indptr[user] : ui.indptr[user + 1]][keep]
-        return self._fold_in(items[keep], weights)
+        return b.cf.history_scores(items[keep], weights, b.manifest.get("params", {}))
 
     def _fold_in(self, items: np.ndarray, weights: np.ndarray) -> np.ndarray | None:
         """CFModel.fold_in with the hyperparameters the model was trained with."""
@@ -1301,6 +1324,8 @@ class ServedModel:
         plausible = (stage,) if stage else AUDIENCE_STAGES[action]
         stages = self.lifecycle.stages(self.now_day())
         rows = np.flatnonzero(np.isin(stages, [STAGES.index(s) for s in plausible]))
+        if self.bundle.forgotten is not None:  # erased: their summaries are not theirs any more
+            rows = rows[~self.bundle.forgotten[rows]]
         return self._audience(rows, stage, action, channel, limit, max_customers)
 
     def _audience(
@@ -1488,10 +1513,8 @@ class ServedModel:
             bought_items = rs.days_bought.indices[start:stop]
             bought_last = rs.last_day.data[start:stop]
             refolded = None if sensitive_ok else self._without_sensitive(user)
-            if refolded is None:
-                cf_all = b.cf.user_scores(user, b.user_items)
-            else:  # interest from the history without sensitive products
-                cf_all = (np.asarray(b.cf.model.item_factors) @ refolded).astype(np.float64)
+            # Interest from the history without sensitive products when they may not be used.
+            cf_all = b.cf.user_scores(user, b.user_items) if refolded is None else refolded
             cf_top = max(float(cf_all.max(initial=0.0)), 1e-12)
         scored = []
         for q, (title, kind, items, sensitive) in zip(candidates, resolved, strict=True):

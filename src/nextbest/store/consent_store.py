@@ -23,8 +23,10 @@ Guarantees:
 - Erasure (`forget`): one transaction deletes the customer's consent records, events and audit
   rows and leaves a tombstone (customer id, `erased_at` = time of the latest erasure). A customer
   may come back: consent and events dated after `erased_at` are stored again and the tombstone
-  stays (training excludes the customer's events at or before `erased_at`); consent and events
-  dated at or before `erased_at` are erased data replayed and are not stored.
+  stays; consent and events dated at or before `erased_at` are erased data replayed and are not
+  stored. So every consent record of an erased customer was made after the erasure, which is
+  what `policy.still_erased` relies on (the customer stays erased until personalization consent
+  is recorded again; RecordEvents stores nothing of them until then).
 - Times are naive UTC datetimes, like the readers (an aware datetime is converted to UTC). SQLite
   keeps them as integer microseconds since the epoch, PostgreSQL as `timestamp`.
 
@@ -53,7 +55,7 @@ import pyarrow.compute as pc
 
 from nextbest.data.readers import CONSENT_SCHEMA, EVENT_SCHEMA, PURPOSES
 from nextbest.errors import ConfigError, InvalidRequest, NextbestError
-from nextbest.policy import ConsentState
+from nextbest.policy import ConsentState, erased_rows
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -1180,12 +1182,10 @@ def _latest_per_key(consent: pa.Table) -> pa.Table:
 
 def _drop_erased(events: pa.Table, erased: dict[str, dt.datetime]) -> pa.Table:
     """Events without those of erased customers dated at or before their erasure."""
-    ids = pa.array(list(erased), pa.string())
-    times = pa.array(list(erased.values()), pa.timestamp("us"))
-    idx = pc.index_in(events["customer_id"], value_set=ids)
-    erased_at = pc.take(times, idx)  # null where the customer is not erased
-    replayed = pc.fill_null(pc.less_equal(events["timestamp"], erased_at), False)
-    return events.filter(pc.invert(replayed))
+    replayed = erased_rows(
+        events["customer_id"].combine_chunks(), events["timestamp"].combine_chunks(), erased
+    )
+    return events.filter(pa.array(~replayed))
 
 
 # --- SQLite --------------------------------------------------------------------------------------

@@ -171,13 +171,15 @@ def fit_cf(
             )
         elif kind == "bpr":
             x.data = np.ones_like(x.data)
+            # One thread: implicit's BPR on several threads is Hogwild SGD, whose racing
+            # updates give another model on every run (train.seed promises the same one).
             model = BayesianPersonalizedRanking(
                 factors=t.bpr_factors,
                 learning_rate=t.bpr_learning_rate,
                 regularization=t.bpr_regularization,
                 iterations=t.bpr_iterations,
                 random_state=t.seed,
-                num_threads=t.num_threads,
+                num_threads=1,
             )
         elif kind == "cosine":
             model = CosineRecommender(K=t.item_neighbours, num_threads=t.num_threads)
@@ -473,6 +475,7 @@ def _params(settings: Settings, als: tuple[int, float, float]) -> dict[str, obje
         "als_iterations": t.als_iterations,
         "bpr_factors": t.bpr_factors,
         "bpr_learning_rate": t.bpr_learning_rate,
+        "bpr_regularization": t.bpr_regularization,
         "bpr_iterations": t.bpr_iterations,
         "item_neighbours": t.item_neighbours,
         "half_life_days": t.half_life_days,

@@ -4,14 +4,18 @@
     bundle, report, _ = train(inputs.events, inputs.catalog, settings, content=inputs.content)
 
 The consent gate (`policy.filter_training_events`) runs here, once for `nextbest train` and
-`nextbest evaluate` alike: customers without personalization consent, erased customers (the
-`--erased` file and the store's tombstones) and the events their consents do not allow never
-reach the trainer. The store's recorded events are learned from; its consent records win over a
-consent file's. `TrainingInputs.meta` is what the model's manifest records of them.
+`nextbest evaluate` alike: customers without personalization consent, the history of erased
+customers (the store's tombstones: everything dated at or before the erasure, and everything
+until personalization consent is recorded again; the `--erased` file: everything) and the
+events their consents do not allow never reach the trainer. A consent file's records of an
+erased customer dated at or before the erasure are erased data too and are not read. The
+store's recorded events are learned from; its consent records win over a consent file's.
+`TrainingInputs.meta` is what the model's manifest records of them.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,26 +99,65 @@ def _store_inputs(url: str, events: pa.Table, catalog: pa.Table | None, settings
                     "%s: %d recorded events on products not in the catalog skipped", url, unknown
                 )
             recorded = recorded.filter(known)
+        recorded, ahead = _within_lead(
+            recorded, events, store.url, settings.train.max_store_lead_days
+        )
         events = pa.concat_tables([events, recorded.cast(events.schema)])
         customers = pc.unique(events["customer_id"]).to_pylist()
         consent = store.consent_state(customers, settings.policy.default_consent == "allow")
-        tombstones = pa.array(sorted(store.tombstones()), pa.string())
+        tombstones = store.tombstones()
     finally:
         store.close()
     logger.info(
-        "%s: %d recorded events added, %d erased customers (tombstones) excluded",
+        "%s: %d recorded events added, %d tombstones applied",
         url,
         recorded.num_rows,
         len(tombstones),
     )
-    return events, consent, tombstones
+    return events, consent, tombstones, ahead
+
+
+def _within_lead(
+    recorded: pa.Table, events: pa.Table, url: str, lead_days: float
+) -> tuple[pa.Table, int]:
+    """The recorded events dated at most `lead_days` after the newest event of the events file
+    (`train.max_store_lead_days`: the model's clock must not jump to the server's receive
+    time), and how many were left out (with a warning naming the store `url`, password
+    hidden)."""
+    newest = pc.max(events["timestamp"]).as_py() if events.num_rows else None
+    if newest is None or not recorded.num_rows:
+        return recorded, 0
+    limit = newest + dt.timedelta(days=lead_days)
+    ahead = pc.greater(recorded["timestamp"], pa.scalar(limit, pa.timestamp("us")))
+    n = int(pc.sum(ahead).as_py() or 0)
+    if n:
+        logger.warning(
+            "%s: %d recorded events dated after %s (train.max_store_lead_days = %g after the "
+            "newest event of the events file, %s; the latest %s) left out of this training: "
+            "the model's clock stays at the newest event it learns from. Events recorded "
+            "without a timestamp are dated by the server's clock",
+            url,
+            n,
+            limit.isoformat(sep=" ", timespec="seconds"),
+            lead_days,
+            newest.isoformat(sep=" ", timespec="seconds"),
+            pc.max(recorded["timestamp"]).as_py().isoformat(sep=" ", timespec="seconds"),
+        )
+    return recorded.filter(pc.invert(ahead)), n
 
 
 def read_inputs(files: InputFiles, settings: Settings) -> TrainingInputs:
     """Read catalog, events, the store's recorded events, consent and erased customers, apply
     the consent gate, and read the content: everything one training run learns from, and the
     manifest's record of where it came from (paths, sha256, read reports, consent counts)."""
-    from nextbest.policy import ConsentState, consent_state, filter_training_events, sensitive_mask
+    from nextbest.policy import (
+        FOR_GOOD,
+        ConsentState,
+        consent_state,
+        erased_rows,
+        filter_training_events,
+        sensitive_mask,
+    )
 
     share = settings.data.max_reject_share
     catalog = None
@@ -136,7 +179,8 @@ def read_inputs(files: InputFiles, settings: Settings) -> TrainingInputs:
     logger.info("%s", report.summary())
     reports = {"events": report.as_dict()}
     store_consent = None
-    tombstones = pa.array([], pa.string())
+    tombstones: dict = {}
+    ahead = 0
     store_url = files.store
     if store_url is None:
         from nextbest.store.consent_store import store_exists
@@ -145,7 +189,9 @@ def read_inputs(files: InputFiles, settings: Settings) -> TrainingInputs:
         default = settings.serve.store
         store_url = default if store_exists(default) else None
     if store_url:
-        events, store_consent, tombstones = _store_inputs(store_url, events, catalog, settings)
+        events, store_consent, tombstones, ahead = _store_inputs(
+            store_url, events, catalog, settings
+        )
     consent = None
     consent_time = None
     if files.consent:
@@ -158,12 +204,16 @@ def read_inputs(files: InputFiles, settings: Settings) -> TrainingInputs:
         reports["consent"] = c_report.as_dict()
         if consent.num_rows:
             consent_time = pc.max(consent["updated_at"]).as_py().isoformat()
-    erased = None
+    erased = dict(tombstones)
     if files.erased:
-        erased, e_report = read_customer_ids(files.erased)
+        ids, e_report = read_customer_ids(files.erased)
         logger.info("%s", e_report.summary())
-    if len(tombstones):
-        erased = tombstones if erased is None else pa.concat_arrays([erased, tombstones])
+        erased.update(dict.fromkeys(ids.to_pylist(), FOR_GOOD))  # no time: erased for good
+    if consent is not None and erased:
+        replayed = erased_rows(
+            consent["customer_id"].combine_chunks(), consent["updated_at"].combine_chunks(), erased
+        )
+        consent = consent.filter(pa.array(~replayed))
     state = consent_state(consent, settings.policy)
     if store_consent is not None:
         # The store is the live record: its values win over the file's for the same purpose.
@@ -191,6 +241,7 @@ def read_inputs(files: InputFiles, settings: Settings) -> TrainingInputs:
             "catalog": str(files.catalog) if files.catalog else None,
             "catalog_sha256": sha256_file(files.catalog) if files.catalog else None,
             "read": reports,
+            "store_events_beyond_lead": ahead,
         },
         "consent": {
             "file": str(files.consent) if files.consent else None,

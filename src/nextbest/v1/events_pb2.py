@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18nextbest/v1/events.proto\x12\x0bnextbest.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xc6\x01\n\x05\x45vent\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\x12\x12\n\nproduct_id\x18\x02 \x01(\t\x12\x12\n\nevent_type\x18\x03 \x01(\t\x12\x15\n\x08quantity\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12-\n\ttimestamp\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07\x63hannel\x18\x06 \x01(\t\x12\x12\n\x05value\x18\x07 \x01(\x01H\x01\x88\x01\x01\x42\x0b\n\t_quantityB\x08\n\x06_value\"9\n\x13RecordEventsRequest\x12\"\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x12.nextbest.v1.Event\"f\n\x14RecordEventsResponse\x12\x10\n\x08recorded\x18\x01 \x01(\x03\x12\x1f\n\x17ignored_without_consent\x18\x02 \x01(\x03\x12\x1b\n\x13unknown_product_ids\x18\x03 \x03(\t2]\n\x06\x45vents\x12S\n\x0cRecordEvents\x12 .nextbest.v1.RecordEventsRequest\x1a!.nextbest.v1.RecordEventsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18nextbest/v1/events.proto\x12\x0bnextbest.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xc6\x01\n\x05\x45vent\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\x12\x12\n\nproduct_id\x18\x02 \x01(\t\x12\x12\n\nevent_type\x18\x03 \x01(\t\x12\x15\n\x08quantity\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12-\n\ttimestamp\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07\x63hannel\x18\x06 \x01(\t\x12\x12\n\x05value\x18\x07 \x01(\x01H\x01\x88\x01\x01\x42\x0b\n\t_quantityB\x08\n\x06_value\"9\n\x13RecordEventsRequest\x12\"\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x12.nextbest.v1.Event\"~\n\x14RecordEventsResponse\x12\x10\n\x08recorded\x18\x01 \x01(\x03\x12\x1f\n\x17ignored_without_consent\x18\x02 \x01(\x03\x12\x1b\n\x13unknown_product_ids\x18\x03 \x03(\t\x12\x16\n\x0eignored_erased\x18\x04 \x01(\x03\x32]\n\x06\x45vents\x12S\n\x0cRecordEvents\x12 .nextbest.v1.RecordEventsRequest\x1a!.nextbest.v1.RecordEventsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,7 +37,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RECORDEVENTSREQUEST']._serialized_start=275
   _globals['_RECORDEVENTSREQUEST']._serialized_end=332
   _globals['_RECORDEVENTSRESPONSE']._serialized_start=334
-  _globals['_RECORDEVENTSRESPONSE']._serialized_end=436
-  _globals['_EVENTS']._serialized_start=438
-  _globals['_EVENTS']._serialized_end=531
+  _globals['_RECORDEVENTSRESPONSE']._serialized_end=460
+  _globals['_EVENTS']._serialized_start=462
+  _globals['_EVENTS']._serialized_end=555
 # @@protoc_insertion_point(module_scope)

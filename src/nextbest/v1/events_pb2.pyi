@@ -34,11 +34,13 @@ class RecordEventsRequest(_message.Message):
     def __init__(self, events: _Optional[_Iterable[_Union[Event, _Mapping]]] = ...) -> None: ...
 
 class RecordEventsResponse(_message.Message):
-    __slots__ = ("recorded", "ignored_without_consent", "unknown_product_ids")
+    __slots__ = ("recorded", "ignored_without_consent", "unknown_product_ids", "ignored_erased")
     RECORDED_FIELD_NUMBER: _ClassVar[int]
     IGNORED_WITHOUT_CONSENT_FIELD_NUMBER: _ClassVar[int]
     UNKNOWN_PRODUCT_IDS_FIELD_NUMBER: _ClassVar[int]
+    IGNORED_ERASED_FIELD_NUMBER: _ClassVar[int]
     recorded: int
     ignored_without_consent: int
     unknown_product_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, recorded: _Optional[int] = ..., ignored_without_consent: _Optional[int] = ..., unknown_product_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    ignored_erased: int
+    def __init__(self, recorded: _Optional[int] = ..., ignored_without_consent: _Optional[int] = ..., unknown_product_ids: _Optional[_Iterable[str]] = ..., ignored_erased: _Optional[int] = ...) -> None: ...

@@ -1,0 +1,115 @@
+"""SPEC §5 for every servable model (`train.cf_model` als, bpr, cosine, bm25): without sensitive
+consent, sensitive purchases are no evidence. Twins with the same non-sensitive history and
+different sensitive purchases, learned while sensitive consent was given and withdrawn after
+training, get the same answers through the real server, whatever the model."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import grpc
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+import pytest
+from conftest import (
+    SERVED_CONFIG,
+    answer_only,
+    served_catalog,
+    served_content,
+    served_settings,
+    set_consent,
+    synthetic_events,
+    train,
+)
+
+from nextbest.server import create_server
+from nextbest.store.artifacts import load_bundle
+from nextbest.v1 import consent_pb2 as cpb
+from nextbest.v1 import consent_pb2_grpc as crpc
+from nextbest.v1 import recommender_pb2 as pb
+from nextbest.v1 import recommender_pb2_grpc as rpb
+
+SHARED = ["p002", "p004", "p012", "p020", "p024", "p002", "p004"]
+"""The twins' non-sensitive purchases (one a day from 2024-02-01; some bought twice)."""
+SENSITIVE = {"twin-a": ["p006", "p006", "p007"], "twin-b": ["p007"]}
+"""Their sensitive (pharmacy) purchases: different, on days without another purchase."""
+
+
+def twin_events() -> pa.Table:
+    start = dt.datetime(2024, 2, 1, 10)
+    rows = []
+    for twin, sensitive in SENSITIVE.items():
+        rows += [(twin, p, start + dt.timedelta(days=d)) for d, p in enumerate(SHARED)]
+        rows += [(twin, p, start + dt.timedelta(days=20 + d)) for d, p in enumerate(sensitive)]
+    customers, products, times = zip(*rows, strict=True)
+    extra = pa.table(
+        {
+            "customer_id": list(customers),
+            "product_id": list(products),
+            "timestamp": pa.array(times, pa.timestamp("us")),
+            "event_type": ["purchase"] * len(rows),
+            "quantity": [1.0] * len(rows),
+        }
+    )
+    return pa.concat_tables([synthetic_events(), extra])
+
+
+@pytest.mark.parametrize("kind", ["als", "bpr", "cosine", "bm25"])
+def test_sensitive_purchases_are_no_evidence_without_sensitive_consent(tmp_path, kind):
+    (tmp_path / "nextbest.toml").write_text(
+        SERVED_CONFIG.replace(
+            'candidates = ["als"]', f'cf_model = "{kind}"\ncandidates = ["{kind}"]'
+        )
+    )
+    pq.write_table(twin_events(), tmp_path / "events.parquet")
+    pacsv.write_csv(served_catalog(), tmp_path / "catalog.csv")
+    pacsv.write_csv(served_content(), tmp_path / "content.csv")
+    train(tmp_path, tmp_path / "models")
+    bundle = load_bundle(tmp_path / "models")
+    assert bundle.cf.kind == kind
+    for twin in SENSITIVE:  # learned with their sensitive purchases (default allow)
+        user = int(bundle.user_index([twin])[0])
+        row = bundle.user_items.indices[
+            bundle.user_items.indptr[user] : bundle.user_items.indptr[user + 1]
+        ]
+        assert bundle.item_sensitive[row].any()
+    running = create_server(served_settings(tmp_path, tmp_path / "models"))
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            consent, stub = crpc.ConsentStub(channel), rpb.RecommenderStub(channel)
+            for twin in SENSITIVE:
+                set_consent(consent, twin, cpb.PURPOSE_SENSITIVE, False)
+            for channel_kind in (pb.CHANNEL_EMAIL, pb.CHANNEL_WEB):
+                a, b = (
+                    answer_only(
+                        stub.RecommendProducts(
+                            pb.RecommendProductsRequest(
+                                customer_id=twin, limit=12, channel=channel_kind
+                            ),
+                            timeout=10,
+                        )
+                    )
+                    for twin in SENSITIVE
+                )
+                assert a.personalized and b.personalized
+                a.customer_id = b.customer_id = ""
+                assert a == b, kind
+            contents = [
+                stub.ScoreContent(
+                    pb.ScoreContentRequest(
+                        customer_id=twin,
+                        candidates=[
+                            pb.ContentCandidate(content_id=c)
+                            for c in ("guide-home", "news-p020", "guide-pantry")
+                        ],
+                    ),
+                    timeout=10,
+                )
+                for twin in SENSITIVE
+            ]
+            assert [(c.content_id, c.relevance) for c in contents[0].items] == [
+                (c.content_id, c.relevance) for c in contents[1].items
+            ]
+    finally:
+        running.stop(0)
