@@ -719,3 +719,27 @@ def test_customer_reads_is_the_four_reads_in_one_query(store: Store) -> None:
     assert none.impressions == {} and none.consent.default_allow is False
     empty = store.customer_reads([], True, purchases_since=day(0), impressions_since=day(0))
     assert empty.purchases.num_rows == 0 and empty.erased == {}
+
+
+def test_training_from_the_store_logs_its_url_without_the_password(caplog) -> None:
+    """`nextbest train --store URL`'s log lines name the store with any password hidden."""
+    import logging
+    from urllib.parse import urlsplit, urlunsplit
+
+    from nextbest.config import Settings
+    from nextbest.training.inputs import _store_inputs
+
+    parts = urlsplit(PG_URL)  # trust auth: a password in the URL is accepted and not checked
+    user = parts.username or "postgres"
+    host = parts.netloc.rsplit("@", 1)[-1]
+    url = urlunsplit(parts._replace(netloc=f"{user}:s3cret-pw@{host}"))
+    events = pa.Table.from_pylist(
+        [{"customer_id": "c1", "product_id": "p1", "timestamp": day(1), "event_type": "purchase"}],
+        schema=EVENT_SCHEMA,
+    )
+    catalog = pa.table({"product_id": ["p2"]})  # p1 unknown: the "skipped" line is logged too
+    with caplog.at_level(logging.INFO, logger="nextbest.training.inputs"):
+        _store_inputs(url, events, catalog, Settings())
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert "recorded events added" in logged
+    assert "s3cret-pw" not in logged and f"{user}:***@" in logged

@@ -96,7 +96,9 @@ def _store_inputs(url: str, events: pa.Table, catalog: pa.Table | None, settings
             unknown = recorded.num_rows - pc.sum(known).as_py()
             if unknown:
                 logger.info(
-                    "%s: %d recorded events on products not in the catalog skipped", url, unknown
+                    "%s: %d recorded events on products not in the catalog skipped",
+                    store.url,  # the URL with any password hidden
+                    unknown,
                 )
             recorded = recorded.filter(known)
         recorded, ahead = _within_lead(
@@ -110,7 +112,7 @@ def _store_inputs(url: str, events: pa.Table, catalog: pa.Table | None, settings
         store.close()
     logger.info(
         "%s: %d recorded events added, %d tombstones applied",
-        url,
+        store.url,
         recorded.num_rows,
         len(tombstones),
     )
