@@ -916,11 +916,12 @@ class Store:
             )
             erased = {c: self._dt(at) for c, at in cur.fetchall()}
             if erased:
-                shown = [
-                    i
-                    for i in shown
-                    if i.customer_id not in erased or i.shown_at > erased[i.customer_id]
-                ]
+                blocked = erased_rows(
+                    pa.array([i.customer_id for i in shown], pa.string()),
+                    pa.array([i.shown_at for i in shown], pa.timestamp("us")),
+                    erased,
+                )
+                shown = [i for i, no in zip(shown, blocked, strict=True) if not no]
             if not shown:
                 return 0
             self._copy(
