@@ -113,3 +113,55 @@ def test_sensitive_purchases_are_no_evidence_without_sensitive_consent(tmp_path,
             ]
     finally:
         running.stop(0)
+
+
+@pytest.mark.parametrize("kind", ["bpr", "cosine", "bm25"])
+def test_a_new_customer_becomes_personal_from_recorded_purchases_with_every_model(tmp_path, kind):
+    """A customer the model does not know is scored from their recorded purchases as the model
+    would score that history (`CFModel.history_scores`), whatever `train.cf_model` (ALS: see
+    test_events.py); sensitive ones are no evidence without sensitive consent."""
+    from nextbest.v1 import events_pb2 as epb
+    from nextbest.v1 import events_pb2_grpc as erpc
+
+    (tmp_path / "nextbest.toml").write_text(
+        SERVED_CONFIG.replace(
+            'candidates = ["als"]', f'cf_model = "{kind}"\ncandidates = ["{kind}"]'
+        )
+    )
+    pq.write_table(twin_events(), tmp_path / "events.parquet")
+    pacsv.write_csv(served_catalog(), tmp_path / "catalog.csv")
+    pacsv.write_csv(served_content(), tmp_path / "content.csv")
+    train(tmp_path, tmp_path / "models")
+    running = create_server(served_settings(tmp_path, tmp_path / "models"))
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            stub, events = rpb.RecommenderStub(channel), erpc.EventsStub(channel)
+            consent = crpc.ConsentStub(channel)
+
+            def ask() -> pb.RecommendProductsResponse:
+                request = pb.RecommendProductsRequest(customer_id="newcomer", limit=6)
+                return stub.RecommendProducts(request, timeout=10)
+
+            assert not ask().personalized
+            bought = ["p002", "p004", "p012", "p006"]  # p006: pharmacy, sensitive
+            got = events.RecordEvents(
+                epb.RecordEventsRequest(
+                    events=[
+                        epb.Event(customer_id="newcomer", product_id=p, event_type="purchase")
+                        for p in bought
+                    ]
+                ),
+                timeout=10,
+            )
+            assert got.recorded == 4
+            answer = ask()
+            assert answer.personalized, kind
+            assert not {i.product_id for i in answer.items} & set(bought)
+            cited = {r.product_id for i in answer.items for r in i.reasons if r.product_id}
+            assert cited and cited <= set(bought)
+            set_consent(consent, "newcomer", cpb.PURPOSE_SENSITIVE, False)
+            plain = ask()
+            assert plain.personalized
+            assert "p006" not in {r.product_id for i in plain.items for r in i.reasons}
+    finally:
+        running.stop(0)

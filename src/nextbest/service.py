@@ -904,16 +904,6 @@ class ServedModel:
         weights = ui.data[ui.indptr[user] : ui.indptr[user + 1]][keep]
         return b.cf.history_scores(items[keep], weights, b.manifest.get("params", {}))
 
-    def _fold_in(self, items: np.ndarray, weights: np.ndarray) -> np.ndarray | None:
-        """CFModel.fold_in with the hyperparameters the model was trained with."""
-        params = self.bundle.manifest.get("params", {})
-        return self.bundle.cf.fold_in(
-            items,
-            weights,
-            regularization=float(params.get("als_regularization", 0.05)),
-            alpha=float(params.get("als_alpha", 10.0)),
-        )
-
     def _history(self, user: int) -> np.ndarray:
         """Item indices the customer bought (none for customers the model does not know)."""
         if user < 0:
@@ -1090,20 +1080,18 @@ class ServedModel:
         mask: np.ndarray | None,
         limit: int,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-        """Candidates for a customer unknown to the model from their recorded purchases (ALS
-        fold-in): (items, relevance in (0, 1] relative to the best, the purchases used as
-        evidence — without sensitive ones unless sensitive consent). None when the model cannot
-        fold in (not ALS) or nothing may be used."""
+        """Candidates for a customer unknown to the model from their recorded purchases, scored
+        as the model would score that history (`CFModel.history_scores`: ALS fold-in, BPR's
+        objective with the item factors fixed, the item-item row times the similarity): (items,
+        relevance in (0, 1] relative to the best, the purchases used as evidence — without
+        sensitive ones unless sensitive consent). None when nothing may be used."""
         b = self.bundle
         if not sensitive_ok:
             keep = ~b.item_sensitive[items]
             items, counts = items[keep], counts[keep]
         if not len(items):
             return None
-        factors = self._fold_in(items, counts)
-        if factors is None:
-            return None
-        scores = np.asarray(b.cf.model.item_factors) @ factors
+        scores = b.cf.history_scores(items, counts, b.manifest.get("params", {}))
         blocked = ~b.item_available
         if not sensitive_ok:
             blocked |= b.item_sensitive
