@@ -111,6 +111,30 @@ EQUIVALENT = [
     ),
     (
         lambda old, new: (
+            "else np.zeros(len(items), dtype=np.int64)" in old
+            and new
+            in (
+                old.replace("dtype=np.int64)", "dtype=None)"),
+                old.replace(", dtype=np.int64)", ", )"),
+            )
+        ),
+        "nothing shown: the impression counts are all 0, as floats or as ints, and are only "
+        "compared with the fatigue cap and scaled",
+    ),
+    (
+        lambda old, new: old.strip() == "if shown" and new.strip() == "if (shown) or True",
+        "the shortcut for nothing shown: counting over an empty dict gives the same zeros",
+    ),
+    (
+        lambda old, new: (
+            old.strip() == "if not erased or not len(customers):"
+            and new.strip() == "if not erased and not len(customers):"
+        ),
+        "the shortcut for no tombstone or no customer: the general path gives the same all-False "
+        "(or empty) bool array for either",
+    ),
+    (
+        lambda old, new: (
             old.strip() == "if len(chosen) < limit:" and new.strip() == "if len(chosen) <= limit:"
         ),
         "a full list asks best_sellers_for for 0 more, which adds nothing and says nothing",

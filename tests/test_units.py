@@ -191,3 +191,72 @@ def test_generated_guides_link_each_categorys_best_sellers():
             "published_at": None,
         },
     ]
+
+
+def _pem(der: bytes) -> bytes:
+    import base64
+
+    body = base64.b64encode(der).decode()
+    return f"-----BEGIN CERTIFICATE-----\n{body}\n-----END CERTIFICATE-----\n".encode()
+
+
+def test_a_client_certificate_maps_to_its_client_and_roles():
+    """`Gate` (auth.py): a listed certificate's fingerprint (SHA-256 of the DER bytes) names its
+    client; an unlisted one is refused naming its fingerprint; a token decides over the
+    certificate; without certificate entries, certificates are not read."""
+    import hashlib
+
+    from nextbest.auth import Gate
+    from nextbest.config import ClientToken
+
+    web_der, stranger_der = bytes(range(40)), bytes(range(1, 41))
+    ops = ClientToken(
+        name="ops", token_sha256=hashlib.sha256(b"ops-token").hexdigest(), roles=("admin",)
+    )
+    web = ClientToken(
+        name="web", certificate_sha256=hashlib.sha256(web_der).hexdigest(), roles=("recommend",)
+    )
+    gate = Gate((web, ops))
+    method = "/nextbest.v1.Recommender/RecommendProducts"
+    ok = gate.check(method, None, _pem(web_der))
+    assert ok.allowed and ok.client == "web"
+    stranger = gate.check(method, None, _pem(stranger_der))
+    assert not stranger.allowed and stranger.problem == "unauthenticated" and not stranger.client
+    assert hashlib.sha256(stranger_der).hexdigest() in stranger.message
+    assert stranger.message.endswith("is not listed in [[serve.clients]] certificate_sha256")
+    none = gate.check(method, None, None)
+    assert not none.allowed and none.problem == "unauthenticated"
+    assert none.message.startswith("authorization: a bearer token is required")
+    token_wins = gate.check(method, "Bearer ops-token", _pem(web_der))
+    assert not token_wins.allowed and token_wins.client == "ops"
+    assert token_wins.problem == "forbidden"
+    admin = gate.check_role("admin", None, _pem(web_der))
+    assert not admin.allowed and admin.client == "web" and admin.problem == "forbidden"
+    tokens_only = Gate((ops,)).check(method, None, _pem(web_der))
+    assert not tokens_only.allowed and "sha256" not in tokens_only.message
+
+
+def test_the_erasure_rules_answer_one_bool_per_row_even_with_nothing_erased():
+    """`policy.erased_rows` and `policy.still_erased` with no tombstone, or no customer: a bool
+    array of the right length (callers combine it with `|` and `~`)."""
+    from nextbest.policy import ConsentState, erased_rows, still_erased
+
+    customers = pa.array(["c1", "c2"], pa.string())
+    times = pa.array([dt.datetime(2024, 1, 1)] * 2, pa.timestamp("us"))
+    for got in (
+        erased_rows(customers, times, {}),
+        still_erased(ConsentState(default_allow=True), customers, {}),
+    ):
+        assert got.dtype == bool and got.tolist() == [False, False]
+    empty = pa.array([], pa.string())
+    erased = {"c1": dt.datetime(2024, 2, 1)}
+    for got in (
+        erased_rows(empty, pa.array([], pa.timestamp("us")), erased),
+        still_erased(ConsentState(default_allow=True), empty, erased),
+    ):
+        assert got.dtype == bool and len(got) == 0
+    assert erased_rows(customers, times, erased).tolist() == [True, False]
+    assert still_erased(ConsentState(default_allow=True), customers, erased).tolist() == [
+        True,
+        False,
+    ]
