@@ -135,6 +135,13 @@ EQUIVALENT = [
     ),
     (
         lambda old, new: (
+            old.strip() == "if start < 0 or end < 0:"
+            and new.strip() in ("if start < 0 or end <= 0:", "if start < 0 or end < 1:")
+        ),
+        "a found END marker is searched from the BEGIN marker on, so it is never at position 0",
+    ),
+    (
+        lambda old, new: (
             old.strip() == "if len(chosen) < limit:" and new.strip() == "if len(chosen) <= limit:"
         ),
         "a full list asks best_sellers_for for 0 more, which adds nothing and says nothing",

@@ -260,3 +260,23 @@ def test_the_erasure_rules_answer_one_bool_per_row_even_with_nothing_erased():
         True,
         False,
     ]
+
+
+def test_a_certificate_fingerprint_is_of_the_first_certificate_of_the_pem():
+    """`auth.certificate_sha256`: SHA-256 of the DER bytes of the first certificate in the
+    text (bytes or str, other text around it ignored); anything else is refused."""
+    import hashlib
+
+    from nextbest.auth import certificate_sha256
+
+    first, second = bytes(range(40)), bytes(range(1, 41))
+    chain = _pem(first) + _pem(second)
+    expected = hashlib.sha256(first).hexdigest()
+    assert certificate_sha256(chain) == expected
+    assert certificate_sha256(chain.decode()) == expected  # a str as well as bytes
+    noisy = "é -----END CERTIFICATE----- before\n".encode() + chain  # not ASCII, a stray END
+    assert certificate_sha256(noisy) == expected
+    for bad in (b"no certificate here", _pem(first).split(b"-----END")[0]):
+        with pytest.raises(ValueError) as info:
+            certificate_sha256(bad)
+        assert str(info.value) == "not a PEM certificate"
