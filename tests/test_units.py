@@ -269,7 +269,9 @@ def test_a_certificate_fingerprint_is_of_the_first_certificate_of_the_pem():
 
     from nextbest.auth import certificate_sha256
 
-    first, second = bytes(range(40)), bytes(range(1, 41))
+    first, second = bytes(range(42)), bytes(range(1, 43))  # no base64 padding: see below
+    # 42 bytes: base64 without "=" padding, after which a decoder would stop reading and so
+    # hide a slice that ran on into the second certificate.
     chain = _pem(first) + _pem(second)
     expected = hashlib.sha256(first).hexdigest()
     assert certificate_sha256(chain) == expected
