@@ -100,26 +100,15 @@ EQUIVALENT = [
     (
         lambda old, new: (
             "dtype=np.int64)" in old
-            and "shown.get(" in old
+            and ("shown.get(" in old or "else np.zeros(len(items)" in old)
             and new
             in (
                 old.replace("dtype=np.int64)", "dtype=None)"),
                 old.replace(", dtype=np.int64)", ", )"),
             )
         ),
-        "the impression counts are ints, so the inferred dtype is int64 too",
-    ),
-    (
-        lambda old, new: (
-            "else np.zeros(len(items), dtype=np.int64)" in old
-            and new
-            in (
-                old.replace("dtype=np.int64)", "dtype=None)"),
-                old.replace(", dtype=np.int64)", ", )"),
-            )
-        ),
-        "nothing shown: the impression counts are all 0, as floats or as ints, and are only "
-        "compared with the fatigue cap and scaled",
+        "the impression counts are ints, so the inferred dtype is int64 too (and when nothing "
+        "was shown they are all 0, only compared with the fatigue cap and scaled: as floats too)",
     ),
     (
         lambda old, new: old.strip() == "if shown" and new.strip() == "if (shown) or True",

@@ -55,17 +55,22 @@ def twin_events() -> pa.Table:
     return pa.concat_tables([synthetic_events(), extra])
 
 
-@pytest.mark.parametrize("kind", ["als", "bpr", "cosine", "bm25"])
-def test_sensitive_purchases_are_no_evidence_without_sensitive_consent(tmp_path, kind):
-    (tmp_path / "nextbest.toml").write_text(
+def train_twins(workdir, kind: str) -> None:
+    """Train a `kind` model (train.cf_model) on the twins' events with the real CLI."""
+    (workdir / "nextbest.toml").write_text(
         SERVED_CONFIG.replace(
             'candidates = ["als"]', f'cf_model = "{kind}"\ncandidates = ["{kind}"]'
         )
     )
-    pq.write_table(twin_events(), tmp_path / "events.parquet")
-    pacsv.write_csv(served_catalog(), tmp_path / "catalog.csv")
-    pacsv.write_csv(served_content(), tmp_path / "content.csv")
-    train(tmp_path, tmp_path / "models")
+    pq.write_table(twin_events(), workdir / "events.parquet")
+    pacsv.write_csv(served_catalog(), workdir / "catalog.csv")
+    pacsv.write_csv(served_content(), workdir / "content.csv")
+    train(workdir, workdir / "models")
+
+
+@pytest.mark.parametrize("kind", ["als", "bpr", "cosine", "bm25"])
+def test_sensitive_purchases_are_no_evidence_without_sensitive_consent(tmp_path, kind):
+    train_twins(tmp_path, kind)
     bundle = load_bundle(tmp_path / "models")
     assert bundle.cf.kind == kind
     for twin in SENSITIVE:  # learned with their sensitive purchases (default allow)
@@ -123,15 +128,7 @@ def test_a_new_customer_becomes_personal_from_recorded_purchases_with_every_mode
     from nextbest.v1 import events_pb2 as epb
     from nextbest.v1 import events_pb2_grpc as erpc
 
-    (tmp_path / "nextbest.toml").write_text(
-        SERVED_CONFIG.replace(
-            'candidates = ["als"]', f'cf_model = "{kind}"\ncandidates = ["{kind}"]'
-        )
-    )
-    pq.write_table(twin_events(), tmp_path / "events.parquet")
-    pacsv.write_csv(served_catalog(), tmp_path / "catalog.csv")
-    pacsv.write_csv(served_content(), tmp_path / "content.csv")
-    train(tmp_path, tmp_path / "models")
+    train_twins(tmp_path, kind)
     running = create_server(served_settings(tmp_path, tmp_path / "models"))
     try:
         with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
