@@ -453,7 +453,7 @@ def cmd_recommend(args: argparse.Namespace) -> int:
 
 
 def cmd_audience(args: argparse.Namespace) -> int:
-    from nextbest.service import MAX_LIMIT, ServedModel, store_consent
+    from nextbest.service import MAX_LIMIT, ServedModel
     from nextbest.store.artifacts import load_bundle
     from nextbest.store.consent_store import open_store
 
@@ -468,13 +468,11 @@ def cmd_audience(args: argparse.Namespace) -> int:
     store = open_store(args.store or settings.serve.store)
     try:
         # What a server on this store answers: the same consent, tombstones, events, impressions.
-        served = ServedModel(
+        served = ServedModel.on_store(
             load_bundle(args.models_dir or settings.serve.models_dir),
             settings,
-            store_consent(store, settings.policy.default_consent == "allow"),
+            store,
             erased=store.tombstones(),
-            events=store.events,
-            impressions=store.unanswered_impressions,
         )
         columns: dict[str, list] = {
             k: []
@@ -921,7 +919,7 @@ def cmd_consent(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace, settings: Settings, store) -> None:
     """`nextbest consent export`: what a server on this store and model would export."""
     from nextbest.export import ExportContext, assemble, export_customer, to_json
-    from nextbest.service import ServedModel, store_consent
+    from nextbest.service import ServedModel
     from nextbest.store.artifacts import load_bundle
 
     if not args.output or not str(args.output).lower().endswith(".json"):
@@ -930,13 +928,8 @@ def _export(args: argparse.Namespace, settings: Settings, store) -> None:
     models_dir = args.models_dir or settings.serve.models_dir
     model = None
     if Path(models_dir, "CURRENT").exists():
-        model = ServedModel(
-            load_bundle(models_dir),
-            settings,
-            store_consent(store, default_allow),
-            erased=store.tombstones(),
-            events=store.events,
-            impressions=store.unanswered_impressions,
+        model = ServedModel.on_store(
+            load_bundle(models_dir), settings, store, erased=store.tombstones()
         )
     ctx = ExportContext.create(
         store, model, args.target, default_allow=default_allow, client="cli", source=args.source

@@ -65,7 +65,6 @@ from nextbest.service import (
     ReplayClock,
     ServedModel,
     store_consent,
-    store_reads,
 )
 from nextbest.store.artifacts import current_version, load_bundle
 from nextbest.store.consent_store import Impression, Store, StoreError, open_store
@@ -301,22 +300,10 @@ class ModelHolder:
         erased: dict[str, dt.datetime],
         holdout: bool = False,
     ) -> ServedModel:
-        store = self.store
-        return ServedModel(
-            bundle,
-            settings,
-            self.consent,
-            erased=erased,
-            events=store.events if store is not None else None,
-            impressions=store.unanswered_impressions if store is not None else None,
-            reads=(
-                store_reads(store, settings.policy.default_consent == "allow")
-                if store is not None
-                else None
-            ),
-            replay=self.replay,
-            holdout=holdout,
-        )
+        kwargs = {"erased": erased, "replay": self.replay, "holdout": holdout}
+        if self.store is None:
+            return ServedModel(bundle, settings, self.consent, **kwargs)
+        return ServedModel.on_store(bundle, settings, self.store, **kwargs)
 
     def _arms_of(
         self, model: ServedModel, erased: dict[str, dt.datetime]

@@ -33,6 +33,7 @@ import pyarrow.compute as pc
 from nextbest.bundle import ModelBundle, lookup
 from nextbest.config import Settings, clock_day
 from nextbest.data.interactions import to_days
+from nextbest.data.readers import EVENT_SCHEMA
 from nextbest.errors import InvalidRequest, ModelError, NotFound
 from nextbest.lifecycle.actions import ACTIONS, Situation, decide
 from nextbest.lifecycle.model import CustomerState, purchases_of
@@ -249,6 +250,7 @@ AUDIENCE_STAGES = {
 DUE_SHARE = 0.8
 """NextBestAction's replenish: a bought product is due once this share of its interval passed."""
 _NOTHING_RECORDED = (np.zeros(0, np.int64), np.zeros(0), np.zeros(0))
+_NO_EVENTS = EVENT_SCHEMA.empty_table()
 """`ServedModel._recorded` of a customer without recorded purchases."""
 
 
@@ -324,6 +326,32 @@ def _customer_consent(ids: list[str], state: ConsentState, erased) -> CustomerCo
         erased=still_erased(state, pa.array(ids, pa.string()), erased),
         behavioral=fixed.behavioral,
     )
+
+
+def separate_reads(
+    consent: ConsentSource, events: EventSource | None, impressions: ImpressionSource | None
+) -> ReadSource:
+    """The ReadSource of separate sources (a consent file, or a store read piece by piece):
+    consent, the recorded events, and the unanswered impressions of the customers who may be
+    personal (none asked for when nobody may)."""
+
+    def read(customer_ids: Sequence[str], purchases_since, impressions_since) -> CustomerReads:
+        ids = list(customer_ids)
+        consent_of = consent(ids)
+        recorded = events(ids) if events is not None else _NO_EVENTS
+        personal = [
+            c
+            for c, ok in zip(ids, consent_of.personalization & ~consent_of.erased, strict=True)
+            if ok
+        ]
+        shown = (
+            impressions(personal, impressions_since)
+            if impressions is not None and impressions_since is not None and personal
+            else {}
+        )
+        return CustomerReads(consent_of, recorded, shown)
+
+    return read
 
 
 def store_reads(store, default_allow: bool) -> ReadSource:
@@ -435,7 +463,8 @@ class ServedModel:
     """The clock of `serve.clock = "replay"` (advanced by recorded events)."""
     reads: ReadSource | None = None
     """Where RecommendProducts and the stream read consent, recorded purchases and impressions
-    in one query (the server's store); None: from `consent`, `events` and `impressions`."""
+    (`store_reads`: one query to the store, see `on_store`); None: `separate_reads` of
+    `consent`, `events` and `impressions`."""
     holdout: bool = False
     """An experiment's control arm: consenting customers get best sellers (reason `holdout`),
     as if without personalization consent, so that the experiment measures what it adds."""
@@ -444,6 +473,21 @@ class ServedModel:
     )
     retired: threading.Event = field(default_factory=threading.Event, repr=False)
     """Set when a newer model replaces this one (its background work stops)."""
+
+    @classmethod
+    def on_store(cls, bundle: ModelBundle, settings: Settings, store, **kwargs) -> ServedModel:
+        """A served model reading consent, tombstones, recorded events and impressions from
+        `store` as the server does: one query per request (`store_reads`)."""
+        allow = settings.policy.default_consent == "allow"
+        return cls(
+            bundle,
+            settings,
+            store_consent(store, allow),
+            events=store.events,
+            impressions=store.unanswered_impressions,
+            reads=store_reads(store, allow),
+            **kwargs,
+        )
 
     def __post_init__(self) -> None:
         b = self.bundle
@@ -596,18 +640,14 @@ class ServedModel:
 
     def _read(self, customer_ids: list[str]):
         """(personal, sensitive, why not personal, trust, unanswered impressions, recorded
-        purchases) of a request's customers: one store query with `reads`, else three."""
-        if self.reads is None:
-            personal_ok, sensitive_ok, why_not, trust = self.consent_details(customer_ids)
-            shown = self._shown(customer_ids, personal_ok)
-            recorded = self._recorded(customer_ids)
-            return personal_ok, sensitive_ok, why_not, trust, shown, recorded
+        purchases) of a request's customers, read once (`reads`)."""
         since = _EPOCH + dt.timedelta(days=self.bundle.reference_day)
-        reads = self.reads(customer_ids, since, self._fatigue_since())
+        read = self.reads or separate_reads(self.consent, self.events, self.impressions)
+        reads = read(customer_ids, since, self._fatigue_since())
         personal_ok, sensitive_ok, why_not, trust = self._consent_terms(reads.consent)
         personal = {c for c, ok in zip(customer_ids, personal_ok, strict=True) if ok}
         shown = {c: v for c, v in reads.impressions.items() if c in personal}
-        recorded = self._recorded_of(customer_ids, reads.purchases)
+        recorded = self._recorded(customer_ids, reads.purchases)
         return personal_ok, sensitive_ok, why_not, trust, shown, recorded
 
     def _fatigue_since(self) -> dt.datetime | None:
@@ -616,16 +656,6 @@ class ServedModel:
         if policy.fatigue_demotion >= 1:
             return None
         return self.now() - dt.timedelta(days=policy.fatigue_days)
-
-    def _shown(self, customer_ids: list[str], personal_ok: np.ndarray) -> dict[str, dict[str, int]]:
-        """Unanswered impressions of the personalized customers (fatigue), when fatigue is on."""
-        since = self._fatigue_since()
-        if self.impressions is None or since is None:
-            return {}
-        personal_ids = [c for c, ok in zip(customer_ids, personal_ok, strict=True) if ok]
-        if not personal_ids:
-            return {}
-        return self.impressions(personal_ids, since)
 
     def warm_slates(self, stop: threading.Event, batch: int = 32, pause_s: float = 0.002) -> int:
         """Rank the known customers once each, the most recent buyers first, up to
@@ -1018,17 +1048,12 @@ class ServedModel:
             ),
         )
 
-    def _recorded(self, customer_ids: list[str]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        """Per customer: (item indices, net purchase count, day of the last purchase) of the
-        purchases recorded after the model's newest event, on products the model knows."""
-        if self.events is None:
-            return [_NOTHING_RECORDED] * len(customer_ids)
-        return self._recorded_of(customer_ids, self.events(customer_ids))
-
-    def _recorded_of(
+    def _recorded(
         self, customer_ids: list[str], table: pa.Table
     ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        """`_recorded` from the recorded events `table` of those customers."""
+        """Per customer: (item indices, net purchase count, day of the last purchase) of the
+        purchases recorded after the model's newest event, on products the model knows, from
+        the recorded events `table` of those customers."""
         out = [_NOTHING_RECORDED] * len(customer_ids)
         if table.num_rows == 0:
             return out
