@@ -49,7 +49,7 @@ from nextbest.errors import ConfigError, InvalidRequest, ModelError, NotFound
 from nextbest.experiments import Assignment, assigner, attribution
 from nextbest.explain import RULES, explain
 from nextbest.export import ExportContext, export_customer
-from nextbest.logs import call_context, context_value, hash_customer_id
+from nextbest.logs import call_context, context_value, hash_customer_id, log_call
 from nextbest.metrics import Metrics
 from nextbest.policy import BEHAVIORAL_EVENTS, erasure_blocks
 from nextbest.ratelimit import RateLimits
@@ -1328,14 +1328,12 @@ class CallInterceptor(grpc.ServerInterceptor):
                 elapsed = time.perf_counter() - started
                 self._child(self.metrics.calls, method, code.name).inc()
                 self._child(self.metrics.latency, method).observe(elapsed)
-                calls_logger.info(
-                    "call",
-                    extra={
-                        "method": method,
-                        "code": code.name,
-                        "ms": round(elapsed * 1000, 3),
-                        "customer": hash_customer_id(customer),
-                    },
+                log_call(
+                    calls_logger,
+                    method,
+                    code.name,
+                    round(elapsed * 1000, 3),
+                    hash_customer_id(customer),
                 )
 
     def _limit(self, context, client: str, request_id: str) -> None:
