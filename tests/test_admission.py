@@ -12,7 +12,7 @@ import grpc
 import pytest
 from conftest import served_settings
 
-from nextbest.admission import Admission
+from nextbest.admission import Admission, UnaryExecutor, refused_on_arrival
 from nextbest.client import Client
 from nextbest.server import create_server
 from nextbest.v1 import recommender_pb2 as pb
@@ -33,6 +33,33 @@ def test_admission_unit():
     assert 9.0 < a.service_ms("m") < 50.0
     assert not a.admit("m", 0.001).admitted  # 1 ms left, calls take ~10 ms
     assert a.admit("m", 5.0).admitted
+
+
+def test_calls_that_would_queue_too_long_are_refused_on_arrival():
+    a = Admission(max_running=1, max_queue_ms=25)
+    assert a.on_arrival(100) is None  # a free slot: nothing to wait for
+    a.admit("m", None)
+    a.release("m", time.perf_counter() - 0.010)  # calls take about 10 ms
+    assert a.admit("m", None).admitted  # the one slot is taken from here on
+    pool = UnaryExecutor(a, max_workers=1)
+    blocked = threading.Event()
+    try:
+        first = pool.submit(blocked.wait, 10)  # holds the one worker thread
+        time.sleep(0.05)
+        # Behind one queued call a call waits ~10 ms for the slot, behind two ~20 ms: both
+        # within max_queue_ms (25), they queue; behind three (~30 ms) it is refused at once, by
+        # the refusing pool, while the worker is still busy.
+        queued = [pool.submit(refused_on_arrival) for _ in range(2)]
+        late = pool.submit(refused_on_arrival).result(timeout=5)
+        assert not first.done()
+        assert late is not None and late.reason == "overloaded" and late.pushback_ms >= 30
+        assert "2 queued calls ahead" in late.message
+        blocked.set()
+        assert [f.result(timeout=5) for f in queued] == [None, None]  # ran as usual
+        assert refused_on_arrival() is None  # nothing outside a refusing job
+    finally:
+        blocked.set()
+        pool.shutdown()
 
 
 def metric(port: int, name: str, **labels: str) -> float:
@@ -58,20 +85,24 @@ def tight(own):
 
 
 def test_a_call_with_too_little_time_left_is_refused_before_any_work(tight):
-    # The issue asked for 1 ms left. A warm answer of this small model now takes well under a
-    # millisecond, so a call with 1 ms left can be answered and is (refusing it would be wrong);
-    # 0.2 ms is below the service time the server measures, which is what the check compares.
+    # The issue's case: 1 ms left. A warm answer of this small model takes well under a
+    # millisecond (and gRPC keeps deadlines to the millisecond), so a call with 1 ms left could
+    # be answered in time here, and would be. The server is told its calls of the method take
+    # 50 ms, as on a loaded server with a large catalog: then 1 ms cannot be enough.
     with grpc.insecure_channel(f"127.0.0.1:{tight.port}") as ch:
         stub = rpb.RecommenderStub(ch)
-        for _ in range(5):  # the service time the check compares with
-            stub.RecommendProducts(pb.RecommendProductsRequest(customer_id="c003"), timeout=10)
+        stub.RecommendProducts(pb.RecommendProductsRequest(customer_id="c003"), timeout=10)
+        for _ in range(50):
+            tight.calls.admission.observe(METHOD, 50.0)
         answered = metric(tight.metrics_port, "nextbest_admitted_calls_total", method=METHOD)
         with pytest.raises(grpc.RpcError) as info:
-            stub.RecommendProducts(pb.RecommendProductsRequest(customer_id="c003"), timeout=0.0002)
+            stub.RecommendProducts(pb.RecommendProductsRequest(customer_id="c003"), timeout=0.001)
         assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     # Refused by the check (or by gRPC itself when the millisecond ran out on the way): either
     # way the model was not asked.
     assert metric(tight.metrics_port, "nextbest_admitted_calls_total", method=METHOD) == answered
+    refused = metric(tight.metrics_port, "nextbest_refused_calls_total", reason="deadline")
+    assert refused in (0.0, 1.0)
 
 
 def test_overload_is_refused_at_once_with_a_pushback(tight):
@@ -177,3 +208,17 @@ def test_answers_and_refusals_carry_the_request_id(tight):
                 assert c.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
                 assert not c.initial_metadata()
                 assert ("x-request-id", f"req-{k}") in c.trailing_metadata()
+
+
+def test_a_server_process_hands_the_gil_over_quickly():
+    import sys
+
+    from nextbest.config import load_settings
+    from nextbest.server import prepare_process
+
+    before = sys.getswitchinterval()
+    try:
+        prepare_process(load_settings(None, environ={}).serve)
+        assert sys.getswitchinterval() == pytest.approx(0.0005)  # serve.switch_interval_ms
+    finally:
+        sys.setswitchinterval(before)

@@ -56,6 +56,7 @@ def test_config_defaults_file_and_environment(tmp_path):
         ("[serve]\ndurable_repeat_rate = -0.1\n", "serve.durable_repeat_rate must be in [0, 1]"),
         ("[serve]\nconsumable_repeat_rate = 0.3\n", "serve.consumable_repeat_rate was removed"),
         ("[serve]\ndue_fraction = 0.5\n", "serve.due_fraction was removed: the learned blend"),
+        ("[serve]\nswitch_interval_ms = 0\n", "serve.switch_interval_ms must be > 0 and <= 1000"),
     ],
 )
 def test_config_errors_name_the_key(tmp_path, text, message):

@@ -290,14 +290,20 @@ class ServeSettings:
     customer; 0 = off. About 4 KB each. When a model is loaded, a background thread ranks the
     known customers once each (the most recent buyers first, up to this many), so first calls
     find their slate too."""
-    max_running_calls: int = 4
-    """Unary calls one server process computes at once (its share of the cores: more only make
-    each slower under the GIL); the others wait for a slot (admission control)..."""
+    max_running_calls: int = 1
+    """Unary calls one server process computes at once (one process computes one at a time under
+    the GIL: more only make each slower; `serve.processes` uses the cores); the others wait for a
+    slot (admission control)..."""
     max_queue_ms: float = 100.0
     """...for at most this long, then are refused before any work (RESOURCE_EXHAUSTED with
     `grpc-retry-pushback-ms`); a call whose deadline is nearer than the method's recent service
     time is refused at once (DEADLINE_EXCEEDED). Streams are admitted by
-    `max_concurrent_streams` instead."""
+    `max_concurrent_streams` instead. A call that arrives behind more queued work than this is
+    refused on arrival, without waiting its turn."""
+    switch_interval_ms: float = 0.5
+    """How long a thread of a server process may keep the GIL while another waits for it
+    (Python's default: 5 ms). gRPC's poller is a Python thread that needs the GIL for every
+    arriving call: with the default, under load, calls waited unseen and refusals took seconds."""
     log_format: str = "json"
     """`nextbest serve` logs: `json` (one object per line, with request ids) or `text`."""
     log_hash_key: str = ""
@@ -726,6 +732,7 @@ def _validate(section: str, s: object) -> None:
         need(s.max_running_calls >= 1, "max_running_calls", "must be >= 1")
         need(s.slate_cache_size >= 0, "slate_cache_size", "must be >= 0")
         need(s.max_queue_ms >= 0, "max_queue_ms", "must be >= 0")
+        need(0 < s.switch_interval_ms <= 1000, "switch_interval_ms", "must be > 0 and <= 1000")
         need(s.log_format in ("json", "text"), "log_format", "must be json or text")
         names = [c.name for c in s.clients]
         need(len(set(names)) == len(names), "clients", "has two clients with one name")

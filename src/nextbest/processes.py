@@ -111,11 +111,11 @@ def _child_main(
     """One server process: start, report ready (or the error), serve until SIGTERM, drain."""
     _die_with_parent()
     from nextbest.logs import configure_logging, set_hash_key
-    from nextbest.server import create_server, limit_malloc_arenas, reload_on_sighup
+    from nextbest.server import create_server, prepare_process, reload_on_sighup
 
     configure_logging(settings.serve.log_format, log_level)
     set_hash_key(settings.serve.log_hash_key)
-    limit_malloc_arenas()
+    prepare_process(settings.serve)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides, with SIGTERM

@@ -901,7 +901,7 @@ class Store:
         stored (not those of an erased customer shown at or before their erasure)."""
         if not rows:
             return 0
-        shown = [Impression(*r) for r in rows]
+        shown = [r if isinstance(r, Impression) else Impression(*r) for r in rows]
         customers = sorted({i.customer_id for i in shown})
         subquery, param = self._id_set(customers)
         with self._write() as cur:
