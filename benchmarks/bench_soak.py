@@ -1644,9 +1644,14 @@ def figures(run: Run, minutes: int, versions: tuple[str, str], stored: set[tuple
             kinds.append({"kind": kind, **_counts(calls, windows)})
     total = _counts(run.calls, windows)
     outside = [c for c in run.calls if cause(c.code, c.sent, c.done, windows) == "outside faults"]
+    swap = run.faults.get("model swap", {})
+    after_swap = 0
+    if "end" in swap:  # from the promotion to 30 s after every process served the new version
+        after_swap = sum(swap["start"] <= c.sent <= swap["end"] + 30 for c in outside)
 
     # The database outage: fail closed while it is down, personal again once it is back.
     db = run.faults.get("database restart", {})
+    kill = run.faults.get("replica kill", {})
     outage: dict = {}
     if "up" in db:
         unary = [c for c in run.calls if c.personalized is not None]
@@ -1670,9 +1675,20 @@ def figures(run: Run, minutes: int, versions: tuple[str, str], stored: set[tuple
             if first is None:
                 run.wrong.append(f"replica {'AB'[r]}: no personal answer after the store was back")
 
+    # The kill: calls in flight on the killed replica (sent before, answered after: failed over).
+    in_flight: dict = {}
+    if "killed" in kill:
+        moved = [
+            c
+            for c in run.calls
+            if c.failover and c.sent <= kill["killed"] and c.done >= kill["start"]
+        ]
+        in_flight = {
+            "calls": len(moved),
+            "ok": sum(c.code == "OK" for c in moved),
+            "failed": Counter(c.code for c in moved if c.code != "OK"),
+        }
     # The swap: no old-version answer sent after a replica's processes all served the new one.
-    swap = run.faults.get("model swap", {})
-    kill = run.faults.get("replica kill", {})
     by_version = Counter(
         c.version for c in run.calls if c.version and not c.kind.startswith("Stream")
     )
@@ -1739,7 +1755,9 @@ def figures(run: Run, minutes: int, versions: tuple[str, str], stored: set[tuple
         "kinds": kinds,
         "total": total,
         "outside": outside,
+        "after_swap": after_swap,
         "outage": outage,
+        "in_flight": in_flight,
         "by_version": by_version,
         "memory": memory,
         "excepted": excepted,
@@ -1906,16 +1924,19 @@ def report(r: dict) -> str:
         f"call of {STREAM_CUSTOMERS} customers, at {AUDIENCE_AT[0]:g} s a Lifecycle.StreamAudience "
         f"call (dormant stage, at most {AUDIENCE_MAX}).",
         "",
-        "Faults, at fixed shares of the run (minutes 3, 5, 7 and 8 of 10), and the swap:",
+        "Faults at fixed shares of the run, 30%, 50%, 70% and 80% (minutes 3, 5, 7 and 8 of ten), "
+        "and the model swap at 60%:",
         *[f"- {line}" for line in fault_lines],
         "",
         "Failed = a status other than OK after the failover (a stream: also ended early), counted "
-        "by cause: a fault's when the call overlaps the fault's window and has the status that "
-        "fault causes (UNAVAILABLE: database restart until "
-        f"{RECOVERY_S:g} s after it is back, replica kill until {KILL_GRACE_S:g} s after it "
-        "serves again; UNAUTHENTICATED: token rotation until 1 s after the client switched), "
-        "else `outside faults`. Non-personal answers are OK answers. p50 / p99: unary calls at "
-        "the client. RSS: VmRSS summed over each replica's processes (the supervisor, its server "
+        "by cause: a fault's when the call overlaps the fault's window and has a status that "
+        "fault causes (the database restart until "
+        f"{RECOVERY_S:g} s after PostgreSQL is back and the replica kill until {KILL_GRACE_S:g} s "
+        "after the replica serves again: UNAVAILABLE, and RESOURCE_EXHAUSTED, admission control's "
+        "refusals; the token rotation until 1 s after the client switched: UNAUTHENTICATED; the "
+        "corrupt model: none), else `outside faults`. Non-personal answers are OK answers. "
+        "p50 / p99: unary calls at the client; `sent late`: how far behind the schedule the "
+        "client sent. RSS: VmRSS summed over each replica's processes (the supervisor, its server "
         f"processes and multiprocessing's helper; their number in brackets) from /proc every "
         f"{SAMPLE_EVERY:g} s, at the end of the minute; CPU in CPU seconds per second (these "
         f"{os.cpu_count()} cores = {os.cpu_count() * 100}%), `other` = the machine's less the "
@@ -1950,6 +1971,12 @@ def report(r: dict) -> str:
         f"- failed calls outside the faults: {outside} of {total['calls']:,} (aim 0: "
         f"{_met(outside == 0)})"
         + (": " + ", ".join(f"{k} {n}" for k, n in outside_kinds.most_common()) if outside else "")
+        + (
+            f" ({f['after_swap']} of them from the model swap's promotion to 30 s after every "
+            "process served the new version)"
+            if outside
+            else ""
+        )
         + "; failed during the faults, by cause: "
         + (", ".join(f"{k} {n}" for k, n in sorted(excused.items())) or "none")
         + f"; failovers {total['failovers']:,} (calls that failed UNAVAILABLE on one replica and "
@@ -1969,6 +1996,19 @@ def report(r: dict) -> str:
             + ", ".join(f"{'AB'[k]} {_s(first)}" for k, (first, _) in enumerate(rec))
             + f" (aim ≤ {RECOVERY_S:g} s: {_met(rec_ok)}); last fail-closed answer after it: "
             + ", ".join(f"{'AB'[k]} {_s(last)}" for k, (_, last) in enumerate(rec))
+        )
+    if f["in_flight"]:
+        moved = f["in_flight"]
+        lines.append(
+            f"- calls in flight on replica B at the kill: {moved['calls']}, sent again to A: "
+            f"{moved['ok']} answered there"
+            + (
+                ", failed: " + ", ".join(f"{k} {n}" for k, n in moved["failed"].items())
+                if moved["failed"]
+                else ""
+            )
+            + "; the restarted replica served again "
+            f"{kill['serving'] - kill['start']:.1f} s after the kill"
         )
     lines += [
         "- resident memory growth to the end, per replica (all its processes): "
