@@ -327,6 +327,14 @@ class OwnPostgres:
     def stop(self) -> None:
         self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "-t", "60", "stop")
 
+    def pids(self) -> list[int]:
+        """The postmaster and its backends (none while it is down)."""
+        try:
+            pid = int((self.data / "postmaster.pid").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return []
+        return descendants(pid) if proc_status(pid) else []
+
     def close(self) -> None:
         try:
             self.stop()
@@ -1263,6 +1271,11 @@ def sample(setup: Setup, t: float) -> dict:
                 "starts": replica.starts,
             }
         )
+    for pid in setup.pg.pids():
+        status = proc_status(pid)
+        if status:
+            CPU_SEEN[(-1, pid)] = status["cpu"]
+    out["pg_cpu"] = sum(v for (r, _), v in CPU_SEEN.items() if r == -1)
     machine_cpu = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
     own = os.times()
     out["client_cpu"] = own.user + own.system
@@ -1623,6 +1636,7 @@ def figures(run: Run, minutes: int, versions: tuple[str, str], stored: set[tuple
                 e["cpu"] - s["cpu"] for s, e in zip(start["replicas"], end["replicas"], strict=True)
             )
             - (end["client_cpu"] - start["client_cpu"])
+            - (end["pg_cpu"] - start["pg_cpu"])
         ) / span
         rows.append(
             {
@@ -1632,6 +1646,7 @@ def figures(run: Run, minutes: int, versions: tuple[str, str], stored: set[tuple
                 "processes": [r["processes"] for r in end["replicas"]],
                 "cpu": cpu,
                 "client_cpu": (end["client_cpu"] - start["client_cpu"]) / span,
+                "pg_cpu": (end["pg_cpu"] - start["pg_cpu"]) / span,
                 "other": other,
                 "marks": marks.get(m + 1, []),
                 "lag": _pct(np.asarray([(c.sent - c.at) * 1000.0 for c in by_minute[m]]), 99),
@@ -1771,9 +1786,9 @@ def figures(run: Run, minutes: int, versions: tuple[str, str], stored: set[tuple
 def table(f: dict) -> list[str]:
     lines = [
         "| minute | calls | failed (cause) | failovers | non-personal | p50 ms | p99 ms | "
-        "sent late p99 ms | RSS A MiB | RSS B MiB | CPU A | CPU B | client CPU | other CPU | "
-        "faults |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "sent late p99 ms | RSS A MiB | RSS B MiB | CPU A | CPU B | client CPU | PostgreSQL CPU | "
+        "other CPU | faults |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in f["rows"]:
         causes = ", ".join(f"{k} {n}" for k, n in r["causes"].most_common())
@@ -1785,7 +1800,7 @@ def table(f: dict) -> list[str]:
                 f"{rss:,.0f} ({n})" for rss, n in zip(r["rss"], r["processes"], strict=True)
             )
             + " | "
-            f"{r['cpu'][0]:.0%} | {r['cpu'][1]:.0%} | {r['client_cpu']:.0%} | "
+            f"{r['cpu'][0]:.0%} | {r['cpu'][1]:.0%} | {r['client_cpu']:.0%} | {r['pg_cpu']:.0%} | "
             f"{max(r['other'], 0):.0%} | {'; '.join(r['marks'])} |"
         )
     return lines
@@ -1939,8 +1954,9 @@ def report(r: dict) -> str:
         "client sent. RSS: VmRSS summed over each replica's processes (the supervisor, its server "
         f"processes and multiprocessing's helper; their number in brackets) from /proc every "
         f"{SAMPLE_EVERY:g} s, at the end of the minute; CPU in CPU seconds per second (these "
-        f"{os.cpu_count()} cores = {os.cpu_count() * 100}%), `other` = the machine's less the "
-        "replicas' and the client's (PostgreSQL and other work).",
+        f"{os.cpu_count()} cores = {os.cpu_count() * 100}%): each replica's processes, this "
+        "client's, PostgreSQL's (the postmaster and its backends), and `other` = the machine's "
+        "less all of those (other work on the machine, and the kernel's for them).",
         "",
         *table(f),
         "",
