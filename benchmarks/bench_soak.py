@@ -11,10 +11,12 @@ stopped and removed at the end; never the machine's shared one.
 Two model versions are trained up front into `<work-dir>/models` (ALS only, no tuning, both on
 every event with different seeds: a retrain of the same size). The replicas start on the older.
 
-1. Capacity, in the same run and configuration: a closed loop of RecommendProducts calls, 16
-   tasks (8 per replica, over 4 connections each), 3 s of warm-up then `--capacity-seconds` (15)
-   measured; OK calls per second, summed over the replicas (admission control's refusals are
-   waited out, as clients do, and not counted).
+1. Capacity, in the same run and configuration, of the soak's own mix of unary operations
+   (below, without the streams): a closed loop of 16 tasks, half of them homed on each replica,
+   3 s of warm-up then `--capacity-seconds` (15) measured; OK unary calls per second over both
+   replicas (a task waits 50 ms after a refusal by admission control). Its writes are read back
+   with the soak's. (RecommendProducts alone is much cheaper than the mix: 80% of its capacity
+   overloads the servers with the mix.)
 2. The soak: open loop (the n-th operation is sent at n / rate seconds whatever earlier calls
    are doing) at `--load` (80%) of that capacity in unary calls per second, for `--minutes` (10):
    - RecommendProducts on the email, web and app channels, one customer in ten unknown to the
@@ -42,16 +44,20 @@ every event with different seeds: a retrain of the same size). The replicas star
      client switches to the new token; the old one is then tried on 8 fresh connections per
      replica and must be refused every time (UNAUTHENTICATED), the new one accepted.
 4. The read-back: every SetConsent, RecordEvents and ForgetCustomer acknowledged (OK) is looked
-   for in the PostgreSQL tables (its audit row by its unique source, each event by customer,
-   product, type and time, the tombstone); missing ones are counted.
+   for in the PostgreSQL tables (a SetConsent that changed a value by its audit row, found by its
+   unique source, and every customer's last acknowledged consent by the stored value; each event
+   by customer, product, type and time; the tombstone); missing ones are counted. A write that
+   failed in a way that may have written it (UNAVAILABLE, DEADLINE_EXCEEDED) is neither.
 
 A failed call (a status other than OK after the failover, a stream that ended early) is counted by
-cause: a fault's when it overlaps the fault's window and has the status that fault causes
-(UNAVAILABLE for the database restart and the kill, UNAUTHENTICATED for the rotation), else
-"outside faults". Per minute: calls, failed by cause, failovers, non-personal answers, p50 / p99
-of the unary calls at the client, resident memory (VmRSS summed over each replica's processes,
-from /proc every 5 s) and CPU, the faults. `--write` replaces the `## make bench-soak` section of
-BENCHMARKS.md (a `### Notes` part written by hand is kept); samples go to
+cause: a fault's when it overlaps the fault's window and has a status that fault causes
+(`EXCUSED`: UNAVAILABLE and admission control's RESOURCE_EXHAUSTED for the database restart and
+the kill, UNAUTHENTICATED for the rotation, none for the corrupt model), else "outside faults".
+Per minute: calls, failed by cause, failovers, non-personal answers, p50 / p99 of the unary
+calls at the client, how late the client sent, resident memory (VmRSS summed over each
+replica's processes, from /proc every 5 s) and CPU (each replica's, the client's, PostgreSQL's),
+the faults. `--write` replaces the `## make bench-soak` section of BENCHMARKS.md (a `### Notes`
+part written by hand is kept); samples go to
 `<work-dir>/samples.json`, the replicas' logs to `<work-dir>/replica-{a,b}.log`.
 
 Exits 1 on a correctness failure: a failed call outside the fault windows, an acknowledged write
