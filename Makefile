@@ -171,12 +171,17 @@ SCALE_SIZES ?= 10000 100000 1000000
 bench-scale: install
 	$(PY) benchmarks/bench_scale.py --sizes $(SCALE_SIZES) --work-dir $(DATA)/bench-scale --write
 
-# Five minutes of steady mixed traffic (50 operations/s, open loop) against one plaintext server:
-# recommendations on every channel, content scores, similar products, events, consent changes,
-# streams, model info and one model swap half way (two versions trained into $(DATA)/bench-soak);
-# per-minute calls, failures, p50/p99 and the server's resident memory; updates BENCHMARKS.md and
-# fails on a failed call (`benchmarks/bench_soak.py --minutes 1` for a short run).
-bench-soak: install $(CJ_EVENTS) $(CJ_CONTENT)
+# Ten minutes of mixed traffic (recommendations, content, similar products, events, consent
+# changes, erasures, streams, audiences, model info) in the production configuration: two replicas
+# (`nextbest serve` with TLS, a bearer token and serve.processes as shipped) on one PostgreSQL that
+# the run starts itself (initdb in a temporary directory, its own port; needs PostgreSQL's server
+# programs), open loop at 80% of the capacity measured first in the same run; faults at minutes 3
+# (PostgreSQL restart), 5 (kill -9 of a replica), 7 (a corrupt model published) and 8 (token
+# rotation by SIGHUP), a model swap at 6; then every acknowledged write is read back from the store.
+# Per-minute calls, failures by cause, failovers, p50/p99 and each replica's memory; updates
+# BENCHMARKS.md; fails on a failed call outside the faults, a lost write or a wrong answer
+# (`benchmarks/bench_soak.py --minutes 2` for a short run, the faults scaled).
+bench-soak: install-dev $(CJ_EVENTS) $(CJ_CONTENT)
 	$(PY) benchmarks/bench_soak.py --events $(CJ_EVENTS) --catalog $(DATA)/complete-journey/catalog.parquet \
 		--content $(CJ_CONTENT) --write
 

@@ -39,10 +39,11 @@ def free_port() -> int:
 class Supervised:
     """`nextbest serve` with `serve.processes = 2`; its stderr (JSON logs) read in a thread."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, port: int = 0):
         self.metrics_port = free_port()
         env = {**os.environ, "NEXTBEST_SERVE__PROCESSES": str(PROCESSES)}
         cmd = serve_command(folder, store_url(folder)) + ["--metrics-port", str(self.metrics_port)]
+        cmd += ["--port", str(port)]  # the last --port wins (serve_command's is 0)
         self.proc = subprocess.Popen(
             cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
         )
@@ -174,6 +175,33 @@ def test_a_killed_supervisor_takes_its_processes_with_it(own):
         wait_for(lambda: not any(alive(p) for p in children), 10, "the orphans to die")
     finally:
         server.close()
+
+
+def test_a_killed_supervisor_starts_again_on_its_port_at_once(own):
+    """A replica restarted right after kill -9, on the port its clients know: the connections
+    that were open when it died linger in TIME_WAIT on that port (closed from the server's side)
+    and must not keep the new server from listening."""
+    server = Supervised(own)
+    port = int(server.address.rsplit(":", 1)[1])
+    options = [("grpc.use_local_subchannel_pool", 1)]
+    channels = [grpc.insecure_channel(server.address, options=options) for _ in range(4)]
+    again = None
+    try:
+        for channel in channels:  # connections open at the kill
+            rpb.RecommenderStub(channel).RecommendProducts(
+                pb.RecommendProductsRequest(customer_id="c003"), timeout=10
+            )
+        os.kill(server.proc.pid, signal.SIGKILL)
+        server.close()
+        again = Supervised(own, port)
+        assert again.address == server.address
+        assert again.call().items
+    finally:
+        for channel in channels:
+            channel.close()
+        server.close()
+        if again is not None:
+            again.close()
 
 
 def test_bad_process_count_is_a_one_line_error():

@@ -743,3 +743,36 @@ def test_training_from_the_store_logs_its_url_without_the_password(caplog) -> No
     logged = "\n".join(r.getMessage() for r in caplog.records)
     assert "recorded events added" in logged
     assert "s3cret-pw" not in logged and f"{user}:***@" in logged
+
+
+def test_a_store_opens_beside_a_writer_without_waiting_for_it(store_url: str) -> None:
+    """A replica starting (or started again) while another one writes to the shared store:
+    opening a store whose schema is current takes no table lock, so it neither waits for the
+    writers' transactions nor deadlocks with them. (`make bench-soak`'s restart of a killed
+    replica failed with "deadlock detected": its CREATE INDEX IF NOT EXISTS waited for a lock
+    on a table a writer held, while that writer waited for one the schema transaction held.)"""
+    open_store(store_url).close()
+    with _raw_cursor(store_url) as cur:
+        if store_url.startswith("sqlite"):
+            cur.execute("BEGIN IMMEDIATE")  # a writer's transaction
+            cur.execute("DELETE FROM nextbest_events WHERE customer_id = 'nobody'")
+        else:
+            cur.execute("BEGIN")
+            cur.execute("LOCK TABLE nextbest_events IN ROW EXCLUSIVE MODE")  # as record_events
+            cur.execute("LOCK TABLE nextbest_consent IN ROW EXCLUSIVE MODE")  # as set_consent
+        opened: list[object] = []
+
+        def open_it() -> None:
+            try:
+                open_store(store_url).close()
+                opened.append(True)
+            except Exception as exc:  # noqa: BLE001 - reported below
+                opened.append(exc)
+
+        opener = threading.Thread(target=open_it, daemon=True)
+        opener.start()
+        opener.join(10)
+        while_writing = list(opened)
+        cur.execute("ROLLBACK")
+        opener.join(60)
+    assert while_writing == [True], f"waited for the writer's transaction to end: {opened}"

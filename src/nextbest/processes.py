@@ -61,7 +61,12 @@ def process_count(settings: Settings) -> int:
 
 
 def reserve_port(host: str, port: int) -> socket.socket:
-    """Check `host:port` is free, then hold it with a bound (not listening) SO_REUSEPORT socket."""
+    """Check `host:port` is free, then hold it with a bound (not listening) SO_REUSEPORT socket.
+
+    The probe sets SO_REUSEADDR, as gRPC's own listeners do: the connections of a server killed a
+    moment ago linger in TIME_WAIT for a minute, and without it a restart on the same port failed
+    with "Address already in use" until they expired. A port that another program listens on, or
+    that another supervisor holds (its socket has no SO_REUSEADDR), is still refused."""
     try:
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
     except socket.gaierror as exc:
@@ -69,6 +74,7 @@ def reserve_port(host: str, port: int) -> socket.socket:
     address = (host.strip("[]"), port)
     if port:
         with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 probe.bind(address)
             except OSError as exc:

@@ -318,6 +318,8 @@ _TABLES = (
         ON nextbest_access_log (customer_id, requested_at)""",
 )
 
+_RELATIONS = tuple(re.search(r"IF NOT EXISTS (\w+)", ddl).group(1) for ddl in _TABLES)
+"""The tables and indexes of the schema, by name."""
 _UNANSWERED = (
     "NOT EXISTS (SELECT 1 FROM nextbest_events e WHERE e.customer_id = i.customer_id "
     'AND e.product_id = i.product_id AND e."timestamp" >= i.shown_at)'
@@ -375,8 +377,14 @@ class Store:
         self._pool_lock = threading.Lock()
         self._closed = False
         try:
-            with self._write() as cur:
-                self._create_schema(cur)
+            # Read only first: a server starting beside replicas that write takes no table lock
+            # when there is nothing to create or migrate (DDL waits for, and can deadlock with,
+            # the writers' transactions).
+            with self._read() as cur:
+                current = self._schema_is_current(cur)
+            if not current:
+                with self._write() as cur:
+                    self._create_schema(cur)
         except BaseException:
             self.close()
             raise
@@ -391,6 +399,10 @@ class Store:
 
     def _add_column(self, cur: Any, table: str, column: str, kind: str) -> None:
         """Add a column to a table of an older schema (a no-op when it is there)."""
+        raise NotImplementedError
+
+    def _existing(self, cur: Any, names: Sequence[str]) -> set[str]:
+        """Which of the tables and indexes `names` exist (a catalog read)."""
         raise NotImplementedError
 
     def _is_broken(self, conn: Any) -> bool:
@@ -514,6 +526,13 @@ class Store:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.url!r})"
+
+    def _schema_is_current(self, cur: Any) -> bool:
+        """Every table and index exists and the schema version is this nextbest's."""
+        if self._existing(cur, _RELATIONS) != set(_RELATIONS):
+            return False
+        cur.execute("SELECT MAX(version) FROM nextbest_schema_version")
+        return cur.fetchone()[0] == SCHEMA_VERSION
 
     def _create_schema(self, cur: Any) -> None:
         for ddl in _TABLES:
@@ -1205,6 +1224,11 @@ class SqliteStore(Store):
     }
     _temp = "temp"
 
+    def _existing(self, cur: Any, names: Sequence[str]) -> set[str]:
+        marks = ", ".join("?" * len(names))
+        cur.execute(f"SELECT name FROM sqlite_master WHERE name IN ({marks})", tuple(names))
+        return {row[0] for row in cur.fetchall()}
+
     def _add_column(self, cur: Any, table: str, column: str, kind: str) -> None:
         cur.execute(f"PRAGMA table_info({table})")
         if column not in {row[1] for row in cur.fetchall()}:
@@ -1284,6 +1308,14 @@ class PostgresStore(Store):
 
     def _add_column(self, cur: Any, table: str, column: str, kind: str) -> None:
         cur.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} {kind}")
+
+    def _existing(self, cur: Any, names: Sequence[str]) -> set[str]:
+        cur.execute(
+            "SELECT relname FROM pg_class WHERE relnamespace = current_schema()::regnamespace "
+            "AND relname = ANY(%s)",
+            (list(names),),
+        )
+        return {row[0] for row in cur.fetchall()}
 
     def __init__(self, url: str) -> None:
         parts = urlsplit(url)
