@@ -657,13 +657,16 @@ class ServedModel:
             return None
         return self.now() - dt.timedelta(days=policy.fatigue_days)
 
-    def warm_slates(self, stop: threading.Event, batch: int = 32, pause_s: float = 0.002) -> int:
+    def warm_slates(self, stop: threading.Event, batch: int = 32, idle: float = 3.0) -> int:
         """Rank the known customers once each, the most recent buyers first, up to
         `serve.slate_cache_size` (run off the call path, by a thread started at load): a
         customer's first call then finds their slate. Each batch is answered as a call with the
         default limit would be, consent and recorded events read from the store, and nothing is
-        sent or recorded. Stops early when `stop` is set (a newer model) or the store cannot be
-        read. Returns the number of customers ranked."""
+        sent or recorded. After each batch the thread rests `idle` times as long as the batch
+        took, so that warming takes at most a quarter of the interpreter from the calls (at
+        full speed it held it ~90% of the time, and a model swap under load stalled the calls:
+        `make bench-soak`). Stops early when `stop` is set (a newer model) or the store cannot
+        be read. Returns the number of customers ranked."""
         size = self.settings.serve.slate_cache_size
         if not size:
             return 0
@@ -679,6 +682,7 @@ class ServedModel:
         for lo in range(0, len(order), batch):
             if stop.is_set():
                 break
+            started = time.perf_counter()
             queries = [ProductQuery(customer_id=str(ids[u])) for u in order[lo : lo + batch]]
             try:  # an unreadable store ends the warming quietly: calls report the outage
                 self.consent([q.customer_id for q in queries])
@@ -686,7 +690,7 @@ class ServedModel:
                 break
             self._recommend(queries, DEFAULT_LIMIT)
             done += len(queries)
-            stop.wait(pause_s)  # lets the calls in flight have the interpreter
+            stop.wait(idle * (time.perf_counter() - started))  # the calls' share
         return done
 
     def _learned_before(self, customer_id: str, erased_at: dt.datetime) -> bool:
