@@ -57,6 +57,10 @@ def test_calls_that_would_queue_too_long_are_refused_on_arrival():
         blocked.set()
         assert [f.result(timeout=5) for f in queued] == [None, None]  # ran as usual
         assert refused_on_arrival() is None  # nothing outside a refusing job
+        # One very slow call (a model reload) counts as max_queue_ms at most: a call arriving
+        # behind a single queued one is not turned away for it.
+        a.observe("reload", 60_000.0)
+        assert a.on_arrival(0) is None
     finally:
         blocked.set()
         pool.shutdown()

@@ -159,10 +159,13 @@ class Admission:
         self._slots.release()
 
     def observe(self, method: str, ms: float) -> None:
-        """Fold one call's service time into the method's and the overall average."""
+        """Fold one call's service time into the method's and the overall average. The overall
+        one, which judges arriving calls of any method, counts a call at most max_queue_ms: one
+        slow call (a model reload, an export) must not turn the next calls away."""
         with self._lock:
             old = self._service_ms.get(method)
             self._service_ms[method] = ms if old is None else old + EWMA_WEIGHT * (ms - old)
+            ms = min(ms, self.max_queue_ms)
             overall = self._overall_ms
             self._overall_ms = ms if not overall else overall + EWMA_WEIGHT * (ms - overall)
 
