@@ -37,30 +37,35 @@ def test_admission_unit():
 
 def test_calls_that_would_queue_too_long_are_refused_on_arrival():
     a = Admission(max_running=1, max_queue_ms=25)
-    assert a.on_arrival(100) is None  # a free slot: nothing to wait for
+    assert a.on_arrival("m") is None  # a free slot: nothing to wait for
     a.admit("m", None)
-    a.release("m", time.perf_counter() - 0.010)  # calls take about 10 ms
+    a.release("m", time.perf_counter() - 0.010)  # calls of m take about 10 ms
     assert a.admit("m", None).admitted  # the one slot is taken from here on
     pool = UnaryExecutor(a, max_workers=1)
+    m = pool.pool_for("m")
     blocked = threading.Event()
     try:
-        first = pool.submit(blocked.wait, 10)  # holds the one worker thread
+        first = m.submit(blocked.wait, 10)  # holds the one worker thread (never gets a slot)
         time.sleep(0.05)
-        # Behind one queued call a call waits ~10 ms for the slot, behind two ~20 ms: both
-        # within max_queue_ms (25), they queue; behind three (~30 ms) it is refused at once, by
-        # the refusing pool, while the worker is still busy.
-        queued = [pool.submit(refused_on_arrival) for _ in range(2)]
-        late = pool.submit(refused_on_arrival).result(timeout=5)
+        # Behind one queued call of m a call waits ~10 ms, behind two ~20 ms: both within
+        # max_queue_ms (25), they queue; behind three (~30 ms) it is refused at once, by the
+        # refusing pool, while the worker is still busy.
+        queued = [m.submit(refused_on_arrival) for _ in range(2)]
+        late = m.submit(refused_on_arrival).result(timeout=5)
         assert not first.done()
         assert late is not None and late.reason == "overloaded" and late.pushback_ms >= 30
-        assert "2 queued calls ahead" in late.message
+        assert "queued ahead of this one need about 30 ms" in late.message
         blocked.set()
         assert [f.result(timeout=5) for f in queued] == [None, None]  # ran as usual
         assert refused_on_arrival() is None  # nothing outside a refusing job
+        first.result(timeout=5)
+        # Every call left the queue's reckoning (two ended without asking for a slot): a call
+        # arriving now waits for nothing but the slot.
+        assert a.on_arrival("m") is None
         # One very slow call (a model reload) counts as max_queue_ms at most: a call arriving
         # behind a single queued one is not turned away for it.
         a.observe("reload", 60_000.0)
-        assert a.on_arrival(0) is None
+        assert a.estimate_ms("reload") == 25.0
     finally:
         blocked.set()
         pool.shutdown()

@@ -66,37 +66,61 @@ class Admission:
         self._waiting = 0
         self._running = 0
         self._overall_ms = 0.0
+        self._queued_ms = 0.0
 
     def service_ms(self, method: str) -> float:
         """The method's recent service time (0 before its first call)."""
         return self._service_ms.get(method, 0.0)
 
-    def on_arrival(self, queued: int) -> Decision | None:
-        """A refusal for a unary call arriving behind `queued` calls not yet at a worker, when
-        the calls ahead of it would keep it from a slot for longer than max_queue_ms; None to
-        let it queue. The wait is estimated from the calls ahead (those queued and those
-        waiting for a slot) and the recent service time of a call (all methods' average)."""
-        if self._running < self.max_running:
+    def estimate_ms(self, method: str) -> float:
+        """What a call of `method` is expected to take, for the queue's reckoning: its recent
+        service time (all methods' average before its first call), at most max_queue_ms (one
+        slow call, a model reload or an export, must not turn the next calls away)."""
+        ms = self._service_ms.get(method, self._overall_ms)
+        return min(ms, self.max_queue_ms)
+
+    def on_arrival(self, method: str) -> Decision | None:
+        """A refusal for a call of `method` arriving while the calls queued ahead of it (for a
+        worker thread or for a slot) need more than max_queue_ms of the slots; None to let it
+        queue (`enqueue`). Each queued call counts its method's `estimate_ms`."""
+        if self._running < self.max_running and not self._queued_ms:
             return None
-        ahead = queued + self._waiting + 1
-        wait_ms = ahead * self._overall_ms / self.max_running
+        wait_ms = self._queued_ms / self.max_running
         if wait_ms <= self.max_queue_ms:
             return None
         pushback = max(int(wait_ms), int(self.max_queue_ms), 1)
         return Decision(
             False,
             "overloaded",
-            f"server busy: {ahead - 1} queued calls ahead would keep this one waiting about "
-            f"{wait_ms:.0f} ms (serve.max_queue_ms = {self.max_queue_ms:g}); retry after "
-            f"{pushback} ms",
+            f"server busy: the calls queued ahead of this one need about {wait_ms:.0f} ms "
+            f"(serve.max_queue_ms = {self.max_queue_ms:g}); retry after {pushback} ms",
             pushback_ms=pushback,
         )
+
+    def enqueue(self, estimate_ms: float) -> None:
+        """A call expected to take `estimate_ms` joins the queue (until `dequeue`)."""
+        with self._lock:
+            self._queued_ms += estimate_ms
+
+    def dequeue(self, estimate_ms: float) -> None:
+        """A queued call got its slot, was refused, or ended without asking for one."""
+        with self._lock:
+            self._queued_ms = max(self._queued_ms - estimate_ms, 0.0)
 
     def admit(self, method: str, remaining_s: float | None, queued_ms: float = 0.0) -> Decision:
         """Take a slot for a call of `method` with `remaining_s` to its deadline (None: none)
         that already waited `queued_ms` for a worker thread (`StampedExecutor`); the caller must
         `release(method, started)` an admitted call. The whole wait, for a worker and for a
-        slot, stays within max_queue_ms."""
+        slot, stays within max_queue_ms. The call leaves the queue's reckoning either way."""
+        try:
+            return self._admit(method, remaining_s, queued_ms)
+        finally:
+            estimate = getattr(_arrival, "estimate", 0.0)
+            if estimate:
+                _arrival.estimate = 0.0
+                self.dequeue(estimate)
+
+    def _admit(self, method: str, remaining_s: float | None, queued_ms: float) -> Decision:
         need = self.service_ms(method)
         if remaining_s is not None and remaining_s * 1000.0 < need:
             return Decision(
@@ -159,13 +183,10 @@ class Admission:
         self._slots.release()
 
     def observe(self, method: str, ms: float) -> None:
-        """Fold one call's service time into the method's and the overall average. The overall
-        one, which judges arriving calls of any method, counts a call at most max_queue_ms: one
-        slow call (a model reload, an export) must not turn the next calls away."""
+        """Fold one call's service time into the method's and the overall average."""
         with self._lock:
             old = self._service_ms.get(method)
             self._service_ms[method] = ms if old is None else old + EWMA_WEIGHT * (ms - old)
-            ms = min(ms, self.max_queue_ms)
             overall = self._overall_ms
             self._overall_ms = ms if not overall else overall + EWMA_WEIGHT * (ms - overall)
 
@@ -204,34 +225,54 @@ def queued_ms() -> float:
 
 
 class UnaryExecutor(StampedExecutor):
-    """The worker pool of the unary calls admission control counts (`experimental_thread_pool`
-    of their handlers): a call arriving while those ahead of it would keep it waiting longer
-    than `max_queue_ms` (`Admission.on_arrival`) is handed to a small pool that only refuses
-    (`refused_on_arrival` tells the interceptor so), instead of queueing behind them."""
+    """The worker pool of the unary calls admission control counts. Each method's handler gets
+    its own view of it (`pool_for`, gRPC's `experimental_thread_pool`), so that an arriving
+    call is judged by its method: when the calls queued ahead would keep it waiting longer
+    than `max_queue_ms` (`Admission.on_arrival`), it is handed to a small pool that only
+    refuses (`refused_on_arrival` tells the interceptor so), instead of queueing behind them."""
 
     def __init__(self, admission: Admission, max_workers: int):
         super().__init__(max_workers=max_workers, thread_name_prefix="grpc-unary")
         self.admission = admission
         self._refusers = ThreadPoolExecutor(REFUSERS, thread_name_prefix="grpc-refuse")
-        self._queued = 0
-        self._lock = threading.Lock()
 
-    def submit(self, fn, /, *args, **kwargs):
-        refusal = self.admission.on_arrival(self._queued)
+    def pool_for(self, method: str) -> ThreadPoolExecutor:
+        """The executor gRPC is to give the calls of `method` to."""
+        return _MethodPool(self, method)
+
+    def submit_call(self, method: str, fn, /, *args, **kwargs):
+        refusal = self.admission.on_arrival(method)
         if refusal is not None:
             return self._refusers.submit(_refusing, refusal, fn, args, kwargs)
-        with self._lock:
-            self._queued += 1
-        return super().submit(self._started, fn, *args, **kwargs)
+        estimate = self.admission.estimate_ms(method)
+        self.admission.enqueue(estimate)
+        return self.submit(self._queued, estimate, fn, *args, **kwargs)
 
-    def _started(self, fn, /, *args, **kwargs):
-        with self._lock:
-            self._queued -= 1
-        return fn(*args, **kwargs)
+    def _queued(self, estimate: float, fn, /, *args, **kwargs):
+        _arrival.estimate = estimate
+        try:
+            return fn(*args, **kwargs)
+        finally:  # a call that ended without asking for a slot (an undecodable request)
+            if getattr(_arrival, "estimate", 0.0):
+                _arrival.estimate = 0.0
+                self.admission.dequeue(estimate)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         super().shutdown(wait, cancel_futures=cancel_futures)
         self._refusers.shutdown(wait, cancel_futures=cancel_futures)
+
+
+class _MethodPool(ThreadPoolExecutor):
+    """One method's view of a `UnaryExecutor` (it starts no threads of its own: a
+    ThreadPoolExecutor starts them on its first submit, and this one passes every job on)."""
+
+    def __init__(self, shared: UnaryExecutor, method: str):
+        super().__init__(max_workers=1)
+        self._shared = shared
+        self._method = method
+
+    def submit(self, fn, /, *args, **kwargs):
+        return self._shared.submit_call(self._method, fn, *args, **kwargs)
 
 
 def refused_on_arrival() -> Decision | None:

@@ -290,10 +290,10 @@ class ServeSettings:
     customer; 0 = off. About 4 KB each. When a model is loaded, a background thread ranks the
     known customers once each (the most recent buyers first, up to this many), so first calls
     find their slate too."""
-    max_running_calls: int = 1
+    max_running_calls: int = 2
     """Unary calls one server process computes at once (one process computes one at a time under
-    the GIL: more only make each slower; `serve.processes` uses the cores); the others wait for a
-    slot (admission control)..."""
+    the GIL, so more only make each slower; two let one compute while the other waits for the
+    store; `serve.processes` uses the cores); the others wait for a slot (admission control)..."""
     max_queue_ms: float = 100.0
     """...for at most this long, then are refused before any work (RESOURCE_EXHAUSTED with
     `grpc-retry-pushback-ms`); a call whose deadline is nearer than the method's recent service

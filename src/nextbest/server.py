@@ -1432,7 +1432,7 @@ class CallInterceptor(grpc.ServerInterceptor):
                     context.send_initial_metadata((("x-request-id", request_id),))
                     return answer
 
-            unary.experimental_thread_pool = self.unary_pool  # type: ignore[attr-defined]
+            unary.experimental_thread_pool = self.unary_pool.pool_for(method)  # type: ignore[attr-defined]
             return grpc.unary_unary_rpc_method_handler(
                 unary,
                 request_deserializer=parse,
