@@ -193,9 +193,12 @@ class PolicySettings:
     default_consent: str = "deny"
     """What a missing consent record means: `deny` (privacy by default) or `allow`."""
     sensitive_categories: tuple[str, ...] = ()
-    """Catalog categories treated as sensitive (exact, case-insensitive match)."""
+    """Catalog categories treated as sensitive (exact, case-insensitive match). Which products
+    are sensitive is fixed in each model by `nextbest train`: a change reaches product answers
+    with the next model trained, not at a server restart."""
     sensitive_departments: tuple[str, ...] = ()
-    """Catalog departments treated as sensitive (exact, case-insensitive match)."""
+    """Catalog departments treated as sensitive (exact, case-insensitive match); fixed in each
+    model by `nextbest train`, as `sensitive_categories`."""
     channel_exposure: dict[str, float] = field(
         default_factory=lambda: {"email": 0.15, "app": 0.1, "web": 0.05}
     )
