@@ -98,14 +98,19 @@ class Admission:
         )
 
     def enqueue(self, estimate_ms: float) -> None:
-        """A call expected to take `estimate_ms` joins the queue (until `dequeue`)."""
+        """A call expected to take `estimate_ms` joins the queue (until `left_queue`)."""
         with self._lock:
             self._queued_ms += estimate_ms
 
-    def dequeue(self, estimate_ms: float) -> None:
-        """A queued call got its slot, was refused, or ended without asking for one."""
-        with self._lock:
-            self._queued_ms = max(self._queued_ms - estimate_ms, 0.0)
+    def left_queue(self) -> None:
+        """The call running in this thread leaves the queue's reckoning (`enqueue`): it got its
+        slot, was refused, or ended without asking for one. Once per call; a no-op outside a
+        queued call."""
+        estimate = getattr(_arrival, "estimate", 0.0)
+        if estimate:
+            _arrival.estimate = 0.0
+            with self._lock:
+                self._queued_ms = max(self._queued_ms - estimate, 0.0)
 
     def admit(self, method: str, remaining_s: float | None, queued_ms: float = 0.0) -> Decision:
         """Take a slot for a call of `method` with `remaining_s` to its deadline (None: none)
@@ -115,10 +120,7 @@ class Admission:
         try:
             return self._admit(method, remaining_s, queued_ms)
         finally:
-            estimate = getattr(_arrival, "estimate", 0.0)
-            if estimate:
-                _arrival.estimate = 0.0
-                self.dequeue(estimate)
+            self.left_queue()
 
     def _admit(self, method: str, remaining_s: float | None, queued_ms: float) -> Decision:
         need = self.service_ms(method)
@@ -253,9 +255,7 @@ class UnaryExecutor(StampedExecutor):
         try:
             return fn(*args, **kwargs)
         finally:  # a call that ended without asking for a slot (an undecodable request)
-            if getattr(_arrival, "estimate", 0.0):
-                _arrival.estimate = 0.0
-                self.admission.dequeue(estimate)
+            self.admission.left_queue()
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         super().shutdown(wait, cancel_futures=cancel_futures)

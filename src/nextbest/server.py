@@ -1637,7 +1637,6 @@ def create_server(settings: Settings, *, reuse_port: bool = False) -> Running:
     the watcher finds one). `serve.port = 0` binds a free port (see `Running.port`). Consent
     comes from the store at `serve.store`, read on every call. The port is this server's alone
     unless `reuse_port` (one of `serve.processes` processes sharing it, see `processes.py`)."""
-
     # One BLAS / OpenMP thread per call (see ServedModel): the worker threads are the parallelism.
     threadpool_limits(1)
     check_experiments(settings)
