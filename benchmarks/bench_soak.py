@@ -91,6 +91,7 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -855,28 +856,36 @@ class Client:
     def metadata(self) -> tuple:
         return (("authorization", f"Bearer {self.token}"),)
 
+    async def failover(self, home: int, attempt) -> tuple[int, bool, Any]:
+        """`await attempt(replica)` on the home replica and, when that fails UNAVAILABLE, once
+        more on the other one (a failover): (the replica of the last attempt, whether it failed
+        over, that attempt's AioRpcError or None)."""
+        import grpc
+
+        for n, replica in enumerate((home, 1 - home)):
+            try:
+                await attempt(replica)
+            except grpc.aio.AioRpcError as exc:
+                if n == 0 and exc.code() == grpc.StatusCode.UNAVAILABLE:
+                    continue
+                return replica, n > 0, exc
+            return replica, n > 0, None
+        raise AssertionError("the second attempt always returns")
+
     async def call(
         self, kind: str, at: float, home: int, service: str, method: str, request
     ) -> tuple[object, Call]:
-        import grpc
-
         sent = self.now()
-        failover = False
-        for attempt, replica in enumerate((home, 1 - home)):
+        reply, token = None, self.token_name
+
+        async def attempt(replica: int) -> None:
+            nonlocal reply, token
             token = self.token_name
             stub = getattr(self.pick(replica), service)
-            try:
-                reply = await getattr(stub, method)(
-                    request, timeout=TIMEOUT, metadata=self.metadata()
-                )
-                code, details = "OK", ""
-                break
-            except grpc.aio.AioRpcError as exc:
-                reply, code, details = None, exc.code().name, exc.details() or ""
-                if code == "UNAVAILABLE" and attempt == 0:
-                    failover = True
-                    continue
-                break
+            reply = await getattr(stub, method)(request, timeout=TIMEOUT, metadata=self.metadata())
+
+        replica, failover, exc = await self.failover(home, attempt)
+        code, details = ("OK", "") if exc is None else (exc.code().name, exc.details() or "")
         record = Call(
             kind,
             at,
@@ -1067,7 +1076,6 @@ class Client:
             self.run.wrong.append(f"{customer}: personal right after ForgetCustomer")
 
     async def stream(self, op: Op) -> None:
-        import grpc
 
         from nextbest.v1 import recommender_pb2 as pb
 
@@ -1082,31 +1090,31 @@ class Client:
                     customer_id=customer, channel=channel, request_id=str(k)
                 )
 
-        failover = False
-        for attempt, replica in enumerate((op.home, 1 - op.home)):
+        answers, errors, personal, code, versions = 0, 0, 0, "OK", Counter()
+        token = self.token_name
+
+        async def attempt(replica: int) -> None:
+            nonlocal answers, errors, personal, code, versions, token
             answers, errors, personal, code, versions = 0, 0, 0, "OK", Counter()
             token = self.token_name
-            try:
-                call = self.pick(replica).recommender.StreamRecommendations(
-                    requests(), timeout=STREAM_TIMEOUT, metadata=self.metadata()
-                )
-                async for reply in call:
-                    if reply.HasField("error"):
-                        errors += 1
-                        code = f"stream error {reply.error.code}"
-                    elif reply.request_id != str(answers) or not reply.items:
-                        self.run.wrong.append(f"stream answer {answers}: {reply}")
-                    elif reply.personalized and reply.customer_id in erased:
-                        self.run.wrong.append(f"stream: {reply.customer_id} erased, personal")
-                    answers += 1
-                    personal += reply.personalized
-                    versions[reply.model_version] += 1
-            except grpc.aio.AioRpcError as exc:
-                code = exc.code().name
-                if code == "UNAVAILABLE" and attempt == 0:
-                    failover = True
-                    continue
-            break
+            call = self.pick(replica).recommender.StreamRecommendations(
+                requests(), timeout=STREAM_TIMEOUT, metadata=self.metadata()
+            )
+            async for reply in call:
+                if reply.HasField("error"):
+                    errors += 1
+                    code = f"stream error {reply.error.code}"
+                elif reply.request_id != str(answers) or not reply.items:
+                    self.run.wrong.append(f"stream answer {answers}: {reply}")
+                elif reply.personalized and reply.customer_id in erased:
+                    self.run.wrong.append(f"stream: {reply.customer_id} erased, personal")
+                answers += 1
+                personal += reply.personalized
+                versions[reply.model_version] += 1
+
+        replica, failover, exc = await self.failover(op.home, attempt)
+        if exc is not None:
+            code = exc.code().name
         ms = (self.now() - sent) * 1000.0
         if code == "OK" and answers != len(customers):
             code = f"stream: {answers} answers to {len(customers)} requests"
@@ -1132,7 +1140,6 @@ class Client:
     async def audience(self, op: Op) -> None:
         """Lifecycle.StreamAudience of the dormant stage: members must have personalization
         consent and not be erased (for customers whose consent did not change meanwhile)."""
-        import grpc
 
         from nextbest.v1 import lifecycle_pb2
         from nextbest.v1 import recommender_pb2 as pb
@@ -1151,21 +1158,20 @@ class Client:
             if p == "personalization" and not g and (c, p) not in self.uncertain
         }
         erased = {c for c, t in self.erased.items() if t < sent}
-        failover = False
-        for attempt, replica in enumerate((op.home, 1 - op.home)):
-            members, code, token = [], "OK", self.token_name
-            try:
-                call = self.pick(replica).lifecycle.StreamAudience(
-                    request, timeout=STREAM_TIMEOUT, metadata=self.metadata()
-                )
-                async for member in call:
-                    members.append(member.customer_id)
-            except grpc.aio.AioRpcError as exc:
-                code = exc.code().name
-                if code == "UNAVAILABLE" and attempt == 0:
-                    failover = True
-                    continue
-            break
+        members: list[str] = []
+        token = self.token_name
+
+        async def attempt(replica: int) -> None:
+            nonlocal members, token
+            members, token = [], self.token_name
+            call = self.pick(replica).lifecycle.StreamAudience(
+                request, timeout=STREAM_TIMEOUT, metadata=self.metadata()
+            )
+            async for member in call:
+                members.append(member.customer_id)
+
+        replica, failover, exc = await self.failover(op.home, attempt)
+        code = "OK" if exc is None else exc.code().name
         ms = (self.now() - sent) * 1000.0
         for c in members:
             if c in erased:
