@@ -103,6 +103,33 @@ def test_recency_half_life_and_repeat_stats():
     assert rs.user_days.tolist() == [3.0, 1.0]
 
 
+def test_season_window_is_the_coming_month_one_year_earlier():
+    table = events(
+        [
+            ("a", "x", "2023-01-10", "purchase", 1.0),  # in the season window
+            ("a", "x", "2023-01-12", "purchase", 1.0),  # in it too
+            ("a", "y", "2023-03-01", "purchase", 1.0),  # after it
+            ("b", "x", "2023-01-03", "purchase", 1.0),  # before it: starts the history
+            ("b", "y", "2024-01-01", "purchase", 1.0),
+            ("b", "x", "2024-01-01", "purchase", 1.0),
+        ]
+    )
+    inter = build_interactions(table, {"purchase": 1.0})
+    ref = float(to_days(pa.array([dt.datetime(2024, 1, 5)], pa.timestamp("us")))[0])
+    rs = repeat_stats(inter, half_life_days=10.0, reference_day=ref)
+    x, y = inter.item_ids.tolist().index("x"), inter.item_ids.tolist().index("y")
+    assert rs.season_covered
+    assert rs.season_days[0, x] == 2 and rs.season_days[0, y] == 0 and rs.season_days[1, x] == 0
+    assert rs.item_season_buyers[x] == 1 and rs.item_season_buyers[y] == 0
+    # The same purchases without b's first one: the history starts inside the window, so the
+    # season is unknown (all 0), not "nothing bought then".
+    later = table.filter(pa.array([True, True, True, False, True, True]))
+    inter = build_interactions(later, {"purchase": 1.0})
+    rs = repeat_stats(inter, half_life_days=10.0, reference_day=ref)
+    assert not rs.season_covered
+    assert rs.season_days.sum() == 0 and rs.item_season_buyers.sum() == 0
+
+
 def test_consent_latest_record_wins_and_default_applies():
     policy = load_settings(None, environ={}).policy
     consent = pa.table(

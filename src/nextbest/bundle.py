@@ -30,6 +30,9 @@ FEATURES = (
     "log_popularity",
     "log_share",
     "own_timeliness",
+    "log_prev_popularity",
+    "log_season_days",
+    "log_season_popularity",
 )
 """Blend features of a (customer, product) candidate; see `scoring.candidate_features`."""
 

@@ -129,7 +129,11 @@ def candidate_features(
     product's buyers who buy it again), cf_new / cf_old (CF score over the user's best candidate
     score, for new / bought products), log_popularity (recent distinct buyers), log_share (share of
     the customer's shopping days with the product), own_timeliness (timeliness against the
-    customer's own interval for the product, when bought on two or more days).
+    customer's own interval for the product, when bought on two or more days), log_season_days
+    (purchase days of the pair in the coming month one year earlier), log_season_popularity (the
+    product's distinct buyers then; both 0 when the history is shorter than a year) and
+    log_prev_popularity (distinct buyers in the 30 days before the last 30: with log_popularity,
+    the product's trend).
 
     `cf_candidates` (one row of CF product indices per user, -1 padded), when given, replaces the
     CF model's top `pool` new products (see `cf_candidates_for`, which computes them).
@@ -191,11 +195,11 @@ def candidate_features(
         empty = np.zeros(0, dtype=np.int64)
         return Candidates(pos=empty, item=empty, features=np.zeros((0, len(FEATURES))))
 
-    # One search serves the four repeat matrices: they share one sparsity pattern.
+    # One search serves the five repeat matrices: they share one sparsity pattern.
     index, bought = _pair_index(rs.days_bought, users, pos, item)
-    days, last, first, rw = (
+    days, last, first, rw, season = (
         np.where(bought, m.data[index], 0.0) if len(m.data) else np.zeros(len(pos))
-        for m in (rs.days_bought, rs.last_day, rs.first_day, rs.recency_weighted)
+        for m in (rs.days_bought, rs.last_day, rs.first_day, rs.recency_weighted, rs.season_days)
     )
     rep = bought.astype(np.float64)
     elapsed = max(now_day - bundle.reference_day, 0.0)
@@ -235,6 +239,9 @@ def candidate_features(
             np.log1p(rs.item_recent_buyers[item]),
             np.log(np.maximum(share, 1e-3)) * rep,
             own_timeliness,
+            np.log1p(rs.item_prev_buyers[item]),
+            np.log1p(season) * rep,
+            np.log1p(rs.item_season_buyers[item]),
         ]
     )
     return Candidates(pos=pos, item=item.astype(np.int64), features=features)

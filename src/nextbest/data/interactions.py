@@ -164,6 +164,23 @@ class RepeatStats:
     user_days_plain: np.ndarray | None = None
     """Per customer: distinct days with a purchase of a product that is not sensitive (what
     customers without sensitive consent are scored with); None = as user_days."""
+    item_prev_buyers: np.ndarray
+    """Per product: distinct buyers in the 30 days before those last 30 (with
+    item_recent_buyers: the product's trend)."""
+    season_days: sp.csr_matrix
+    """Same pattern (float32): purchase days of the pair in the 30 days that began one year
+    before the reference day (the coming month, last year); all 0 when the history does not
+    reach back that far (`season_covered`)."""
+    item_season_buyers: np.ndarray
+    """Per product: distinct buyers in that same window (the coming month, last year)."""
+    season_covered: bool
+    """Whether the purchases reach back to the start of the season window."""
+
+
+SEASON_LAG_DAYS = 365.0
+"""The season window starts this many days before the reference day ..."""
+SEASON_WINDOW_DAYS = 30.0
+"""... and lasts this long: the month a model serves, one year earlier."""
 
 
 def repeat_stats(
@@ -207,6 +224,19 @@ def repeat_stats(
         interval[ids] = (g_vals[lo] + g_vals[hi]) / 2.0
     recent = last >= reference_day - 30.0
     recent_buyers = np.bincount(cols[recent], minlength=n_items).astype(np.float64)
+
+    def days_within(lo: float, hi: float) -> np.ndarray:
+        """Per bought pair: its purchase days in [lo, hi)."""
+        inside = ((day + 0.5 >= lo) & (day + 0.5 < hi)).astype(np.float64)
+        return np.add.reduceat(inside, start) if len(start) else np.zeros(0)
+
+    def buyers_of(pair_days: np.ndarray) -> np.ndarray:
+        return np.bincount(cols[pair_days > 0], minlength=n_items).astype(np.float64)
+
+    prev = days_within(reference_day - 60.0, reference_day - 30.0)
+    season_start = reference_day - SEASON_LAG_DAYS
+    covered = bool(len(day)) and float(day.min()) <= season_start
+    season = days_within(season_start, season_start + SEASON_WINDOW_DAYS) * covered
     return RepeatStats(
         days_bought=csr(counts.astype(np.float64)),
         last_day=csr(last),
@@ -217,6 +247,10 @@ def repeat_stats(
         item_buyers=buyers,
         item_recent_buyers=recent_buyers,
         user_days=purchase_days(inter),
+        item_prev_buyers=buyers_of(prev),
+        season_days=csr(season).astype(np.float32),
+        item_season_buyers=buyers_of(season),
+        season_covered=covered,
     )
 
 

@@ -165,6 +165,10 @@ def publish(
         item_interval_days=rs.item_interval_days,
         item_buyers=rs.item_buyers,
         item_recent_buyers=rs.item_recent_buyers,
+        item_prev_buyers=rs.item_prev_buyers,
+        season_days=rs.season_days.data,
+        item_season_buyers=rs.item_season_buyers,
+        season_covered=np.asarray(rs.season_covered),
     )
     _save_npz(tmp / "cf.npz", **bundle.cf.arrays())
     _save_npz(
@@ -367,6 +371,10 @@ def _read_bundle(directory: Path, manifest: dict) -> ModelBundle:
         item_interval_days=rep["item_interval_days"],
         item_buyers=rep["item_buyers"],
         item_recent_buyers=rep["item_recent_buyers"],
+        item_prev_buyers=rep["item_prev_buyers"],
+        season_days=pattern(rep["season_days"]),
+        item_season_buyers=rep["item_season_buyers"],
+        season_covered=bool(rep["season_covered"]),
     )
     if manifest.get("features") != list(FEATURES):
         raise ModelError(f"{directory}: blend features differ from this version of nextbest")

@@ -32,6 +32,7 @@ from nextbest.cf import CF_KINDS, CFModel
 from nextbest.config import Settings, parse_als_spec
 from nextbest.data.interactions import (
     DAY_US,
+    SEASON_LAG_DAYS,
     Interactions,
     RepeatStats,
     build_interactions,
@@ -297,6 +298,12 @@ def _fit_blend(bundle: ModelBundle, val_events: pa.Table, settings: Settings) ->
     cands = candidate_features(
         bundle, users, now_day=bundle.reference_day, pool=settings.train.candidate_pool
     )
+    if not bundle.repeat.season_covered:
+        logger.info(
+            "blend: the history starts less than %d days before the validation window: the "
+            "season features (log_season_days, log_season_popularity) are 0 and get no weight",
+            SEASON_LAG_DAYS,
+        )
     off = _off_sale(bundle, i[i >= 0], window_days=settings.train.validation_days)
     if off.any():
         logger.info("blend: %d products off sale in the validation window: left out", off.sum())
