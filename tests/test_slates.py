@@ -5,13 +5,16 @@ erasure, a category filter and on another channel."""
 from __future__ import annotations
 
 import dataclasses
+import json
+import shutil
 import threading
 
 from conftest import served_settings
 
 from nextbest.policy import ConsentState
+from nextbest.server import ModelHolder
 from nextbest.service import ProductQuery, ServedModel, fixed_consent
-from nextbest.store.artifacts import load_bundle
+from nextbest.store.artifacts import current_version, load_bundle, set_current
 
 
 def answers(model: ServedModel, queries: list[ProductQuery]) -> list[tuple]:
@@ -97,3 +100,54 @@ def test_slates_warmed_at_load_give_the_same_answers_and_stop_when_retired(workd
     ]
     newest = sorted(range(len(last)), key=lambda u: -last[u])[:5]
     assert sorted(k[0] for k in small.slates._slates) == sorted(newest)
+
+
+def test_a_new_version_is_swapped_in_warm_and_forgets_who_was_erased_meanwhile(
+    workdir, tmp_path, monkeypatch
+):
+    """A model swap (issue #16: `make bench-soak` refused calls for a minute after each one):
+    the new version ranks its customers' slates while the old one still answers, so that every
+    first call after the swap finds its slate; a customer erased during that time is forgotten
+    by the new version too (factors and slate), not only by the old one."""
+    models = tmp_path / "models"
+    shutil.copytree(workdir / "models", models)
+    served = current_version(models)
+    newer = "29990101T000000000Z-warm"
+    shutil.copytree(models / served, models / newer)
+    manifest = json.loads((models / newer / "manifest.json").read_text())
+    manifest["version"] = newer
+    (models / newer / "manifest.json").write_text(json.dumps(manifest))
+    settings = served_settings(workdir, models)
+    holder = ModelHolder(settings, fixed_consent(ConsentState(default_allow=True)))
+    try:
+        old, _ = holder.load()
+        gone = str(old.bundle.user_ids[0])
+        warm = ServedModel.warm_slates
+        before_swap = []
+
+        def erase_while_warming(self, stop, *args, **kwargs):
+            if kwargs.get("budget_s", float("inf")) < float("inf"):  # before the swap
+                before_swap.append(self.version)
+                holder.forget(gone)
+            return warm(self, stop, *args, **kwargs)
+
+        monkeypatch.setattr(ServedModel, "warm_slates", erase_while_warming)
+        set_current(models, newer)
+        model, changed = holder.load()
+        assert changed and holder.current is model and model.version == newer
+        assert before_swap == [newer]
+        user = int(old.bundle.user_index([gone])[0])
+        assert user < 0 and int(model.bundle.user_index([gone])[0]) < 0  # forgotten by both
+        ranked = {k[0] for k in model.slates._slates}
+        assert len(ranked) >= len(model.bundle.user_ids) - 2  # all but the forgotten one
+        hits = model.slates.hits
+        customers = [str(c) for c in model.bundle.user_ids[1:21]]
+        model.recommend([ProductQuery(customer_id=c) for c in customers])
+        assert model.slates.hits - hits == len(customers)  # first calls after the swap
+        # With warm_before_swap_s = 0 the swap is at once (nothing ranked before it).
+        holder.settings = settings.with_overrides("serve", warm_before_swap_s=0.0)
+        before_swap.clear()
+        set_current(models, served)
+        assert holder.load()[0].version == served and before_swap == []
+    finally:
+        holder.stop()

@@ -293,6 +293,12 @@ class ServeSettings:
     customer; 0 = off. About 4 KB each. When a model is loaded, a background thread ranks the
     known customers once each (the most recent buyers first, up to this many), so first calls
     find their slate too."""
+    warm_before_swap_s: float = 30.0
+    """A new model version is swapped in once it has ranked those slates, or after this many
+    seconds of ranking them, whichever comes first (the old version answers meanwhile; the rest
+    are ranked after the swap); 0 = swap at once. Not at a server's start, which swaps at once.
+    Without it a swap under load emptied the cache and each first call ranked its customer
+    again: `make bench-soak` refused calls for a minute after every swap."""
     max_running_calls: int = 2
     """Unary calls one server process computes at once (one process computes one at a time under
     the GIL, so more only make each slower; two let one compute while the other waits for the
@@ -734,6 +740,7 @@ def _validate(section: str, s: object) -> None:
         need(s.max_concurrent_calls >= 1, "max_concurrent_calls", "must be >= 1")
         need(s.max_running_calls >= 1, "max_running_calls", "must be >= 1")
         need(s.slate_cache_size >= 0, "slate_cache_size", "must be >= 0")
+        need(s.warm_before_swap_s >= 0, "warm_before_swap_s", "must be >= 0")
         need(s.max_queue_ms >= 0, "max_queue_ms", "must be >= 0")
         need(0 < s.switch_interval_ms <= 1000, "switch_interval_ms", "must be > 0 and <= 1000")
         need(s.log_format in ("json", "text"), "log_format", "must be json or text")

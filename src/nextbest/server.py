@@ -246,6 +246,11 @@ class ModelHolder:
         self.replay = ReplayClock()
         """Advanced by recorded events; the clock of `serve.clock = "replay"`."""
         self._lock = threading.Lock()
+        """Guards the swap and erasures reaching the models (held briefly)."""
+        self._loading = threading.Lock()
+        """One load at a time (held while a version is read and warmed)."""
+        self._forgotten_meanwhile: set[str] | None = None
+        """Customers erased while a version is being loaded (None: no load running)."""
         self._refused: str | None = None
         self._waiting_for_store: str | None = None
         self._stop = threading.Event()
@@ -264,8 +269,13 @@ class ModelHolder:
         return self._current is not None
 
     def load(self, version: str | None = None) -> tuple[ServedModel, bool]:
-        """Load `version` (default: CURRENT) and swap it in; ModelError leaves the old one."""
-        with self._lock:
+        """Load `version` (default: CURRENT) and swap it in; ModelError leaves the old one.
+
+        All off the call path: calls go on being answered by the old model while the new one is
+        read and, when there is an old one, while the new one ranks its customers' slates (up to
+        `serve.warm_before_swap_s`): after the swap, first calls find them ranked. Customers
+        erased meanwhile are forgotten by the new model too."""
+        with self._loading:  # one load at a time (the watcher, ReloadModel)
             wanted = version or current_version(self.models_dir)
             old = self._current
             if old is not None and old.version == wanted:
@@ -276,22 +286,40 @@ class ModelHolder:
                 exists = False
             if not exists:
                 raise NotFound(f"version: {wanted!r} is not a model in {self.models_dir}")
-            erased = self.store.tombstones() if self.store is not None else {}
-            bundle = load_bundle(self.models_dir, wanted)
-            model = self._served(bundle, self.settings, erased)
-            arms = self._arms_of(model, erased)
-            self._current, self._arms = model, arms
+            with self._lock:
+                self._forgotten_meanwhile = set()
+            try:
+                erased = self.store.tombstones() if self.store is not None else {}
+                bundle = load_bundle(self.models_dir, wanted)
+                model = self._served(bundle, self.settings, erased)
+                arms = self._arms_of(model, erased)
+                budget = self.settings.serve.warm_before_swap_s if old is not None else 0.0
+                warmed = model.warm_slates(self._stop, budget_s=budget) if budget > 0 else 0
+                with self._lock:
+                    for customer_id in self._forgotten_meanwhile:
+                        for m in (model, *arms.values()):
+                            m.forget(customer_id)
+                    self._current, self._arms = model, arms
+            finally:
+                with self._lock:
+                    self._forgotten_meanwhile = None
             self._refused = None
             if old is not None:
                 old.retired.set()  # stops its slate warming
         threading.Thread(
-            target=model.warm_slates, args=(model.retired,), name="warm-slates", daemon=True
+            target=model.warm_slates,
+            args=(model.retired,),
+            kwargs={"skip": warmed},
+            name="warm-slates",
+            daemon=True,
         ).start()
         logger.info(
-            "serving model %s (%d customers, %d products, %d content items)",
+            "serving model %s (%d customers, %d products, %d content items; %d slates ranked "
+            "before the swap)",
             model.version,
             *model.bundle.shape,
             len(model.content_ids),
+            warmed,
         )
         self.metrics.serving(model.version, model.bundle.cf.kind)
         del old  # the previous model: freed once its calls in flight finish
@@ -377,11 +405,15 @@ class ModelHolder:
         return out
 
     def forget(self, customer_id: str) -> None:
-        """Drop an erased customer from every loaded model (the served one and the arms')."""
-        if self._current is not None:
-            self._current.forget(customer_id)
-        for model in self._arms.values():
-            model.forget(customer_id)
+        """Drop an erased customer from every loaded model (the served one and the arms', and
+        the one being loaded once it is swapped in)."""
+        with self._lock:
+            if self._forgotten_meanwhile is not None:
+                self._forgotten_meanwhile.add(customer_id)
+            if self._current is not None:
+                self._current.forget(customer_id)
+            for model in self._arms.values():
+                model.forget(customer_id)
 
     def check(self) -> None:
         """Load CURRENT if it changed; a broken version is refused once and logged."""

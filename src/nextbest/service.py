@@ -657,16 +657,25 @@ class ServedModel:
             return None
         return self.now() - dt.timedelta(days=policy.fatigue_days)
 
-    def warm_slates(self, stop: threading.Event, batch: int = 32, idle: float = 3.0) -> int:
+    def warm_slates(
+        self,
+        stop: threading.Event,
+        batch: int = 32,
+        idle: float = 3.0,
+        *,
+        skip: int = 0,
+        budget_s: float = float("inf"),
+    ) -> int:
         """Rank the known customers once each, the most recent buyers first, up to
-        `serve.slate_cache_size` (run off the call path, by a thread started at load): a
-        customer's first call then finds their slate. Each batch is answered as a call with the
-        default limit would be, consent and recorded events read from the store, and nothing is
-        sent or recorded. After each batch the thread rests `idle` times as long as the batch
-        took, so that warming takes at most a quarter of the interpreter from the calls (at
-        full speed it held it ~90% of the time, and a model swap under load stalled the calls:
-        `make bench-soak`). Stops early when `stop` is set (a newer model) or the store cannot
-        be read. Returns the number of customers ranked."""
+        `serve.slate_cache_size` (run off the call path, by the model holder before and after
+        the swap): a customer's first call then finds their slate. Each batch is answered as a
+        call with the default limit would be, consent and recorded events read from the store,
+        and nothing is sent or recorded. After each batch the thread rests `idle` times as long
+        as the batch took, so that warming takes at most a quarter of the interpreter from the
+        calls (at full speed it held it ~90% of the time, and a model swap under load stalled
+        the calls: `make bench-soak`). Starts after the first `skip` customers of that order;
+        stops early when `stop` is set (a newer model), the store cannot be read or `budget_s`
+        seconds have passed. Returns the number of customers ranked, `skip` included."""
         size = self.settings.serve.slate_cache_size
         if not size:
             return 0
@@ -678,9 +687,10 @@ class ServedModel:
             last[busy] = np.maximum.reduceat(days.data, days.indptr[:-1][busy])
         order = np.argsort(-last, kind="stable")[:size]
         ids = self.bundle.user_ids
-        done = 0
-        for lo in range(0, len(order), batch):
-            if stop.is_set():
+        done = min(skip, len(order))
+        until = time.perf_counter() + budget_s
+        for lo in range(done, len(order), batch):
+            if stop.is_set() or time.perf_counter() >= until:
                 break
             started = time.perf_counter()
             queries = [ProductQuery(customer_id=str(ids[u])) for u in order[lo : lo + batch]]
