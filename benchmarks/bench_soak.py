@@ -12,7 +12,9 @@ Two model versions are trained up front into `<work-dir>/models` (ALS only, no t
 every event with different seeds: a retrain of the same size). The replicas start on the older.
 
 1. Capacity, in the same run and configuration, of the soak's own mix of unary operations
-   (below, without the streams): a closed loop of 16 tasks, half of them homed on each replica,
+   (below, without the streams), once every server process has ranked its customers' slates
+   (its log line "slates of model ... ranked"; before it a process is still warming up): a
+   closed loop of 16 tasks, half of them homed on each replica,
    3 s of warm-up then `--capacity-seconds` (15) measured; OK unary calls per second over both
    replicas (a task waits 50 ms after a refusal by admission control). Its writes are read back
    with the soak's. (RecommendProducts alone is much cheaper than the mix: 80% of its capacity
@@ -1511,6 +1513,16 @@ async def session(
     """The capacity (unless `--rate`), then the soak, on one client."""
     client = Client([r.address for r in setup.replicas], setup.ca, setup.token, inputs, Run())
     try:
+        # Steady state: every process has ranked its customers' slates (the warm-up after a
+        # start, at a quarter of each process), so that neither the capacity nor minute 1
+        # measures a server still warming. A replica started under load is the kill fault's.
+        waited = time.monotonic()
+        warm = await wait_logged(setup.replicas, [0] * len(setup.replicas), "slates of model", 300)
+        print(
+            f"slates ranked by every server process (waited {time.monotonic() - waited:.1f} s"
+            + (", timed out)" if any(np.isnan(warm)) else ")"),
+            flush=True,
+        )
         if args.rate > 0:
             capacity, rate = {"qps": 0.0}, args.rate
         else:

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import shutil
 import threading
+import time
 
 from conftest import served_settings
 
@@ -103,7 +105,7 @@ def test_slates_warmed_at_load_give_the_same_answers_and_stop_when_retired(workd
 
 
 def test_a_new_version_is_swapped_in_warm_and_forgets_who_was_erased_meanwhile(
-    workdir, tmp_path, monkeypatch
+    workdir, tmp_path, monkeypatch, caplog
 ):
     """A model swap (issue #16: `make bench-soak` refused calls for a minute after each one):
     the new version ranks its customers' slates while the old one still answers, so that every
@@ -119,6 +121,7 @@ def test_a_new_version_is_swapped_in_warm_and_forgets_who_was_erased_meanwhile(
     (models / newer / "manifest.json").write_text(json.dumps(manifest))
     settings = served_settings(workdir, models)
     holder = ModelHolder(settings, fixed_consent(ConsentState(default_allow=True)))
+    caplog.set_level(logging.INFO, logger="nextbest.server")
     try:
         old, _ = holder.load()
         gone = str(old.bundle.user_ids[0])
@@ -144,6 +147,11 @@ def test_a_new_version_is_swapped_in_warm_and_forgets_who_was_erased_meanwhile(
         customers = [str(c) for c in model.bundle.user_ids[1:21]]
         model.recommend([ProductQuery(customer_id=c) for c in customers])
         assert model.slates.hits - hits == len(customers)  # first calls after the swap
+        # The rest is ranked after the swap, then said once (make bench-soak waits for it).
+        deadline = time.monotonic() + 30
+        while not any(f"slates of model {newer} ranked" in r.getMessage() for r in caplog.records):
+            assert time.monotonic() < deadline, "no 'slates of model ... ranked' line"
+            time.sleep(0.05)
         # With warm_before_swap_s = 0 the swap is at once (nothing ranked before it).
         holder.settings = settings.with_overrides("serve", warm_before_swap_s=0.0)
         before_swap.clear()

@@ -293,12 +293,12 @@ class ServeSettings:
     customer; 0 = off. About 4 KB each. When a model is loaded, a background thread ranks the
     known customers once each (the most recent buyers first, up to this many), so first calls
     find their slate too."""
-    warm_before_swap_s: float = 30.0
-    """A new model version is swapped in once it has ranked those slates, or after this many
-    seconds of ranking them, whichever comes first (the old version answers meanwhile; the rest
-    are ranked after the swap); 0 = swap at once. Not at a server's start, which swaps at once.
-    Without it a swap under load emptied the cache and each first call ranked its customer
-    again: `make bench-soak` refused calls for a minute after every swap."""
+    warm_before_swap_s: float = 60.0
+    """A new model version is swapped in once it has ranked those slates (at a twentieth of the
+    process: the old version answers meanwhile), or after this many seconds of ranking them,
+    whichever comes first; the rest are ranked after the swap. First calls after a swap then
+    find their customer ranked. 0 = swap at once; a server's start always swaps at once. Each
+    process logs "slates of model ... ranked" when all are."""
     max_running_calls: int = 2
     """Unary calls one server process computes at once (one process computes one at a time under
     the GIL, so more only make each slower; two let one compute while the other waits for the
