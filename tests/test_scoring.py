@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -228,3 +230,47 @@ def test_the_blend_is_not_fitted_on_products_off_sale_in_its_window():
     off = _off_sale(bundle, sold, window_days=30.0)
     assert off.tolist() == [True, False, False, False]
     assert 60 * 30 / 300 >= OFF_SALE_EXPECTED > 5 * 30 / 300
+
+
+def test_cf_candidates_are_drawn_from_the_best_sellers_the_config_names(bundle):
+    """`train.cf_candidate_products`: a factor model's CF candidates come from that many best
+    sellers only (precomputed by the trainer and per call alike); 0 = every product."""
+    everything = cf_candidates_for(bundle, 20)
+    assert bundle.manifest["params"]["cf_candidate_products"] == 20_000  # the default: all here
+    few = 15
+    limited = dataclasses.replace(
+        bundle,
+        manifest={
+            **bundle.manifest,
+            "params": {**bundle.manifest["params"], "cf_candidate_products": few},
+        },
+    )
+    top = set(bundle.best_sellers[:few].tolist())
+    pool = cf_candidates_for(limited, 20)
+    assert set(pool[pool >= 0].tolist()) <= top
+    assert not set(everything[everything >= 0].tolist()) <= top  # the limit is what made it
+    # Per call (no precomputed candidates): the same products.
+    ranked = recommend_for(
+        limited,
+        np.array([f"c{c:03d}" for c in range(40)]),
+        N=50,
+        now_day=bundle.reference_day,
+        personalization_ok=np.ones(40, bool),
+        sensitive_ok=np.ones(40, bool),
+        durable_repeat_rate=0.05,
+        pool=20,
+    )
+    assert np.array_equal(
+        ranked.ids,
+        recommend_for(
+            limited,
+            np.array([f"c{c:03d}" for c in range(40)]),
+            N=50,
+            now_day=bundle.reference_day,
+            personalization_ok=np.ones(40, bool),
+            sensitive_ok=np.ones(40, bool),
+            durable_repeat_rate=0.05,
+            pool=20,
+            cf_candidates=pool,
+        ).ids,
+    )

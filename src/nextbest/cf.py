@@ -50,17 +50,24 @@ class CFModel:
         *,
         N: int,
         filter_already_liked_items: bool,
+        items: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Top-N `(ids, scores)` of shape (len(users), N); missing slots are id -1, score -inf.
 
         `user_items` holds the rows of `users` (one row per requested user, in order).
+        `items` (sorted item indices), when given, limits a factor model's top N to them.
         """
         n = min(N, self.n_items)
+        limit = {}
+        if items is not None and self.kind in FACTOR_KINDS and len(items) < self.n_items:
+            limit = {"items": items}
+            n = min(n, len(items))
         ids, scores = self.model.recommend(
             users,
             user_items,
             N=n,
             filter_already_liked_items=filter_already_liked_items,
+            **limit,
         )
         ids = np.asarray(ids).reshape(len(users), -1)
         scores = np.asarray(scores, dtype=np.float64).reshape(len(users), -1)

@@ -151,6 +151,11 @@ class TrainSettings:
     """Recency half-life of the repeat-purchase model's frequency."""
     candidate_pool: int = 100
     """CF candidates per customer offered to the blend besides the customer's own products."""
+    cf_candidate_products: int = 20_000
+    """A factor model's (als, bpr) CF candidates are drawn from this many best sellers (distinct
+    buyers) only; 0 = from every product. On Complete Journey (68k products) the served answers
+    score the same with 20,000 as with all (EVALUATION.md); at a million customers the trainer's
+    top-k over every product was half its time (BENCHMARKS.md, make bench-scale)."""
     max_store_lead_days: float = 90.0
     """The model's clock is its newest training event (`serve.clock = "model"` and every timing
     feature count from it). Recorded events of the store (`--store`) dated more than this many
@@ -672,6 +677,7 @@ def _validate(section: str, s: object) -> None:
         need(s.als_iterations >= 1 and s.bpr_iterations >= 1, "als_iterations", "must be >= 1")
         need(s.item_neighbours >= 1, "item_neighbours", "must be >= 1")
         need(s.candidate_pool >= 1, "candidate_pool", "must be >= 1")
+        need(s.cf_candidate_products >= 0, "cf_candidate_products", "must be >= 0")
         need(s.max_store_lead_days > 0, "max_store_lead_days", "must be > 0")
         for spec in s.als_grid:
             parse_als_spec(spec)

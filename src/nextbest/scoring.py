@@ -13,6 +13,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from nextbest.bundle import FEATURES, ModelBundle
+from nextbest.cf import FACTOR_KINDS
 
 __all__ = [
     "Candidates",
@@ -147,16 +148,27 @@ def candidate_features(
     n = len(users)
     n_items = bundle.shape[1]
     rs = bundle.repeat
+    pool_items = cf_pool_items(bundle)
     if cf_candidates is None:
         ids, _ = bundle.cf.recommend(
-            users, take_rows(bundle.user_items, users), N=pool, filter_already_liked_items=True
+            users,
+            take_rows(bundle.user_items, users),
+            N=pool,
+            filter_already_liked_items=True,
+            items=pool_items,
         )
     else:
         ids = cf_candidates
     if user_scores:
         ids = ids.copy()
+        outside = None
+        if pool_items is not None and bundle.cf.kind in FACTOR_KINDS:
+            outside = np.ones(n_items, dtype=bool)
+            outside[pool_items] = False
         for j, given in user_scores.items():
             scores = np.array(given, dtype=np.float64)
+            if outside is not None:
+                scores[outside] = -np.inf
             u = users[j]
             scores[
                 bundle.user_items.indices[
@@ -247,15 +259,29 @@ def candidate_features(
     return Candidates(pos=pos, item=item.astype(np.int64), features=features)
 
 
+def cf_pool_items(bundle: ModelBundle) -> np.ndarray | None:
+    """The products a factor model's CF candidates are drawn from (sorted item indices): the
+    `train.cf_candidate_products` best sellers by distinct buyers; None = every product."""
+    k = int(bundle.manifest.get("params", {}).get("cf_candidate_products", 0))
+    if not k or k >= bundle.shape[1]:
+        return None
+    return np.sort(bundle.best_sellers[:k])
+
+
 def cf_candidates_for(bundle: ModelBundle, pool: int, batch: int = 1024) -> np.ndarray:
     """The CF model's top `pool` new products of every user (n_users, pool), -1 padded: what
     `candidate_features` would compute per call, computed once in batches."""
     n_users = bundle.shape[0]
     out = np.full((n_users, min(pool, bundle.shape[1])), -1, dtype=np.int32)
+    items = cf_pool_items(bundle)
     for lo in range(0, n_users, batch):
         users = np.arange(lo, min(lo + batch, n_users))
         ids, _ = bundle.cf.recommend(
-            users, take_rows(bundle.user_items, users), N=pool, filter_already_liked_items=True
+            users,
+            take_rows(bundle.user_items, users),
+            N=pool,
+            filter_already_liked_items=True,
+            items=items,
         )
         out[users, : ids.shape[1]] = ids
     return out

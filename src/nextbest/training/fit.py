@@ -489,6 +489,7 @@ def _params(settings: Settings, als: tuple[int, float, float]) -> dict[str, obje
         "repeat_half_life_days": t.repeat_half_life_days,
         "validation_days": t.validation_days,
         "candidate_pool": t.candidate_pool,
+        "cf_candidate_products": t.cf_candidate_products,
         "tuned": t.tune,
         "event_weights": dict(settings.data.event_weights),
         "seed": t.seed,
