@@ -250,9 +250,7 @@ def test_cf_candidates_are_drawn_from_the_best_sellers_the_config_names(bundle):
     assert set(pool[pool >= 0].tolist()) <= top
     assert not set(everything[everything >= 0].tolist()) <= top  # the limit is what made it
     # Per call (no precomputed candidates): the same products.
-    ranked = recommend_for(
-        limited,
-        np.array([f"c{c:03d}" for c in range(40)]),
+    common = dict(
         N=50,
         now_day=bundle.reference_day,
         personalization_ok=np.ones(40, bool),
@@ -260,17 +258,7 @@ def test_cf_candidates_are_drawn_from_the_best_sellers_the_config_names(bundle):
         durable_repeat_rate=0.05,
         pool=20,
     )
-    assert np.array_equal(
-        ranked.ids,
-        recommend_for(
-            limited,
-            np.array([f"c{c:03d}" for c in range(40)]),
-            N=50,
-            now_day=bundle.reference_day,
-            personalization_ok=np.ones(40, bool),
-            sensitive_ok=np.ones(40, bool),
-            durable_repeat_rate=0.05,
-            pool=20,
-            cf_candidates=pool,
-        ).ids,
-    )
+    customers = np.array([f"c{c:03d}" for c in range(40)])
+    per_call = recommend_for(limited, customers, **common)
+    precomputed = recommend_for(limited, customers, **common, cf_candidates=pool)
+    assert np.array_equal(per_call.ids, precomputed.ids)
