@@ -148,20 +148,20 @@ def candidate_features(
     n = len(users)
     n_items = bundle.shape[1]
     rs = bundle.repeat
-    pool_items = cf_pool_items(bundle)
     if cf_candidates is None:
         ids, _ = bundle.cf.recommend(
             users,
             take_rows(bundle.user_items, users),
             N=pool,
             filter_already_liked_items=True,
-            items=pool_items,
+            items=cf_pool_items(bundle),
         )
     else:
         ids = cf_candidates
     if user_scores:
         ids = ids.copy()
         outside = None
+        pool_items = cf_pool_items(bundle)
         if pool_items is not None and bundle.cf.kind in FACTOR_KINDS:
             outside = np.ones(n_items, dtype=bool)
             outside[pool_items] = False
@@ -265,7 +265,11 @@ def cf_pool_items(bundle: ModelBundle) -> np.ndarray | None:
     k = int(bundle.manifest.get("params", {}).get("cf_candidate_products", 0))
     if not k or k >= bundle.shape[1]:
         return None
-    return np.sort(bundle.best_sellers[:k])
+    cached = getattr(bundle, "_cf_pool_items", None)  # once per bundle: a call must not sort
+    if cached is None or len(cached) != k:
+        cached = np.sort(bundle.best_sellers[:k])
+        bundle._cf_pool_items = cached
+    return cached
 
 
 def cf_candidates_for(bundle: ModelBundle, pool: int, batch: int = 1024) -> np.ndarray:
