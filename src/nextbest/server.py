@@ -271,6 +271,8 @@ class ModelHolder:
         self._loading = threading.Lock()
         """One load at a time (held while a version is read and warmed)."""
         self._forgotten_meanwhile: set[str] | None = None
+        self._warmers: list[threading.Thread] = []
+        """The slate-warming threads started by `load` (joined by `join`)."""
         """Customers erased while a version is being loaded (None: no load running)."""
         self._refused: str | None = None
         self._waiting_for_store: str | None = None
@@ -331,9 +333,11 @@ class ModelHolder:
             self._refused = None
             if old is not None:
                 old.retired.set()  # stops its slate warming
-        threading.Thread(
+        warmer = threading.Thread(
             target=_warm_rest, args=(model, warmed), name="warm-slates", daemon=True
-        ).start()
+        )
+        self._warmers = [t for t in self._warmers if t.is_alive()] + [warmer]
+        warmer.start()
         logger.info(
             "serving model %s (%d customers, %d products, %d content items; %d slates ranked "
             "before the swap)",
@@ -485,6 +489,14 @@ class ModelHolder:
         self._stop.set()
         if self._current is not None:
             self._current.retired.set()
+
+    def join(self, timeout_s: float = 10.0) -> None:
+        """After `stop`: wait for the watcher and the slate warming to end their batch, so that
+        the store they read can be closed (a read on a closed SQLite connection can crash)."""
+        deadline = time.monotonic() + timeout_s
+        for thread in [self._watcher, *self._warmers]:
+            if thread is not None and thread is not threading.current_thread():
+                thread.join(max(deadline - time.monotonic(), 0.0))
 
 
 # --- request validation ------------------------------------------------------------------------
@@ -1616,6 +1628,7 @@ class Running:
         self.server.stop(grace).wait()
         if self.calls is not None:
             self.calls.unary_pool.shutdown(wait=False)
+        self.holder.join()
         self.impressions.close()
         self.store.close()
         self.metrics.close()
