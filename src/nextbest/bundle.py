@@ -86,6 +86,15 @@ class ModelBundle:
     forgotten: np.ndarray | None = None
     """Bool per customer: dropped from this loaded model (erasure, `ServedModel.forget`), so
     `user_index` no longer finds them; None: nobody."""
+    cf_pool_items: np.ndarray | None = field(init=False, repr=False)
+    """The products a factor model's CF candidates are drawn from (sorted item indices): the
+    `train.cf_candidate_products` best sellers of the manifest's params; None = every product.
+    Derived from `best_sellers` and `manifest` when the bundle is made."""
+
+    def __post_init__(self) -> None:
+        k = int(self.manifest.get("params", {}).get("cf_candidate_products", 0))
+        top = k and k < len(self.item_ids)
+        self.cf_pool_items = np.sort(self.best_sellers[:k]) if top else None
 
     @property
     def version(self) -> str:

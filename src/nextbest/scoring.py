@@ -154,14 +154,14 @@ def candidate_features(
             take_rows(bundle.user_items, users),
             N=pool,
             filter_already_liked_items=True,
-            items=cf_pool_items(bundle),
+            items=bundle.cf_pool_items,
         )
     else:
         ids = cf_candidates
     if user_scores:
         ids = ids.copy()
         outside = None
-        pool_items = cf_pool_items(bundle)
+        pool_items = bundle.cf_pool_items
         if pool_items is not None and bundle.cf.kind in FACTOR_KINDS:
             outside = np.ones(n_items, dtype=bool)
             outside[pool_items] = False
@@ -259,25 +259,11 @@ def candidate_features(
     return Candidates(pos=pos, item=item.astype(np.int64), features=features)
 
 
-def cf_pool_items(bundle: ModelBundle) -> np.ndarray | None:
-    """The products a factor model's CF candidates are drawn from (sorted item indices): the
-    `train.cf_candidate_products` best sellers by distinct buyers; None = every product."""
-    k = int(bundle.manifest.get("params", {}).get("cf_candidate_products", 0))
-    if not k or k >= bundle.shape[1]:
-        return None
-    cached = getattr(bundle, "_cf_pool_items", None)  # once per bundle: a call must not sort
-    if cached is None or len(cached) != k:
-        cached = np.sort(bundle.best_sellers[:k])
-        bundle._cf_pool_items = cached
-    return cached
-
-
 def cf_candidates_for(bundle: ModelBundle, pool: int, batch: int = 1024) -> np.ndarray:
     """The CF model's top `pool` new products of every user (n_users, pool), -1 padded: what
     `candidate_features` would compute per call, computed once in batches."""
     n_users = bundle.shape[0]
     out = np.full((n_users, min(pool, bundle.shape[1])), -1, dtype=np.int32)
-    items = cf_pool_items(bundle)
     for lo in range(0, n_users, batch):
         users = np.arange(lo, min(lo + batch, n_users))
         ids, _ = bundle.cf.recommend(
@@ -285,7 +271,7 @@ def cf_candidates_for(bundle: ModelBundle, pool: int, batch: int = 1024) -> np.n
             take_rows(bundle.user_items, users),
             N=pool,
             filter_already_liked_items=True,
-            items=items,
+            items=bundle.cf_pool_items,
         )
         out[users, : ids.shape[1]] = ids
     return out

@@ -271,9 +271,9 @@ class ModelHolder:
         self._loading = threading.Lock()
         """One load at a time (held while a version is read and warmed)."""
         self._forgotten_meanwhile: set[str] | None = None
+        """Customers erased while a version is being loaded (None: no load running)."""
         self._warmers: list[threading.Thread] = []
         """The slate-warming threads started by `load` (joined by `join`)."""
-        """Customers erased while a version is being loaded (None: no load running)."""
         self._refused: str | None = None
         self._waiting_for_store: str | None = None
         self._stop = threading.Event()
