@@ -187,6 +187,7 @@ def test_fatigue_and_min_value_are_named_with_their_terms(own):
     tired_customer, tired_item = tiring[0]
     with sqlite3.connect(own / "store.db") as db:  # what the first server showed
         db.execute("DELETE FROM nextbest_impressions")
+        db.execute("DELETE FROM nextbest_exposure")  # the fatigue read's runs of them
     at = dt.datetime.now(dt.UTC).replace(tzinfo=None) - dt.timedelta(hours=1)
     with open_store(store_url(own)) as store:
         store.record_impressions(

@@ -292,7 +292,12 @@ def test_after_forget_customer_the_export_holds_only_the_tombstone(server):
         "SELECT erased_at, source FROM nextbest_tombstones WHERE customer_id = ?", "c005"
     )
     assert doc["tombstone"] == {"erased_at": iso(erased_at), "source": "erasure-request"}
-    for table in ("nextbest_consent", "nextbest_events", "nextbest_impressions"):
+    for table in (
+        "nextbest_consent",
+        "nextbest_events",
+        "nextbest_impressions",
+        "nextbest_exposure",
+    ):
         assert sql.rows(f"SELECT COUNT(*) FROM {table} WHERE customer_id = ?", "c005") == [(0,)]
     # The access log: the erasure deleted the earlier requests; this one is there.
     log = sql.rows("SELECT source FROM nextbest_access_log WHERE customer_id = ?", "c005")

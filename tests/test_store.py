@@ -26,6 +26,7 @@ from conftest import PG_URL
 from nextbest.data.readers import EVENT_SCHEMA
 from nextbest.errors import ConfigError, InvalidRequest
 from nextbest.store.consent_store import (
+    SCHEMA_VERSION,
     AuditRecord,
     ConsentRecord,
     Store,
@@ -38,6 +39,7 @@ DATA_TABLES = (
     "nextbest_consent_audit",
     "nextbest_events",
     "nextbest_impressions",
+    "nextbest_exposure",
     "nextbest_tombstones",
 )
 T0 = dt.datetime(2024, 3, 1, 12, 0, 0)
@@ -527,7 +529,9 @@ def test_open_store_sqlite_urls(tmp_path, monkeypatch) -> None:
         with s._read() as cur:
             assert cur.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
             assert cur.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
-            assert cur.execute("SELECT version FROM nextbest_schema_version").fetchall() == [(2,)]
+            assert cur.execute("SELECT version FROM nextbest_schema_version").fetchall() == [
+                (SCHEMA_VERSION,)
+            ]
     with open_store("other.sqlite") as s:
         assert s.events().num_rows == 0
 
@@ -616,6 +620,75 @@ def test_impressions_count_until_the_customer_answers(store: Store) -> None:
     assert store.unanswered_impressions([], since=day(0)) == {}
 
 
+RAW_UNANSWERED = (
+    "SELECT i.customer_id, i.product_id, COUNT(*) FROM nextbest_impressions i "
+    "WHERE i.shown_at >= ? AND NOT EXISTS (SELECT 1 FROM nextbest_events e "
+    "WHERE e.customer_id = i.customer_id AND e.product_id = i.product_id "
+    'AND e."timestamp" >= i.shown_at) GROUP BY i.customer_id, i.product_id'
+)
+"""The fatigue count by its definition, over every impression (what the store read before it
+kept exposure runs)."""
+
+
+def _raw_unanswered(store: Store, since: dt.datetime) -> dict[str, dict[str, int]]:
+    out: dict[str, dict[str, int]] = {}
+    with store._read() as cur:
+        cur.execute(store._sql(RAW_UNANSWERED), (store._ts(since),))
+        for c, p, n in cur.fetchall():
+            out.setdefault(c, {})[p] = int(n)
+    return out
+
+
+def test_fatigue_counts_from_exposure_runs_equal_the_definition(store: Store) -> None:
+    """Random impressions and answering events, in any order of time (clicks that come before
+    the batching writer stores what they answer, late events dated before later showings,
+    erasures): after every write the fatigue read from `nextbest_exposure` equals the count by
+    its definition over the impressions, for windows that cut runs and that hold them whole."""
+    rng = np.random.default_rng(7)
+    customers, products = ["c1", "c2", "c3"], ["p1", "p2", "p3"]
+    ids = [*customers, "c9"]
+    for step in range(120):
+        c = customers[rng.integers(3)]
+        kind = rng.random()
+        if kind < 0.6:
+            rows = [
+                (c, products[rng.integers(3)], "web", day(float(rng.uniform(0, 10))))
+                for _ in range(int(rng.integers(1, 5)))
+            ]
+            store.record_impressions(rows)
+        elif kind < 0.95:
+            at = day(float(rng.uniform(0, 10)))
+            store.record_events(events_table([(c, products[rng.integers(3)], at, "click", 1.0)]))
+        else:
+            store.forget(c, source="dsar")
+        for since in (day(-1), day(3), day(6.5), day(11)):
+            want = _raw_unanswered(store, since)
+            want = {k: v for k, v in want.items() if k in ids}
+            assert store.unanswered_impressions(ids, since=since) == want, (step, since)
+            reads = store.customer_reads(ids, True, purchases_since=day(0), impressions_since=since)
+            assert reads.impressions == want, (step, since)
+
+
+def test_a_fatigue_read_costs_the_products_shown_not_the_showings(store: Store) -> None:
+    """The same product shown 200 times: the exposure table holds one row for it, and the read
+    answers from that row; an answered run is rebuilt at the next showing."""
+    store.record_impressions([("c1", "p1", "web", day(1 + k / 1000)) for k in range(100)])
+    store.record_impressions([("c1", "p1", "app", day(2 + k / 1000)) for k in range(100)])
+    with store._read() as cur:
+        cur.execute("SELECT customer_id, product_id, shown FROM nextbest_exposure")
+        assert cur.fetchall() == [("c1", "p1", 200)]
+    assert store.unanswered_impressions(["c1"], since=day(0)) == {"c1": {"p1": 200}}
+    assert store.unanswered_impressions(["c1"], since=day(2)) == {"c1": {"p1": 100}}
+    # A click answers the run; the next showings start a new one, rebuilt from the impressions.
+    store.record_events(events_table([("c1", "p1", day(2.5), "click", 1.0)]))
+    assert store.unanswered_impressions(["c1"], since=day(0)) == {}
+    store.record_impressions([("c1", "p1", "web", day(3 + k / 1000)) for k in range(5)])
+    with store._read() as cur:
+        cur.execute("SELECT shown, first_shown FROM nextbest_exposure")
+        assert cur.fetchall() == [(5, store._ts(day(3)))]
+    assert store.unanswered_impressions(["c1"], since=day(0)) == {"c1": {"p1": 5}}
+
+
 def test_impressions_keep_their_arm_rank_and_version(store: Store) -> None:
     from nextbest.store.consent_store import Impression
 
@@ -654,10 +727,12 @@ def test_a_version_1_store_is_migrated_in_place(store_url: str) -> None:
     with open_store(store_url) as s:
         with s._read() as cur:
             cur.execute("SELECT version FROM nextbest_schema_version")
-            assert cur.fetchall() == [(2,)]
+            assert cur.fetchall() == [(SCHEMA_VERSION,)]
         assert s.impressions() == [("c1", "p1", "web", day(1), "", "", "", 0, "", "")]
         s.record_impressions([("c1", "p2", "web", day(2), "e", "v", "x", 1, "m")])
         assert s.impressions()[1].variant == "v"
+        # The exposure runs (schema 3) are filled from the impressions already there.
+        assert s.unanswered_impressions(["c1"], since=day(0)) == {"c1": {"p1": 1, "p2": 1}}
 
 
 def test_impressions_shown_before_an_erasure_are_not_kept(store: Store) -> None:

@@ -72,8 +72,9 @@ __all__ = [
     "open_store",
 ]
 
-SCHEMA_VERSION = 2
-"""2: impressions carry their experiment arm, attribution id, rank, model version and reasons."""
+SCHEMA_VERSION = 3
+"""2: impressions carry their experiment arm, attribution id, rank, model version and reasons.
+3: `nextbest_exposure`, the unanswered run of each customer's product (the fatigue read)."""
 _MIGRATIONS = {
     2: [
         ("nextbest_impressions", "experiment", "TEXT"),
@@ -85,6 +86,9 @@ _MIGRATIONS = {
     ]
 }
 """Columns each schema version added to tables of the version before (added in place)."""
+_BACKFILLS: dict[int, list[str]] = {}
+"""Statements that fill what a schema version added from the rows already there (after its
+columns are added); filled in below, once the SQL they use is defined."""
 _EPOCH = dt.datetime(1970, 1, 1)
 _MICRO = dt.timedelta(microseconds=1)
 _IDLE_CONNECTIONS = 16
@@ -306,6 +310,19 @@ _TABLES = (
     ){strict}""",
     """CREATE INDEX IF NOT EXISTS nextbest_impressions_customer
         ON nextbest_impressions (customer_id, shown_at)""",
+    """CREATE INDEX IF NOT EXISTS nextbest_impressions_customer_product
+        ON nextbest_impressions (customer_id, product_id, shown_at)""",
+    # Per customer and product, the run of impressions no event has answered yet: how many,
+    # the first and the last shown. Kept by `record_impressions`; the fatigue read counts from
+    # it, so a call's cost grows with the products a customer was shown, not with how often.
+    """CREATE TABLE IF NOT EXISTS nextbest_exposure (
+        customer_id TEXT NOT NULL,
+        product_id TEXT NOT NULL,
+        shown INTEGER NOT NULL,
+        first_shown {ts} NOT NULL,
+        last_shown {ts} NOT NULL,
+        PRIMARY KEY (customer_id, product_id)
+    ){strict}""",
     """CREATE TABLE IF NOT EXISTS nextbest_tombstones (
         customer_id TEXT PRIMARY KEY,
         erased_at {ts} NOT NULL,
@@ -330,6 +347,35 @@ _UNANSWERED = (
     'AND e.product_id = i.product_id AND e."timestamp" >= i.shown_at)'
 )
 """An impression `i` that no later event of its customer on its product answered."""
+_RUN_ANSWERED = (
+    "EXISTS (SELECT 1 FROM nextbest_events e WHERE e.customer_id = x.customer_id "
+    'AND e.product_id = x.product_id AND e."timestamp" >= x.first_shown)'
+)
+"""An event answered part or all of the exposure run `x` after it was written."""
+_FATIGUE = (
+    "SELECT {head}x.customer_id, x.product_id, {mid}x.shown{tail} FROM nextbest_exposure x "
+    f"WHERE x.customer_id IN ({{ids}}) AND x.first_shown >= ? AND NOT {_RUN_ANSWERED} "
+    "UNION ALL "
+    "SELECT {head}customer_id, product_id, {mid}n{tail} FROM (SELECT x.customer_id, "
+    "x.product_id, (SELECT COUNT(*) FROM nextbest_impressions i "
+    "WHERE i.customer_id = x.customer_id AND i.product_id = x.product_id "
+    f"AND i.shown_at >= ? AND {_UNANSWERED}) AS n FROM nextbest_exposure x "
+    f"WHERE x.customer_id IN ({{ids}}) AND x.last_shown >= ? "
+    f"AND (x.first_shown < ? OR {_RUN_ANSWERED})) AS cut WHERE n > 0"
+)
+"""Unanswered impressions since a time per (customer, product), from `nextbest_exposure`: a run
+that lies inside the window and that no event answered since is counted as stored (one row);
+only a run that began before the window or was answered since it was written is counted from
+the impressions themselves (a correlated count per run: the runs drive the query, so its cost
+follows the products shown). Parameters: ids, since, since, ids, since, since."""
+_EXPOSURE_COLUMNS = "customer_id, product_id, shown, first_shown, last_shown"
+_EXPOSURE_REBUILD = (
+    f"INSERT INTO nextbest_exposure ({_EXPOSURE_COLUMNS}) SELECT i.customer_id, i.product_id, "
+    "COUNT(*), MIN(i.shown_at), MAX(i.shown_at) FROM nextbest_impressions i WHERE {where} "
+    f"AND {_UNANSWERED} GROUP BY i.customer_id, i.product_id"
+)
+"""The exposure runs of the impressions that `where` selects, from the impressions."""
+_BACKFILLS[3] = [_EXPOSURE_REBUILD.format(where="1 = 1")]
 _NO_EVENTS = EVENT_SCHEMA.empty_table()
 """Tables are immutable: one empty one serves every read that finds nothing (making one costs
 more than the query)."""
@@ -440,6 +486,11 @@ class Store:
 
     def _id_set(self, ids: Sequence[str]) -> tuple[str, Any]:
         """A subquery of customer ids with one parameter (one round trip for any batch size)."""
+        raise NotImplementedError
+
+    def _key_set(self, keys: Sequence[tuple[str, str]]) -> tuple[str, list]:
+        """A subquery of (customer id, product id) pairs as columns `c`, `p`, and its
+        parameters."""
         raise NotImplementedError
 
     def _lock(self, cur: Any, table: str, mode: str) -> None:
@@ -553,6 +604,8 @@ class Store:
             for target in range(version + 1, SCHEMA_VERSION + 1):
                 for table, column, kind in _MIGRATIONS.get(target, []):
                     self._add_column(cur, table, column, kind)
+                for sql in _BACKFILLS.get(target, []):
+                    cur.execute(sql)
             cur.execute(
                 self._sql("UPDATE nextbest_schema_version SET version = ?"), (SCHEMA_VERSION,)
             )
@@ -784,6 +837,7 @@ class Store:
                 "nextbest_events",
                 "nextbest_consent_audit",
                 "nextbest_impressions",
+                "nextbest_exposure",
                 "nextbest_access_log",
             )
             for table in tables:
@@ -929,6 +983,8 @@ class Store:
         customers = sorted({i.customer_id for i in shown})
         subquery, param = self._id_set(customers)
         with self._write() as cur:
+            for customer in customers:  # sorted: writers of the same customers cannot deadlock
+                self._lock_customer(cur, customer)
             # Shown before the customer's erasure (an answer in flight while they were
             # forgotten): not kept, as `record_events` keeps no replayed events.
             cur.execute(
@@ -954,7 +1010,67 @@ class Store:
                 _IMPRESSION_COLUMNS,
                 [(*i[:3], self._ts(i.shown_at), *i[4:]) for i in shown],
             )
+            self._extend_exposure(cur, shown)
         return len(shown)
+
+    def _extend_exposure(self, cur: Any, shown: list[Impression]) -> None:
+        """Add impressions just stored to their exposure runs (`nextbest_exposure`), under the
+        customers' locks. An impression an event already answered (a click that came before
+        the batching writer) is not added; a run that an event answered since it was written
+        is rebuilt from the impressions."""
+        new: dict[tuple[str, str], list[dt.datetime]] = {}
+        for i in shown:
+            new.setdefault((i.customer_id, i.product_id), []).append(i.shown_at)
+        keys, key_params = self._key_set(list(new))
+        cur.execute(
+            self._sql(
+                'SELECT k.c, k.p, (SELECT MAX(e."timestamp") FROM nextbest_events e '
+                "WHERE e.customer_id = k.c AND e.product_id = k.p), x.shown, x.first_shown, "
+                f"x.last_shown FROM ({keys}) k LEFT JOIN nextbest_exposure x "
+                "ON x.customer_id = k.c AND x.product_id = k.p"
+            ),
+            key_params,
+        )
+        rebuild, upsert = [], []
+        for c, p, last_event, count, first, last in cur.fetchall():
+            answered = self._dt(last_event) if last_event is not None else None
+            if count is not None and answered is not None and answered >= self._dt(first):
+                rebuild.append((c, p))
+                continue
+            fresh = [t for t in new[(c, p)] if answered is None or t > answered]
+            if not fresh:
+                continue
+            if count is not None:
+                fresh_span = [*fresh, self._dt(first), self._dt(last)]
+            else:
+                fresh_span = fresh
+            upsert.append(
+                (
+                    c,
+                    p,
+                    (count or 0) + len(fresh),
+                    self._ts(min(fresh_span)),
+                    self._ts(max(fresh_span)),
+                )
+            )
+        if rebuild:
+            cur.executemany(
+                self._sql("DELETE FROM nextbest_exposure WHERE customer_id = ? AND product_id = ?"),
+                rebuild,
+            )
+            cur.executemany(
+                self._sql(_EXPOSURE_REBUILD.format(where="i.customer_id = ? AND i.product_id = ?")),
+                rebuild,
+            )
+        if upsert:
+            cur.executemany(
+                self._sql(
+                    f"INSERT INTO nextbest_exposure ({_EXPOSURE_COLUMNS}) VALUES (?, ?, ?, ?, ?) "
+                    "ON CONFLICT (customer_id, product_id) DO UPDATE SET shown = excluded.shown, "
+                    "first_shown = excluded.first_shown, last_shown = excluded.last_shown"
+                ),
+                upsert,
+            )
 
     def impressions(
         self, customer_ids: Sequence[str] | None = None, since: dt.datetime | None = None
@@ -980,6 +1096,11 @@ class Store:
             rows = cur.fetchall()
         return [self._impression(row) for row in rows]
 
+    def _fatigue_params(self, ids: Any, since: dt.datetime) -> list:
+        """The parameters of `_FATIGUE`."""
+        at = self._ts(since)
+        return [ids, at, at, ids, at, at]
+
     def _impression(self, row: Sequence[Any]) -> Impression:
         c, p, ch, at, e, v, a, r, m, why = row
         return Impression(
@@ -998,12 +1119,8 @@ class Store:
         out: dict[str, dict[str, int]] = {}
         with self._read() as cur:
             cur.execute(
-                self._sql(
-                    "SELECT i.customer_id, i.product_id, COUNT(*) FROM nextbest_impressions i "
-                    f"WHERE i.customer_id IN ({subquery}) AND i.shown_at >= ? AND {_UNANSWERED} "
-                    "GROUP BY i.customer_id, i.product_id"
-                ),
-                (param, self._ts(since)),
+                self._sql(_FATIGUE.format(head="", mid="", tail="", ids=subquery)),
+                self._fatigue_params(param, since),
             )
             for customer, product, count in cur.fetchall():
                 out.setdefault(customer, {})[product] = int(count)
@@ -1073,11 +1190,11 @@ class Store:
         params: list = [param, "purchase", "return", self._ts(purchases_since), param, param]
         if impressions_since is not None:
             parts.append(
-                "SELECT 3, i.customer_id, i.product_id, NULL, NULL, COUNT(*), NULL, NULL, 0 "
-                f"FROM nextbest_impressions i WHERE i.customer_id IN ({subquery}) "
-                f"AND i.shown_at >= ? AND {_UNANSWERED} GROUP BY i.customer_id, i.product_id"
+                _FATIGUE.format(
+                    head="3, ", mid="NULL, NULL, ", tail=", NULL, NULL, 0", ids=subquery
+                )
             )
-            params += [param, self._ts(impressions_since)]
+            params += self._fatigue_params(param, impressions_since)
         with self._read() as cur:
             cur.execute(self._sql(" UNION ALL ".join(parts) + " ORDER BY 1, 8, 9"), params)
             rows = cur.fetchall()
@@ -1290,6 +1407,13 @@ class SqliteStore(Store):
     def _id_set(self, ids: Sequence[str]) -> tuple[str, Any]:
         return "SELECT j.value FROM json_each(?) AS j", json.dumps(list(ids))
 
+    def _key_set(self, keys: Sequence[tuple[str, str]]) -> tuple[str, list]:
+        return (
+            "SELECT json_extract(j.value, '$[0]') AS c, json_extract(j.value, '$[1]') AS p "
+            "FROM json_each(?) AS j",
+            [json.dumps([list(k) for k in keys])],
+        )
+
 
 # --- PostgreSQL ----------------------------------------------------------------------------------
 
@@ -1395,6 +1519,12 @@ class PostgresStore(Store):
 
     def _id_set(self, ids: Sequence[str]) -> tuple[str, Any]:
         return "SELECT unnest(?::text[])", list(ids)
+
+    def _key_set(self, keys: Sequence[tuple[str, str]]) -> tuple[str, list]:
+        return (
+            "SELECT unnest(?::text[]) AS c, unnest(?::text[]) AS p",
+            [[k[0] for k in keys], [k[1] for k in keys]],
+        )
 
     def _lock(self, cur: Any, table: str, mode: str) -> None:
         cur.execute(f"LOCK TABLE {table} IN {mode} MODE")
