@@ -1486,6 +1486,11 @@ class PostgresStore(Store):
             conn = psycopg.connect(self._conninfo, autocommit=True)
         except psycopg.Error as exc:
             raise StoreError(f"{self.url}: cannot reach the database: {_first_line(exc)}") from None
+        # psycopg prepares a statement at its 5th use; PostgreSQL would still plan it anew at
+        # every call (custom plans), which cost more than running the serving path's one query
+        # (0.5 against 0.2 ms for the fatigue read of one customer). Every frequent statement
+        # here is an index lookup by customer, so one generic plan fits every parameter.
+        conn.execute("SET plan_cache_mode = force_generic_plan")
         if self.schema is not None:
             try:
                 with conn.transaction():
