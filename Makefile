@@ -33,7 +33,7 @@ AUDIT_MODELS ?= als bpr cosine bm25
 ENGINE ?= implicit
 SPARK_MASTER ?= local[*]
 
-.PHONY: install install-dev install-report install-spark install-all test lint mutate train evaluate evaluate-cj evaluate-lgsr evaluate-lifecycle bench-train bench-serve bench-overload bench-scale bench-soak audit-privacy replay prepare clean demo serve proto docs chromium java parity-spark
+.PHONY: install install-dev install-report install-spark install-all test lint mutate train evaluate evaluate-cj evaluate-lgsr evaluate-lifecycle bench-train bench-serve bench-aio bench-overload bench-scale bench-soak audit-privacy replay prepare clean demo serve proto docs chromium java parity-spark
 
 # The runtime alone (what the demo, train, serve and the benchmarks need); each extra on top when a
 # target needs it: dev (tests, lint, make proto), report (evaluate's HTML report: matplotlib),
@@ -158,6 +158,11 @@ bench-train: install $(CJ_EVENTS)
 # one run; trains its own ALS-only model into $(DATA)/bench-serve once, updates BENCHMARKS.md.
 bench-serve: install-dev $(CJ_EVENTS)
 	$(PY) benchmarks/bench_serve.py --events $(CJ_EVENTS) --catalog $(DATA)/complete-journey/catalog.parquet --write
+
+# grpcio's sync server against grpc.aio (answers in the event loop, or in a thread pool), one
+# process each, the same bare answer path: decides issue #13's "sync or asyncio" by measurement.
+bench-aio: install-dev $(CJ_EVENTS)
+	$(PY) benchmarks/aio_probe.py --events $(CJ_EVENTS) --catalog $(DATA)/complete-journey/catalog.parquet
 
 # RecommendProducts at 3× the measured capacity for 60 s between two spells at 80%, with admission
 # control (as shipped) and without: p99 of admitted calls, how fast refusals come, recovery time.
