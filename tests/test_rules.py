@@ -706,20 +706,6 @@ def test_fatigue_halves_the_value_of_products_shown_too_often(valued):
     assert [(i.product_id, i.score) for i in answer.items] == [("p004", 0.75), ("p012", 0.3125)]
 
 
-def test_shown_counts_reach_exactly_the_candidates_shown(valued):
-    """The fatigue counts by product id land on the candidates with that id and nowhere else:
-    products the model does not know, and candidates never shown, count 0."""
-    b = valued.bundle
-    rng = np.random.default_rng(3)
-    for _ in range(20):
-        items = rng.choice(len(b.item_ids), size=rng.integers(0, 12), replace=False)
-        picked = rng.choice(len(b.item_ids), size=rng.integers(0, 6), replace=False)
-        shown = {str(b.item_ids[i]): int(rng.integers(1, 9)) for i in picked}
-        shown.update({"not-in-the-model": 4} if rng.random() < 0.5 else {})
-        expected = [shown.get(str(b.item_ids[i]), 0) for i in items]
-        assert valued._shown_times(shown, items).tolist() == expected
-
-
 def test_equal_values_keep_the_ranking_order(valued):
     products = [f"p{k:03d}" for k in range(12, 32, 2)]  # ten products, none sensitive
     relevance = [0.5, 0.75] * 5

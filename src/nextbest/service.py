@@ -983,7 +983,11 @@ class ServedModel:
         given, asks for the answer's trace (`fetch`: how many candidates the ranking offered)."""
         policy, serve = self.settings.policy, self.settings.serve
         b = self.bundle
-        times = self._shown_times(shown, items)
+        times = (
+            np.asarray([shown.get(str(b.item_ids[i]), 0) for i in items], dtype=np.int64)
+            if shown
+            else np.zeros(len(items), dtype=np.int64)
+        )
         valued = value_terms(
             relevance,
             self.sensitivity[items],
@@ -1142,26 +1146,6 @@ class ServedModel:
         best = scores[top[0]]
         scaled = np.clip(scores[top] / best, 1e-6, 1.0) if best > 0 else np.full(n, 1e-6)
         return top, scaled, items
-
-    def _shown_times(self, shown: dict[str, int], items: np.ndarray) -> np.ndarray:
-        """How many times each of `items` was shown unanswered (`shown`: the fatigue read's
-        counts by product id), 0 for the rest: the few products shown are looked up, not every
-        candidate (a slate holds hundreds)."""
-        times = np.zeros(len(items), dtype=np.int64)
-        if not shown or not len(items):
-            return times
-        where = self.bundle.item_index(np.asarray(list(shown), dtype=str))
-        counts = np.fromiter(shown.values(), dtype=np.int64, count=len(shown))
-        known = where >= 0
-        where, counts = where[known], counts[known]
-        if not len(where):
-            return times
-        order = np.argsort(where)
-        where, counts = where[order], counts[order]
-        at = np.minimum(np.searchsorted(where, items), len(where) - 1)
-        hit = where[at] == items
-        times[hit] = counts[at[hit]]
-        return times
 
     def _item(self, i: int, score: float, reasons: tuple[Reason, ...]) -> Item:
         return Item(
