@@ -33,7 +33,7 @@ AUDIT_MODELS ?= als bpr cosine bm25
 ENGINE ?= implicit
 SPARK_MASTER ?= local[*]
 
-.PHONY: install install-dev install-report install-spark install-all test lint mutate train evaluate evaluate-cj evaluate-lgsr evaluate-lifecycle bench-train bench-serve bench-aio bench-overload bench-scale bench-soak audit-privacy replay prepare clean demo serve proto docs chromium java parity-spark
+.PHONY: install install-dev install-report install-spark install-all test lint mutate train evaluate evaluate-cj evaluate-lgsr evaluate-lifecycle bench-train bench-serve bench-aio bench-swap bench-overload bench-scale bench-soak audit-privacy replay prepare clean demo serve proto docs chromium java parity-spark
 
 # The runtime alone (what the demo, train, serve and the benchmarks need); each extra on top when a
 # target needs it: dev (tests, lint, make proto), report (evaluate's HTML report: matplotlib),
@@ -163,6 +163,10 @@ bench-serve: install-dev $(CJ_EVENTS)
 # process each, the same bare answer path: decides issue #13's "sync or asyncio" by measurement.
 bench-aio: install-dev $(CJ_EVENTS)
 	$(PY) benchmarks/aio_probe.py --events $(CJ_EVENTS) --catalog $(DATA)/complete-journey/catalog.parquet
+
+# A model swap under 80% of the measured load: refusals and p99 per 5 s around it.
+bench-swap: install-dev $(CJ_EVENTS) $(NODE_DEPS)
+	$(PY) benchmarks/bench_swap.py --events $(CJ_EVENTS) --catalog $(DATA)/complete-journey/catalog.parquet
 
 # RecommendProducts at 3× the measured capacity for 60 s between two spells at 80%, with admission
 # control (as shipped) and without: p99 of admitted calls, how fast refusals come, recovery time.

@@ -184,8 +184,14 @@ class CFModel:
         """Item factors scaled to unit length (zero rows stay zero), computed once."""
         if self._unit is None:
             itf = np.asarray(self.model.item_factors, dtype=np.float32)
-            norm = np.linalg.norm(itf, axis=1, keepdims=True)
-            self._unit = itf / np.where(norm > 0, norm, 1.0)
+            unit = np.empty_like(itf)
+            # In blocks: one numpy call holds the GIL throughout (41 ms for 68k products at
+            # once, which every call of a serving process waited for).
+            for lo in range(0, len(itf), 8192):
+                block = itf[lo : lo + 8192]
+                norm = np.linalg.norm(block, axis=1, keepdims=True)
+                unit[lo : lo + 8192] = block / np.where(norm > 0, norm, 1.0)
+            self._unit = unit
         return self._unit
 
     def item_similarity(self, items: np.ndarray, others: np.ndarray | None = None) -> np.ndarray:

@@ -298,12 +298,14 @@ class ServeSettings:
     customer; 0 = off. About 4 KB each. When a model is loaded, a background thread ranks the
     known customers once each (the most recent buyers first, up to this many), so first calls
     find their slate too."""
-    warm_before_swap_s: float = 60.0
-    """A new model version is swapped in once it has ranked those slates (at a twentieth of the
+    warm_before_swap_s: float = 300.0
+    """A new model version is swapped in once it has ranked those slates (at a quarter of the
     process: the old version answers meanwhile), or after this many seconds of ranking them,
     whichever comes first; the rest are ranked after the swap. First calls after a swap then
-    find their customer ranked. 0 = swap at once; a server's start always swaps at once. Each
-    process logs "slates of model ... ranked" when all are."""
+    find their customer ranked: a call that finds no slate ranks its customer alone, several
+    times the cost of a warm answer, and right after a swap with most slates missing that took
+    the capacity below the load (`make bench-swap`). 0 = swap at once; a server's start always
+    swaps at once. Each process logs "slates of model ... ranked" when all are."""
     max_running_calls: int = 2
     """Unary calls one server process computes at once (one process computes one at a time under
     the GIL, so more only make each slower; two let one compute while the other waits for the
