@@ -139,8 +139,10 @@ def main() -> int:
     rows = windows(calls, args.seconds)
     steady = [r["p99"] for r in rows if r["from"] + WINDOW_S <= args.swap_at and r["from"] >= 5]
     base = float(np.median(steady)) if steady else float("nan")
-    print(f"promote took {swap_done['promoted'] - swap_done['start']:.1f} s (started at "
-          f"{swap_done['start'] - t0:.1f} s)")
+    print(
+        f"promote took {swap_done['promoted'] - swap_done['start']:.1f} s (started at "
+        f"{swap_done['start'] - t0:.1f} s)"
+    )
     for line in served + ranked:
         print("  server:", line[-160:])
     print("\n| from s | calls | refused | other | p50 ms | p99 ms | p99 / steady |")
