@@ -37,6 +37,7 @@ from bench_serve import (  # noqa: E402
     ensure_model,
     fresh_store,
     load_cell,
+    model_arguments,
 )
 
 MODES = ("sync", "aio", "aio-pool")
@@ -117,10 +118,7 @@ def run_server(mode: str, config: Path, models_dir: Path) -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--events")
-    parser.add_argument("--catalog")
-    parser.add_argument("--work-dir", default="data/bench-serve")
-    parser.add_argument("--retrain", action="store_true")
+    model_arguments(parser, required=False)
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--warmup", type=float, default=2.0)
     parser.add_argument("--rounds", type=int, default=2)

@@ -49,6 +49,7 @@ from bench_serve import (  # noqa: E402
     fresh_store,
     load_cell,
     machine,
+    model_arguments,
     serve_command,
     wait_serving,
     write_section,
@@ -240,10 +241,7 @@ def report(r: dict) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--events", required=True)
-    parser.add_argument("--catalog")
-    parser.add_argument("--work-dir", default="data/bench-serve")
-    parser.add_argument("--retrain", action="store_true")
+    model_arguments(parser)
     parser.add_argument("--capacity-seconds", type=float, default=10.0)
     parser.add_argument("--normal-seconds", type=float, default=20.0)
     parser.add_argument("--overload-seconds", type=float, default=60.0)

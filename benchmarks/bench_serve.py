@@ -194,6 +194,15 @@ def train_command(
     return [*cmd, "--models-dir", str(models_dir), "--no-progress"]
 
 
+def model_arguments(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
+    """The options of a benchmark on bench-serve's model: its events and catalog, the work
+    directory it is trained into once, and `--retrain`."""
+    parser.add_argument("--events", required=required, help="events to train the model from")
+    parser.add_argument("--catalog")
+    parser.add_argument("--work-dir", default="data/bench-serve", help="config, model, logs")
+    parser.add_argument("--retrain", action="store_true", help="train even if a model exists")
+
+
 def ensure_model(args: argparse.Namespace, config: Path, models_dir: Path) -> None:
     if args.retrain and models_dir.exists():
         shutil.rmtree(models_dir)
@@ -691,10 +700,7 @@ def write_section(path: Path, section: str, title: str = SECTION) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--events", help="events file to train the benchmark model from")
-    parser.add_argument("--catalog")
-    parser.add_argument("--work-dir", default="data/bench-serve", help="config, model, logs")
-    parser.add_argument("--retrain", action="store_true", help="train even if a model exists")
+    model_arguments(parser, required=False)
     parser.add_argument("--seconds", type=float, default=10.0, help="measured seconds per cell")
     parser.add_argument("--warmup", type=float, default=2.0, help="warm-up seconds per cell")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])

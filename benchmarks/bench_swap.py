@@ -36,6 +36,7 @@ from bench_serve import (  # noqa: E402
     ServerProcess,
     ensure_model,
     fresh_store,
+    model_arguments,
     nextbest_cli,
     serve_command,
     train_command,
@@ -82,10 +83,7 @@ def windows(calls: list[tuple], seconds: float) -> list[dict]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--events", required=True)
-    parser.add_argument("--catalog")
-    parser.add_argument("--work-dir", default="data/bench-serve")
-    parser.add_argument("--retrain", action="store_true")
+    model_arguments(parser)
     parser.add_argument("--seconds", type=float, default=90.0)
     parser.add_argument("--swap-at", type=float, default=30.0)
     parser.add_argument("--load-share", type=float, default=0.8)
