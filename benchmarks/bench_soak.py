@@ -81,6 +81,7 @@ import datetime as dt
 import json
 import os
 import queue
+import re
 import shutil
 import signal
 import socket
@@ -292,6 +293,14 @@ def pg_bindir() -> Path:
     return candidates[-1].parent
 
 
+AUTOVACUUM = re.compile(
+    r"^(?P<at>\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+) UTC LOG:  automatic "
+    r'(?P<kind>vacuum|analyze) of table "(?P<table>[^"]+)"',
+    re.MULTILINE,
+)
+"""An autovacuum line of the soak's PostgreSQL log (`log_line_prefix = '%m '`, UTC)."""
+
+
 class OwnPostgres:
     """A PostgreSQL cluster of the benchmark's own in a temporary directory, on a free port;
     run as the `postgres` user when this process is root (PostgreSQL refuses root)."""
@@ -328,6 +337,8 @@ class OwnPostgres:
             fh.write(
                 f"\n# bench-soak\nport = {self.port}\nlisten_addresses = '127.0.0.1'\n"
                 f"unix_socket_directories = '{self.root}'\n"
+                # every autovacuum and autoanalyze in the log, with its time (`autovacuums`)
+                "log_autovacuum_min_duration = 0\nlog_line_prefix = '%m '\nlog_timezone = 'UTC'\n"
             )
 
     def start(self) -> None:
@@ -343,6 +354,19 @@ class OwnPostgres:
         except (OSError, ValueError, IndexError):
             return []
         return descendants(pid) if proc_status(pid) else []
+
+    def autovacuums(self, t0_wall: float) -> list[tuple[float, str, str]]:
+        """(s from the start of the run, vacuum or analyze, table) of each automatic vacuum
+        and analyze in the server's log."""
+        found = []
+        try:
+            text = self.log.read_text(errors="replace")
+        except OSError:
+            return []
+        for match in AUTOVACUUM.finditer(text):
+            at = dt.datetime.strptime(match["at"], "%Y-%m-%d %H:%M:%S.%f").replace(tzinfo=dt.UTC)
+            found.append((at.timestamp() - t0_wall, match["kind"], match["table"]))
+        return found
 
     def close(self) -> None:
         try:
@@ -1507,6 +1531,16 @@ async def measure_capacity(client: Client, inputs: Inputs, seconds: float) -> di
     }
 
 
+def vacuum(conninfo: str) -> float:
+    """`VACUUM (ANALYZE)` of the whole store; its seconds."""
+    import psycopg
+
+    started = time.monotonic()
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        conn.execute("VACUUM (ANALYZE)")
+    return time.monotonic() - started
+
+
 async def session(
     setup: Setup, inputs: Inputs, capacity_inputs: Inputs, args: argparse.Namespace
 ) -> tuple[dict, float, Run]:
@@ -1536,6 +1570,12 @@ async def session(
                 f"{rate:.1f} operations/s",
                 flush=True,
             )
+        # A database in service has been vacuumed: without this, autovacuum's first pass over
+        # the tables that the set-up and the capacity filled ran 20-35 s into the soak and
+        # took the store's reads with it (minute 1's refusals, 2026-12-06); its later passes,
+        # over a minute of writes each, cost nothing that shows.
+        capacity["vacuum_s"] = vacuum(setup.pg.conninfo)
+        print(f"VACUUM (ANALYZE) of the store: {capacity['vacuum_s']:.1f} s", flush=True)
         seconds = args.minutes * 60.0
         ops = schedule(inputs, rate, seconds)
         times = fault_times(seconds, swap=not args.no_swap)
@@ -1877,7 +1917,10 @@ def report(r: dict) -> str:
             f"{cap['calls']:,} calls refused by admission control, {cap['failed']} failed "
             f"otherwise); the soak runs at {r['load']:.0%} of it, {r['calls_rate']:.1f} unary "
             f"calls/s = {r['rate']:.1f} operations/s ({calls_per_op():.2f} calls per operation "
-            "with the checks)"
+            "with the checks). Then `VACUUM (ANALYZE)` of the store "
+            f"({cap.get('vacuum_s', float('nan')):.1f} s), as a database in service has been "
+            "vacuumed (autovacuum's first pass over the tables just filled, 20-35 s into the "
+            "soak, refused hundreds of calls)"
         )
     else:
         how = f"the rate set by `--rate`: {r['rate']:.1f} operations/s (capacity not measured)"
@@ -2065,6 +2108,15 @@ def report(r: dict) -> str:
         f"- wrong answers (consent or erasure not followed, personal while the store was down, "
         f"the corrupt version served or accepted, the old token accepted, an old model after the "
         f"swap): {len(run.wrong)} (aim 0: {_met(not run.wrong)})",
+        "- PostgreSQL's autovacuum during the run (s from the start, table): "
+        + (
+            "; ".join(
+                f"{kind} {table.rsplit('.', 1)[-1]} {at:.0f}"
+                for at, kind, table in r["autovacuums"]
+                if 0 <= at <= r["minutes"] * 60
+            )
+            or "none"
+        ),
         "- the replicas' logs, warnings and errors: "
         + (
             "; ".join(f"{level} {msg[:100]!r} ×{n}" for (level, msg), n in r["log"].most_common(8))
@@ -2186,6 +2238,7 @@ def main() -> int:
         capacity, rate, run = asyncio.run(session(setup, inputs, capacity_inputs, args))
         alive = all(r.alive() for r in replicas)
         stored, store_counts = stored_writes(pg.conninfo)
+        autovacuums = pg.autovacuums(run.t0_wall)
     finally:
         for replica in replicas:
             replica.stop()
@@ -2220,6 +2273,7 @@ def main() -> int:
         "wall": time.perf_counter() - started,
         "load_before": load_before,
         "store_counts": store_counts,
+        "autovacuums": autovacuums,
         "log": read_logs([r.log_path for r in replicas]),
     }
     section = report(results)
