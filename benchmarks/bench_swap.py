@@ -48,13 +48,13 @@ WINDOW_S = 5.0
 
 def two_versions(args, config: Path, models_dir: Path) -> list[str]:
     """The model's versions, oldest first, training a second one when there is only one."""
+    from nextbest.store.artifacts import list_versions
+
     ensure_model(args, config, models_dir)
-    versions = sorted(p.name for p in models_dir.iterdir() if (p / "manifest.json").exists())
-    if len(versions) < 2:
+    if len(list_versions(models_dir)) < 2:
         cmd = train_command(config, args.events, args.catalog, models_dir)
         subprocess.run(cmd, check=True, cwd=ROOT)
-        versions = sorted(p.name for p in models_dir.iterdir() if (p / "manifest.json").exists())
-    return versions
+    return [v["version"] for v in list_versions(models_dir)]
 
 
 def promote(models_dir: Path, version: str) -> None:
