@@ -222,15 +222,6 @@ class ImpressionRecorder:
         self.flush()
 
 
-PRE_SWAP_IDLE = 3.0
-"""Before a swap a new version ranks its slates at a quarter of the interpreter (it rests 3
-times as long as each batch took), as after the swap: the old version answers meanwhile. At a
-twentieth (until 2026-12-06) it ranked a fifth of Complete Journey's slates in the minute it was
-given under load, and the swap that followed left most customers unranked: their first calls
-ranked them one by one and `make bench-swap` refused 2,150 calls in the 30 s after the swap,
-against 267 and 770 in all (two runs) when every slate is ranked before it."""
-
-
 def _warm_rest(model: ServedModel, skip: int) -> None:
     """After a swap (or a start): the slates not ranked before it, then one log line."""
     started = time.perf_counter()
@@ -319,11 +310,7 @@ class ModelHolder:
                 model = self._served(bundle, self.settings, erased)
                 arms = self._arms_of(model, erased)
                 budget = self.settings.serve.warm_before_swap_s if old is not None else 0.0
-                warmed = (
-                    model.warm_slates(self._stop, idle=PRE_SWAP_IDLE, budget_s=budget)
-                    if budget > 0
-                    else 0
-                )
+                warmed = model.warm_slates(self._stop, budget_s=budget) if budget > 0 else 0
                 with self._lock:
                     for customer_id in self._forgotten_meanwhile:
                         for m in (model, *arms.values()):
